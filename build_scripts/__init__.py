@@ -1,0 +1,1 @@
+"""Building engine stores: convert a model into engines for several pipeline splits."""

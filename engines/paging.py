@@ -1,0 +1,52 @@
+"""Pure-CPU page bookkeeping for the layer-granular KV cache (no tensors here).
+
+A page holds ``page_size`` tokens of one layer's K and V. A sequence's block table lists,
+for each layer the rank runs, the pages holding its tokens in order. Because pages are
+per layer, the KV of a single layer can be freed, extended or moved on its own.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+def pages_for_tokens(num_tokens: int, page_size: int) -> int:
+    """Pages one layer needs to hold ``num_tokens`` tokens."""
+    return -(-num_tokens // page_size)
+
+
+class OutOfPages(Exception):
+    """Raised when an allocation asks for more pages than are free."""
+
+
+class PageAllocator:
+    """Free list over page ids ``0 .. num_pages-1``; pages can be added when the pool grows."""
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 0:
+            raise ValueError("num_pages must be non-negative")
+        self._free: deque[int] = deque(range(num_pages))
+        self._num_pages = num_pages
+
+    @property
+    def num_pages(self) -> int:
+        return self._num_pages
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPages(f"asked for {n} pages, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, pages: list[int]) -> None:
+        self._free.extend(pages)
+
+    def grow(self, new_num_pages: int) -> None:
+        """Add page ids ``num_pages .. new_num_pages-1`` (the pool was extended)."""
+        if new_num_pages < self._num_pages:
+            raise ValueError(f"cannot grow from {self._num_pages} to {new_num_pages} pages")
+        self._free.extend(range(self._num_pages, new_num_pages))
+        self._num_pages = new_num_pages

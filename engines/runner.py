@@ -1,0 +1,117 @@
+"""The stage runner: executes one step over a contiguous layer range of the model.
+
+A runner for ``[0, L)`` is a full replica. A runner for ``[a, b)`` is one pipeline stage:
+it takes token ids only if ``a == 0`` (embedding), returns hidden states unless
+``b == L``, in which case it applies the final norm and LM head and samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engines.config import ModelConfig, rope_inv_freq
+from engines.kv_cache import KVPool
+from engines.mapping import LayerRange
+from engines.ops import apply_rope, decode_attention, gated_mlp, prefill_attention, rms_norm
+from engines.sampling import sample
+from engines.step import StepInput, StepOutput
+from engines.step_meta import StepMeta, build_step_meta, context_slots
+from engines.weights import ModelWeights
+
+
+class StageRunner:
+    """Runs the layers ``layer_range`` of ``weights`` over the KV pages of ``kv``."""
+
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, layer_range: LayerRange,
+                 kv: KVPool) -> None:
+        if layer_range.end > cfg.num_hidden_layers:
+            raise ValueError(f"layer range {layer_range} exceeds {cfg.num_hidden_layers} layers")
+        self.cfg = cfg
+        self.weights = weights
+        self.layer_range = layer_range
+        self.kv = kv
+        self.is_first = layer_range.start == 0
+        self.is_last = layer_range.end == cfg.num_hidden_layers
+        self.device = kv.data.device
+        self.dtype = kv.data.dtype
+        inv_freq = rope_inv_freq(cfg).to(self.device)
+        freqs = torch.outer(torch.arange(cfg.max_position_embeddings, device=self.device).float(), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput:
+        """Run one mixed step of prefill chunks and decodes through this stage's layers."""
+        meta = build_step_meta(step.chunks, len(self.layer_range), self.kv.page_size, self.device)
+        x = self._embed(step) if self.is_first else self._check_hidden(step, meta)
+        cos = self._cos[meta.positions].unsqueeze(1)
+        sin = self._sin[meta.positions].unsqueeze(1)
+        for local, layer_id in enumerate(self.layer_range):
+            x = self._layer(x, local, layer_id, meta, cos, sin)
+        if not self.is_last:
+            return StepOutput(hidden=x)
+        return self._sample(step, meta, x)
+
+    def _embed(self, step: StepInput) -> torch.Tensor:
+        if self.weights.embedding is None:
+            raise RuntimeError("first stage has no embedding weights loaded")
+        ids = [t for c in step.chunks for t in (c.token_ids or [])]
+        if len(ids) != sum(c.num_tokens for c in step.chunks):
+            raise ValueError("first stage needs token_ids for every chunk")
+        return F.embedding(torch.tensor(ids, device=self.device), self.weights.embedding)
+
+    def _check_hidden(self, step: StepInput, meta: StepMeta) -> torch.Tensor:
+        if step.hidden is None or step.hidden.shape[0] != meta.positions.shape[0]:
+            raise ValueError("a non-first stage needs hidden states for every token of the step")
+        return step.hidden.to(device=self.device, dtype=self.dtype)
+
+    def _layer(self, x: torch.Tensor, local: int, layer_id: int, meta: StepMeta,
+               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        w = self.weights.layers.get(layer_id)
+        if w is None:
+            raise RuntimeError(f"layer {layer_id} is not resident on this rank (dropped?)")
+        cfg = self.cfg
+        h = rms_norm(x, w.ln1, cfg.norm_epsilon)
+        qkv = F.linear(h, w.qkv_w, w.qkv_b)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        t = x.shape[0]
+        q = apply_rope(q.view(t, cfg.num_attention_heads, cfg.head_size), cos, sin)
+        k = apply_rope(k.view(t, cfg.num_key_value_heads, cfg.head_size), cos, sin)
+        v = v.view(t, cfg.num_key_value_heads, cfg.head_size)
+        self.kv.write(meta.write_slots[local], k, v)
+        attn = self._attention(q, k, v, local, meta)
+        x = x + F.linear(attn, w.o_w)
+        return x + gated_mlp(rms_norm(x, w.ln2, cfg.norm_epsilon), w.gate_up, w.down_w)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: int,
+                   meta: StepMeta) -> torch.Tensor:
+        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+        ps = self.kv.page_size
+        if meta.decode_rows.numel():
+            tables = meta.block_tables[meta.decode_chunks]
+            ck, cv = self.kv.gather(context_slots(tables, local, meta.decode_mask.shape[1], ps))
+            out[meta.decode_rows] = decode_attention(q[meta.decode_rows], ck, cv, meta.decode_mask)
+        for p in meta.prefills:
+            if p.num_computed == 0:  # the whole context is this chunk: no need to read it back
+                ck, cv = k[p.rows], v[p.rows]
+            else:
+                tables = meta.block_tables[p.chunk_index:p.chunk_index + 1]
+                ck, cv = self.kv.gather(context_slots(tables, local, p.context_len, ps)[0])
+            out[p.rows] = prefill_attention(q[p.rows], ck, cv, p.num_computed)
+        return out
+
+    def _sample(self, step: StepInput, meta: StepMeta, x: torch.Tensor) -> StepOutput:
+        chosen = [c for c in step.chunks if c.sample]
+        if not chosen:
+            return StepOutput()
+        w = self.weights
+        if w.final_norm is None or w.lm_head is None:
+            raise RuntimeError("last stage has no final norm / LM head loaded")
+        h = rms_norm(x[meta.sample_rows], w.final_norm, self.cfg.norm_epsilon)
+        logits = F.linear(h, w.lm_head).float()
+        params = [c.sampling for c in chosen]
+        if any(p is None for p in params):
+            raise ValueError("a sampling chunk has no sampling parameters")
+        tokens = sample(logits, params, [c.output_index for c in chosen])
+        return StepOutput(sampled_seq_ids=[c.seq_id for c in chosen], tokens=tokens, logits=logits)

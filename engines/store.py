@@ -1,0 +1,150 @@
+"""Reading the engine store: configs, per-split mappings and per-rank weight files.
+
+Layout (TensorRT-LLM checkpoint layout, one checkpoint directory per split)::
+
+    STORE/config.json              model architecture + dtype, and a "kunserve" section
+                                   (format version, model fingerprint, source, splits)
+    STORE/tokenizer/               tokenizer.json, tokenizer_config.json (chat template)
+    STORE/pp{g}/config.json        the same architecture plus "mapping" (world_size,
+                                   tp_size, pp_size, pp_partition, layer_ranges)
+    STORE/pp{g}/rank{r}.safetensors  only rank r's weights; layers numbered locally
+                                   (transformer.layers.0 is the stage's first layer)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from engines.config import ModelConfig
+from engines.errors import StoreError
+from engines.mapping import LayerRange, Mapping
+from engines.weights import (EMBEDDING, FINAL_NORM, LM_HEAD, LayerWeights, ModelWeights,
+                             layer_prefix)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BUILD_HINT = "build one with: python -m build_scripts.build_engines --source ... --out DIR"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON file, turning every failure into a StoreError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{path} is corrupt: {exc}") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path} is corrupt: expected a JSON object")
+    return data
+
+
+class EngineStore:
+    """An engine store on disk, validated on open."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise StoreError(f"engine directory {self.path} does not exist; {BUILD_HINT}")
+        if not (self.path / "config.json").is_file():
+            raise StoreError(f"{self.path} is not an engine store (no config.json); {BUILD_HINT}")
+        top = read_json(self.path / "config.json")
+        meta = top.get("kunserve")
+        if not isinstance(meta, dict) or "model_fingerprint" not in meta:
+            raise StoreError(f"{self.path}/config.json has no 'kunserve' section; {BUILD_HINT}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{self.path} has store format {meta.get('format_version')}, "
+                             f"this version reads {FORMAT_VERSION}; rebuild the store")
+        self.config = ModelConfig.from_json(top)
+        self.fingerprint: str = meta["model_fingerprint"]
+        self.source: str = meta.get("source", "?")
+        self.splits = sorted(int(m.group(1)) for p in self.path.iterdir()
+                             if (m := re.fullmatch(r"pp(\d+)", p.name)) and p.is_dir())
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+    def mapping(self, pp_size: int) -> Mapping:
+        """The mapping of split ``pp_size``, checked against this store's model."""
+        split_dir = self.path / f"pp{pp_size}"
+        if pp_size not in self.splits:
+            raise StoreError(f"{self.path} has no pp{pp_size} split (has: "
+                             f"{', '.join(f'pp{g}' for g in self.splits) or 'none'}); {BUILD_HINT}")
+        cfg = read_json(split_dir / "config.json")
+        fp = (cfg.get("kunserve") or {}).get("model_fingerprint")
+        if fp != self.fingerprint:
+            raise StoreError(f"{split_dir} was built for another model (fingerprint {fp}, "
+                             f"store is {self.fingerprint}); rebuild the store")
+        if "mapping" not in cfg:
+            raise StoreError(f"{split_dir}/config.json has no mapping")
+        return Mapping.from_json(cfg["mapping"], self.config.num_hidden_layers)
+
+    def load_rank(self, pp_size: int, rank: int, device: torch.device | str = "cpu",
+                  dtype: torch.dtype | None = None) -> tuple[ModelWeights, LayerRange]:
+        """Load rank ``rank`` of split ``pp_size``: its layers and, if it is first or last
+        stage, the embedding or the final norm and head."""
+        mapping = self.mapping(pp_size)
+        layers = mapping.layer_range(rank)
+        weights = ModelWeights(self.config)
+        dtype = dtype or self.config.torch_dtype
+        for name, tensor in self._read_rank_file(pp_size, rank, layers).items():
+            if name == EMBEDDING:
+                weights.embedding = tensor.to(device=device, dtype=dtype)
+            elif name == FINAL_NORM:
+                weights.final_norm = tensor.to(device=device, dtype=dtype)
+            elif name == LM_HEAD:
+                weights.lm_head = tensor.to(device=device, dtype=dtype)
+        self._load_layers(pp_size, rank, layers, weights, dtype, device)
+        if (self.config.tie_word_embeddings and weights.embedding is not None
+                and weights.lm_head is not None):
+            weights.lm_head = weights.embedding  # one copy in memory when tied
+        return weights, layers
+
+    def _rank_file(self, pp_size: int, rank: int) -> Path:
+        path = self.path / f"pp{pp_size}" / f"rank{rank}.safetensors"
+        if not path.is_file():
+            raise StoreError(f"{path} is missing; {BUILD_HINT}")
+        return path
+
+    def _read_rank_file(self, pp_size: int, rank: int, layers: LayerRange) -> dict[str, torch.Tensor]:
+        """Non-layer tensors of a rank file, after checking its metadata."""
+        path = self._rank_file(pp_size, rank)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("model_fingerprint") != self.fingerprint:
+                    raise StoreError(f"{path} was built for another model "
+                                     f"(fingerprint {meta.get('model_fingerprint')}, "
+                                     f"store is {self.fingerprint}); rebuild the store")
+                if (int(meta.get("layer_start", -1)), int(meta.get("layer_end", -1))) != (layers.start, layers.end):
+                    raise StoreError(f"{path} holds layers {meta.get('layer_start')}-"
+                                     f"{meta.get('layer_end')}, mapping says {layers}")
+                return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("transformer.layers.")}
+        except SafetensorError as exc:
+            raise StoreError(f"{path} is corrupt: {exc}") from None
+
+    def _load_layers(self, pp_size: int, rank: int, layers: LayerRange, weights: ModelWeights,
+                     dtype: torch.dtype, device: torch.device | str) -> None:
+        path = self._rank_file(pp_size, rank)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                keys = set(f.keys())
+                for local, layer_id in enumerate(layers):
+                    prefix = layer_prefix(local)
+                    names = [k for k in keys if k.startswith(prefix)]
+                    if not names:
+                        raise StoreError(f"{path} lacks layer {layer_id} ({prefix}*)")
+                    tensors = {k[len(prefix):]: f.get_tensor(k) for k in names}
+                    weights.layers[layer_id] = LayerWeights.from_tensors(
+                        self.config, tensors, dtype, device)
+        except SafetensorError as exc:
+            raise StoreError(f"{path} is corrupt: {exc}") from None

@@ -1,0 +1,176 @@
+"""Token-budget continuous batching for one instance (the vLLM-style baseline policy).
+
+Every step: running requests first (decodes and unfinished prefill chunks), then waiting
+requests in FCFS order while their KV fits. A request's computed tokens catch up with its
+tokens by chunks, so chunked prefill and decode are one mechanism. When a running request
+cannot grow, the newest running request is preempted: its KV is dropped and it is
+recomputed later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from engines.errors import RequestError
+from engines.paging import pages_for_tokens
+from engines.step import SeqChunk, StepInput, StepOutput
+from orchestrator.block_manager import BlockManager
+from orchestrator.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one scheduling step."""
+
+    max_num_batched_tokens: int = 512
+    """Token budget of a step (prefill chunk tokens plus one per decode)."""
+    max_num_seqs: int = 64
+    """Most requests running at once."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes, and the requests preempted to make room for it."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    def to_step(self) -> StepInput:
+        """The step message for the runners (token ids included for the first stage)."""
+        out = []
+        for c in self.chunks:
+            r = c.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + c.num_tokens
+            out.append(SeqChunk(
+                seq_id=r.seq_id, num_computed=start, num_tokens=c.num_tokens,
+                block_table=r.block_table, token_ids=r.all_token_ids[start:end],
+                sample=end == r.num_tokens, sampling=r.sampling,
+                output_index=len(r.output_token_ids)))
+        return StepInput(chunks=out)
+
+
+class Scheduler:
+    """Decides each step's chunks; owns the waiting and running queues of one instance."""
+
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        """Queue a request, refusing one that could never fit this instance's KV pool."""
+        need = pages_for_tokens(len(req.prompt_token_ids) + 1, self.blocks.page_size) * self.blocks.num_layers
+        if need > self.blocks.num_pages:
+            raise RequestError(
+                f"prompt of {len(req.prompt_token_ids)} tokens needs {need} KV pages; "
+                f"the KV cache holds {self.blocks.num_pages} ({self.blocks.token_capacity()} tokens)")
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n > 0 and self._make_room(req, n, out):
+                out.chunks.append(ScheduledChunk(req, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs \
+                and not out.preempted:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.blocks.allocate(req, n):
+                break  # FCFS: the head of the queue waits for pages, nobody overtakes it
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, n))
+            budget -= n
+        return out
+
+    def _make_room(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        """Allocate for ``req``, preempting the newest running requests if needed."""
+        while not self.blocks.allocate(req, n):
+            victim = self.running[-1]
+            if victim is req and len(self.running) == 1:
+                self._finish(req, RequestStatus.FINISHED_ABORTED,
+                             "the KV cache cannot hold this request alone")
+                out.preempted.append(req)
+                return False
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+        logger.debug("preempted %s (recompute of %d tokens)", req.request_id, req.num_tokens)
+
+    def update(self, sched: SchedulerOutput, result: StepOutput) -> list[Request]:
+        """Apply a step's result; return the requests that finished."""
+        sampled = dict(zip(result.sampled_seq_ids, result.tokens))
+        finished = []
+        for chunk in sched.chunks:
+            req = chunk.request
+            if req.status != RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += chunk.num_tokens
+            if req.seq_id in sampled:
+                req.output_token_ids.append(sampled[req.seq_id])
+                status = self._stop_status(req)
+                if status is not None:
+                    self._finish(req, status)
+                    finished.append(req)
+        return finished
+
+    def abort(self, req: Request, reason: str = "aborted") -> None:
+        """Remove a request wherever it is and free its pages."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._finish(req, RequestStatus.FINISHED_ABORTED, reason)
+
+    def _stop_status(self, req: Request) -> RequestStatus | None:
+        token = req.output_token_ids[-1]
+        if not req.sampling.ignore_eos and token in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if token in req.sampling.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_tokens >= req.max_total_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus, error: str | None = None) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        self.blocks.free(req)
+        req.status = status
+        req.error = error
