@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 and cast back, as Llama's reference does."""
+    """RMSNorm with float32 statistics (one fused kernel; Llama's reference computes the same)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -20,27 +22,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU MLP with the gate and up projections fused in one GEMM."""
-    gu = F.linear(x, gate_up)
-    gate, up = gu.chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+def gated_mlp(x: torch.Tensor, fc: torch.Tensor, gate: torch.Tensor, down: torch.Tensor,
+              residual: torch.Tensor) -> torch.Tensor:
+    """``residual + down(silu(fc(x)) * gate(x))``: the SwiGLU MLP in TensorRT-LLM's names.
+
+    The two input projections stay separate GEMMs: on CPU, MKL runs one [M, 2I] GEMM up to
+    1.5x slower than two [M, I] ones at decode batch sizes (measured at M=8, I=1536). The
+    residual add rides in the last GEMM (addmm), saving a pass over the activations.
+    """
+    act = F.silu(F.linear(x, fc), inplace=True).mul_(F.linear(x, gate))
+    return torch.addmm(residual, act, down.t())
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
     """Attention of one query per sequence over its padded context.
 
-    q ``[B, heads, head]``; k, v ``[B, C, kv_heads, head]``; mask ``[B, C]`` (True = attend).
+    q ``[B, heads, head]``; k, v ``[B, C, kv_heads, head]``; mask ``[B, 1, 1, C]`` additive
+    (0 to attend, -inf for padding).
     Query heads sharing a KV head are laid out as that head's query rows, so grouped-query
     attention needs no copy of K or V.
     """
     b, heads, d = q.shape
     kv_heads = k.shape[2]
     qg = q.view(b, kv_heads, heads // kv_heads, d)
-    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask[:, None, None, :])
+    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.reshape(b, heads * d)
+
+
+def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of B equally long prompts with nothing cached before them.
+
+    q ``[B, n, heads, head]``; k, v ``[B, n, kv_heads, head]``; returns ``[B * n, heads * head]``.
+    """
+    b, n, heads, d = q.shape
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=heads != k.shape[2])
+    return out.transpose(1, 2).reshape(b * n, heads * d)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -55,10 +73,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # [kv_heads, group * n, head]: rows of one KV head's query group, then positions.
     qg = q.view(n, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * n, d)
     kt, vt = k.transpose(0, 1), v.transpose(0, 1)
-    if num_computed == 0 and group == 1:
-        out = F.scaled_dot_product_attention(qg, kt, vt, is_causal=True)
-    else:
-        pos = torch.arange(num_computed, num_computed + n, device=q.device)
-        mask = torch.arange(c, device=q.device)[None, :] <= pos[:, None]
-        out = F.scaled_dot_product_attention(qg, kt, vt, attn_mask=mask.repeat(group, 1))
+    pos = torch.arange(num_computed, num_computed + n, device=q.device)
+    mask = torch.arange(c, device=q.device)[None, :] <= pos[:, None]
+    out = F.scaled_dot_product_attention(qg, kt, vt, attn_mask=mask.repeat(group, 1))
     return out.view(kv_heads, group, n, d).permute(2, 0, 1, 3).reshape(n, heads * d)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from engines.config import ModelConfig, rope_inv_freq
 from engines.kv_cache import KVPool
 from engines.mapping import LayerRange
-from engines.ops import apply_rope, decode_attention, gated_mlp, prefill_attention, rms_norm
+from engines.ops import (apply_rope, decode_attention, fresh_prefill_attention, gated_mlp,
+                         prefill_attention, rms_norm)
 from engines.sampling import sample
 from engines.step import StepInput, StepOutput
 from engines.step_meta import StepMeta, build_step_meta, context_slots
@@ -81,8 +82,8 @@ class StageRunner:
         v = v.view(t, cfg.num_key_value_heads, cfg.head_size)
         self.kv.write(meta.write_slots[local], k, v)
         attn = self._attention(q, k, v, local, meta)
-        x = x + F.linear(attn, w.o_w)
-        return x + gated_mlp(rms_norm(x, w.ln2, cfg.norm_epsilon), w.gate_up, w.down_w)
+        x = torch.addmm(x, attn, w.o_w.t())  # residual add inside the GEMM
+        return gated_mlp(rms_norm(x, w.ln2, cfg.norm_epsilon), w.fc_w, w.gate_w, w.down_w, residual=x)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: int,
                    meta: StepMeta) -> torch.Tensor:
@@ -90,14 +91,17 @@ class StageRunner:
         ps = self.kv.page_size
         if meta.decode_rows.numel():
             tables = meta.block_tables[meta.decode_chunks]
-            ck, cv = self.kv.gather(context_slots(tables, local, meta.decode_mask.shape[1], ps))
+            ck, cv = self.kv.gather(context_slots(tables, local, meta.decode_mask.shape[-1], ps))
             out[meta.decode_rows] = decode_attention(q[meta.decode_rows], ck, cv, meta.decode_mask)
+        for g in meta.fresh_prefills:  # the whole context is the chunk: no need to read it back
+            shape = (g.batch, g.length)
+            if g.batch * g.length == q.shape[0]:  # the step is this group alone: no gathers
+                return fresh_prefill_attention(q.unflatten(0, shape), k.unflatten(0, shape), v.unflatten(0, shape))
+            out[g.rows] = fresh_prefill_attention(q[g.rows].unflatten(0, shape), k[g.rows].unflatten(0, shape),
+                                                  v[g.rows].unflatten(0, shape))
         for p in meta.prefills:
-            if p.num_computed == 0:  # the whole context is this chunk: no need to read it back
-                ck, cv = k[p.rows], v[p.rows]
-            else:
-                tables = meta.block_tables[p.chunk_index:p.chunk_index + 1]
-                ck, cv = self.kv.gather(context_slots(tables, local, p.context_len, ps)[0])
+            tables = meta.block_tables[p.chunk_index:p.chunk_index + 1]
+            ck, cv = self.kv.gather(context_slots(tables, local, p.context_len, ps)[0])
             out[p.rows] = prefill_attention(q[p.rows], ck, cv, p.num_computed)
         return out
 

@@ -2,9 +2,7 @@
 
 Each decoder layer's tensors live as views in a single contiguous buffer. That makes a
 layer the unit of memory: dropping it frees one allocation (the memory really goes back
-to the OS or the CUDA allocator), and restoring it from a peer is one transfer. The
-buffer also places ``mlp.fc`` (gate projection) right before ``mlp.gate`` (up projection),
-so the two are one fused GEMM without a copy.
+to the OS or the CUDA allocator), and restoring it from a peer is one transfer.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ def layer_tensor_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     shapes += [
         ("attention.dense.weight", (h, cfg.q_size)),
         ("mlp.fc.weight", (cfg.intermediate_size, h)),    # gate_proj, goes through SiLU
-        ("mlp.gate.weight", (cfg.intermediate_size, h)),  # up_proj; must follow mlp.fc
+        ("mlp.gate.weight", (cfg.intermediate_size, h)),  # up_proj
         ("mlp.proj.weight", (h, cfg.intermediate_size)),
         ("input_layernorm.weight", (h,)),
         ("post_layernorm.weight", (h,)),
@@ -75,15 +73,11 @@ class LayerWeights:
             n = _numel(shape)
             self.views[name] = flat[offset:offset + n].view(shape)
             offset = _aligned(offset + n)
-        fc = self.views["mlp.fc.weight"]
-        if _aligned(fc.numel()) != fc.numel():
-            raise StoreError("intermediate_size * hidden_size must be a multiple of 64")
-        # fc and gate are adjacent and equally sized, so one view covers both.
-        start = fc.storage_offset() - flat.storage_offset()
-        self.gate_up = flat[start:start + 2 * fc.numel()].view(2 * cfg.intermediate_size, -1)
         self.qkv_w = self.views["attention.qkv.weight"]
         self.qkv_b = self.views.get("attention.qkv.bias")
         self.o_w = self.views["attention.dense.weight"]
+        self.fc_w = self.views["mlp.fc.weight"]
+        self.gate_w = self.views["mlp.gate.weight"]
         self.down_w = self.views["mlp.proj.weight"]
         self.ln1 = self.views["input_layernorm.weight"]
         self.ln2 = self.views["post_layernorm.weight"]
