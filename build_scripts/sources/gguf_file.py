@@ -115,7 +115,7 @@ def open_gguf(path: Path, dtype: str = "float32") -> SourceModel:
             arr = _unpermute(arr, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             arr = _unpermute(arr, config.num_key_value_heads)
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        return torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the file is mapped read-only
 
     def save_tokenizer(out: Path) -> None:
         from transformers import AutoTokenizer  # builds tokenizer.json from the GGUF vocab
