@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from engines.config import ModelConfig
-from engines.weights import EMBEDDING, FINAL_NORM, LM_HEAD
+from engines.weights import FINAL_NORM, LM_HEAD
 
 GetTensor = Callable[[str], torch.Tensor]
 
@@ -45,5 +45,3 @@ def convert_head(cfg: ModelConfig, get: GetTensor, dtype: torch.dtype) -> dict[s
     return {FINAL_NORM: get("model.norm.weight").to(dtype).contiguous(),
             LM_HEAD: head.to(dtype).contiguous()}
 
-
-__all__ = ["convert_layer", "convert_embedding", "convert_head", "EMBEDDING"]

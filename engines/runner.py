@@ -36,23 +36,25 @@ class StageRunner:
         self.is_last = layer_range.end == cfg.num_hidden_layers
         self.device = kv.data.device
         self.dtype = kv.data.dtype
-        inv_freq = rope_inv_freq(cfg).to(self.device)
-        freqs = torch.outer(torch.arange(cfg.max_position_embeddings, device=self.device).float(), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        self._inv_freq = rope_inv_freq(cfg).to(self.device)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         """Run one mixed step of prefill chunks and decodes through this stage's layers."""
         meta = build_step_meta(step.chunks, len(self.layer_range), self.kv.page_size, self.device)
         x = self._embed(step) if self.is_first else self._check_hidden(step, meta)
-        cos = self._cos[meta.positions].unsqueeze(1)
-        sin = self._sin[meta.positions].unsqueeze(1)
+        cos, sin = self._rope(meta.positions)
         for local, layer_id in enumerate(self.layer_range):
             x = self._layer(x, local, layer_id, meta, cos, sin)
         if not self.is_last:
             return StepOutput(hidden=x)
         return self._sample(step, meta, x)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin rows ``[T, 1, head]`` for the step's positions (computed in float32)."""
+        freqs = torch.outer(positions.float(), self._inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def _embed(self, step: StepInput) -> torch.Tensor:
         if self.weights.embedding is None:

@@ -92,18 +92,16 @@ class EngineStore:
                   dtype: torch.dtype | None = None) -> tuple[ModelWeights, LayerRange]:
         """Load rank ``rank`` of split ``pp_size``: its layers and, if it is first or last
         stage, the embedding or the final norm and head."""
-        mapping = self.mapping(pp_size)
-        layers = mapping.layer_range(rank)
-        weights = ModelWeights(self.config)
+        layers = self.mapping(pp_size).layer_range(rank)
         dtype = dtype or self.config.torch_dtype
-        for name, tensor in self._read_rank_file(pp_size, rank, layers).items():
-            if name == EMBEDDING:
-                weights.embedding = tensor.to(device=device, dtype=dtype)
-            elif name == FINAL_NORM:
-                weights.final_norm = tensor.to(device=device, dtype=dtype)
-            elif name == LM_HEAD:
-                weights.lm_head = tensor.to(device=device, dtype=dtype)
-        self._load_layers(pp_size, rank, layers, weights, dtype, device)
+        weights = ModelWeights(self.config, torch.device(device), dtype)
+        path = self._rank_file(pp_size, rank)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                self._check_rank_metadata(path, f.metadata() or {}, layers)
+                self._load_tensors(path, f, layers, weights)
+        except SafetensorError as exc:
+            raise StoreError(f"{path} is corrupt: {exc}") from None
         if (self.config.tie_word_embeddings and weights.embedding is not None
                 and weights.lm_head is not None):
             weights.lm_head = weights.embedding  # one copy in memory when tied
@@ -115,36 +113,25 @@ class EngineStore:
             raise StoreError(f"{path} is missing; {BUILD_HINT}")
         return path
 
-    def _read_rank_file(self, pp_size: int, rank: int, layers: LayerRange) -> dict[str, torch.Tensor]:
-        """Non-layer tensors of a rank file, after checking its metadata."""
-        path = self._rank_file(pp_size, rank)
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                if meta.get("model_fingerprint") != self.fingerprint:
-                    raise StoreError(f"{path} was built for another model "
-                                     f"(fingerprint {meta.get('model_fingerprint')}, "
-                                     f"store is {self.fingerprint}); rebuild the store")
-                if (int(meta.get("layer_start", -1)), int(meta.get("layer_end", -1))) != (layers.start, layers.end):
-                    raise StoreError(f"{path} holds layers {meta.get('layer_start')}-"
-                                     f"{meta.get('layer_end')}, mapping says {layers}")
-                return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("transformer.layers.")}
-        except SafetensorError as exc:
-            raise StoreError(f"{path} is corrupt: {exc}") from None
+    def _check_rank_metadata(self, path: Path, meta: dict[str, str], layers: LayerRange) -> None:
+        if meta.get("model_fingerprint") != self.fingerprint:
+            raise StoreError(f"{path} was built for another model (fingerprint "
+                             f"{meta.get('model_fingerprint')}, store is {self.fingerprint}); "
+                             "rebuild the store")
+        held = (meta.get("layer_start"), meta.get("layer_end"))
+        if held != (str(layers.start), str(layers.end)):
+            raise StoreError(f"{path} holds layers {held[0]}-{held[1]}, the mapping says {layers}")
 
-    def _load_layers(self, pp_size: int, rank: int, layers: LayerRange, weights: ModelWeights,
-                     dtype: torch.dtype, device: torch.device | str) -> None:
-        path = self._rank_file(pp_size, rank)
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                keys = set(f.keys())
-                for local, layer_id in enumerate(layers):
-                    prefix = layer_prefix(local)
-                    names = [k for k in keys if k.startswith(prefix)]
-                    if not names:
-                        raise StoreError(f"{path} lacks layer {layer_id} ({prefix}*)")
-                    tensors = {k[len(prefix):]: f.get_tensor(k) for k in names}
-                    weights.layers[layer_id] = LayerWeights.from_tensors(
-                        self.config, tensors, dtype, device)
-        except SafetensorError as exc:
-            raise StoreError(f"{path} is corrupt: {exc}") from None
+    def _load_tensors(self, path: Path, f, layers: LayerRange, weights: ModelWeights) -> None:
+        keys = set(f.keys())
+        dev, dtype = weights.device, weights.dtype
+        for name in keys & {EMBEDDING, FINAL_NORM, LM_HEAD}:
+            tensor = f.get_tensor(name).to(device=dev, dtype=dtype)
+            setattr(weights, {EMBEDDING: "embedding", FINAL_NORM: "final_norm", LM_HEAD: "lm_head"}[name], tensor)
+        for local, layer_id in enumerate(layers):
+            prefix = layer_prefix(local)
+            names = [k for k in keys if k.startswith(prefix)]
+            if not names:
+                raise StoreError(f"{path} lacks layer {layer_id} ({prefix}*)")
+            tensors = {k[len(prefix):]: f.get_tensor(k) for k in names}
+            weights.layers[layer_id] = LayerWeights.from_tensors(self.config, tensors, dtype, dev)

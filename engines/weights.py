@@ -119,6 +119,8 @@ class ModelWeights:
     """
 
     cfg: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
     layers: dict[int, LayerWeights] = field(default_factory=dict)
     embedding: torch.Tensor | None = None
     final_norm: torch.Tensor | None = None
@@ -140,13 +142,12 @@ class ModelWeights:
         The caller must hold no other reference to them (runners look layers up here at
         every step, so they do not).
         """
-        freed = 0
-        for i in sorted(set(layer_ids)):
-            layer = self.layers.pop(i, None)
-            if layer is None:
-                raise KeyError(f"layer {i} is not resident")
-            freed += layer.nbytes
-            del layer
+        ids = sorted(set(layer_ids))
+        missing = [i for i in ids if i not in self.layers]
+        if missing:
+            raise KeyError(f"layer {missing[0]} is not resident")
+        # Pop without keeping a reference: the trim below must see the buffers already freed.
+        freed = sum(self.layers.pop(i).nbytes for i in ids)
         release_freed_memory(self.device)
         logger.debug("dropped layers, %d bytes released", freed)
         return freed
@@ -159,18 +160,6 @@ class ModelWeights:
             if isinstance(tensors, LayerWeights):
                 tensors = tensors.views
             self.layers[i] = LayerWeights.from_tensors(self.cfg, tensors, self.dtype, self.device)
-
-    @property
-    def device(self) -> torch.device:
-        ref = next(iter(self.layers.values())).flat if self.layers else self.embedding
-        if ref is None:
-            ref = self.lm_head if self.lm_head is not None else self.final_norm
-        return ref.device if ref is not None else torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        ref = next(iter(self.layers.values())).flat if self.layers else self.embedding
-        return ref.dtype if ref is not None else self.cfg.torch_dtype
 
 
 def release_freed_memory(device: torch.device) -> None:

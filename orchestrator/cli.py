@@ -106,6 +106,8 @@ def run_generate(args: argparse.Namespace) -> int:
     params = []
     for n, row in enumerate(rows, 1):
         try:
+            if not row["prompt"]:
+                raise RequestError("prompt is empty")
             params.append(_sampling(args, row))
         except (RequestError, TypeError, ValueError) as exc:
             where = f"prompt {n}: " if args.prompts_file else ""
@@ -119,8 +121,7 @@ def run_generate(args: argparse.Namespace) -> int:
     reqs = []
     for n, (prompt, sp) in enumerate(zip(prompts, params), 1):
         try:
-            ids = engine.tokenizer.encode(prompt, add_special_tokens=not args.chat) if prompt else []
-            reqs.append(engine.make_request(ids if prompt else "", sp))
+            reqs.append(engine.make_request(prompt, sp, add_special_tokens=not args.chat))
         except RequestError as exc:
             where = f"prompt {n}: " if args.prompts_file else ""
             raise RequestError(f"{where}{exc}") from None

@@ -36,6 +36,3 @@ class PipelineExecutor:
             out = runner.execute(StepInput(chunks=chunks, hidden=hidden))
             hidden = out.hidden
         return out
-
-    def weight_bytes(self) -> int:
-        return sum(r.weights.resident_bytes() for r in self.runners)

@@ -66,10 +66,16 @@ class LLMEngine:
         return self.model.max_position_embeddings
 
     def make_request(self, prompt: str | list[int], sampling: SamplingParams,
-                     request_id: str | None = None) -> Request:
-        """Tokenize and validate a prompt into a request (not yet queued)."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids or (isinstance(prompt, str) and not prompt):
+                     request_id: str | None = None, add_special_tokens: bool = True) -> Request:
+        """Tokenize and validate a prompt into a request (not yet queued).
+
+        ``add_special_tokens=False`` for prompts that already carry them (chat templates).
+        """
+        if isinstance(prompt, str) and not prompt:
+            raise RequestError("prompt is empty")
+        ids = (self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+               if isinstance(prompt, str) else list(prompt))
+        if not ids:
             raise RequestError("prompt is empty")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"prompt has {len(ids)} tokens; the model's context is "
