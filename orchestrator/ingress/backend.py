@@ -1,0 +1,114 @@
+"""The contract between the HTTP ingress and the cluster it fronts.
+
+The ingress (aiohttp, in its own thread and event loop on the controller rank) parses and
+validates requests, then calls an ``IngressBackend``. The real backend is the cluster
+controller; tests use an in-process fake. All methods are called from the ingress's event
+loop thread; ``submit`` returns an asyncio queue that the backend fills (thread-safely)
+with ``TokenEvent``s until one has ``finished=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from engines.sampling import SamplingParams
+from engines.tokenizer import Tokenizer
+
+
+class QueueFullError(Exception):
+    """The cluster's bounded queue is full (the ingress answers 429)."""
+
+
+class BackendUnavailable(Exception):
+    """The cluster is not ready or is shutting down (the ingress answers 503)."""
+
+
+@dataclass
+class GenerateRequest:
+    """A validated, tokenized request, as the ingress hands it to the backend."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    """When the HTTP request arrived (TTFT counts from here, queueing included)."""
+
+
+@dataclass
+class TokenEvent:
+    """New tokens of one request; the last event of a request has ``finished=True``."""
+
+    request_id: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    """``stop``, ``length`` or ``abort`` once finished."""
+    error: str | None = None
+    """Set when the request failed in the cluster (the stream ends with an error)."""
+
+
+@dataclass
+class RankState:
+    """What ``/admin/state`` shows per rank."""
+
+    rank: int
+    role: str
+    """``replica``, or ``group`` when the rank is a stage of a pipelined group."""
+    instance: int
+    stage: int
+    group_size: int
+    layer_range: tuple[int, int]
+    weight_bytes: int
+    kv_pages_total: int
+    kv_pages_used: int
+    device_memory_bytes: int
+    resident_bytes: int
+    """The process's resident memory growth since start (weights + KV + workspace)."""
+
+
+@dataclass
+class InstanceState:
+    """What ``/admin/state`` shows per serving instance (a replica or a group)."""
+
+    instance: int
+    ranks: list[int]
+    waiting: int
+    running: int
+
+
+@dataclass
+class ClusterState:
+    ranks: list[RankState]
+    instances: list[InstanceState]
+    queued: int
+    """Requests accepted by the controller that have no first token yet."""
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+        return asdict(self)
+
+
+class IngressBackend(Protocol):
+    """What the ingress needs from the cluster."""
+
+    model_name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+
+    def submit(self, req: GenerateRequest) -> asyncio.Queue[TokenEvent]:
+        """Queue a request; raises ``QueueFullError`` or ``BackendUnavailable``."""
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (client went away); its KV is freed in the cluster."""
+
+    def healthy(self) -> bool:
+        """True only when every rank is up and the cluster serves."""
+
+    def state(self) -> ClusterState:
+        """A snapshot for ``/admin/state`` and ``/metrics``."""
+
+    def regroup(self, groups: str) -> None:
+        """Change the grouping of idle ranks (``"0-1,2,3"``); raises ValueError if not possible now."""
