@@ -16,6 +16,7 @@ from typing import Any
 from engines.errors import EngineError, RequestError
 from engines.sampling import SamplingParams
 from orchestrator.config import EngineConfig, parse_bytes
+from orchestrator.serve import add_serve_args, run_serve
 
 logger = logging.getLogger("orchestrator")
 
@@ -47,8 +48,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator",
                                 description="KunServe orchestrator: serve or run a model from an engine store.")
-    p.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    p.add_argument("--log-level", default=None,
+                   help="logging level (default: INFO for serve, WARNING for generate)")
     sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start the serving cluster (run under mpirun, one rank per device)",
+                       description="Start the serving cluster: mpirun -n N python -m orchestrator serve "
+                                   "--engine-dir DIR. Every rank serves one device; rank 0 also runs the "
+                                   "controller and the OpenAI-compatible HTTP ingress.")
+    add_serve_args(s)
     g = sub.add_parser("generate", help="offline generation on the store's pp1 engine",
                        description="Generate completions offline. One prompt with --prompt, or a "
                                    "batch with --prompts-file (JSONL: {\"prompt\": ..., optional "
@@ -143,6 +150,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.log_level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    if args.command == "serve":
+        return run_serve(args)  # configures per-rank logging itself
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "threads", None):
         import torch

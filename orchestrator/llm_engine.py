@@ -55,7 +55,7 @@ class LLMEngine:
         self.executor = PipelineExecutor(self.store, config.pp_size, self.kv, device, dtype)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
-            BlockManager(num_pages, config.page_size, self.model.num_hidden_layers),
+            BlockManager.single(num_pages, config.page_size, self.model.num_hidden_layers),
             eos_token_ids=self.model.eos_token_ids)
         self._ids = itertools.count()
         logger.info("engine ready: %s, pp=%d, %s %s, %d KV pages of %d tokens",

@@ -14,7 +14,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engines.errors import RequestError
-from engines.paging import pages_for_tokens
 from engines.step import SeqChunk, StepInput, StepOutput
 from orchestrator.block_manager import BlockManager
 from orchestrator.request import Request, RequestStatus
@@ -76,30 +75,37 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         """Queue a request, refusing one that could never fit this instance's KV pool."""
-        need = pages_for_tokens(len(req.prompt_token_ids) + 1, self.blocks.page_size) * self.blocks.num_layers
-        if need > self.blocks.num_pages:
+        if not self.blocks.fits_alone(len(req.prompt_token_ids) + 1):
             raise RequestError(
-                f"prompt of {len(req.prompt_token_ids)} tokens needs {need} KV pages; "
-                f"the KV cache holds {self.blocks.num_pages} ({self.blocks.token_capacity()} tokens)")
+                f"prompt of {len(req.prompt_token_ids)} tokens does not fit the KV cache, "
+                f"which holds {self.blocks.token_capacity()} tokens per request")
         self.waiting.append(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, busy: set[int] | frozenset[int] = frozenset(),
+                 max_seqs: int | None = None) -> SchedulerOutput:
+        """Pick this step's chunks.
+
+        ``busy`` holds the seq ids of requests in a micro-batch still in flight: they are
+        neither scheduled nor preempted. ``max_seqs`` caps the requests in this step (a
+        pipeline leader splits the work into several micro-batches).
+        """
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        limit = max_seqs or self.config.max_num_seqs
         for req in list(self.running):
-            if budget == 0:
+            if budget == 0 or len(out.chunks) >= limit:
                 break
-            if req.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if req.status != RequestStatus.RUNNING or req.seq_id in busy:
+                continue  # preempted earlier in this loop, or in flight
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n > 0 and self._make_room(req, n, out):
+            if n > 0 and self._make_room(req, n, out, busy):
                 out.chunks.append(ScheduledChunk(req, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs \
-                and not out.preempted:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(out.chunks) < limit and not out.preempted):
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.blocks.allocate(req, n):
@@ -111,15 +117,18 @@ class Scheduler:
             budget -= n
         return out
 
-    def _make_room(self, req: Request, n: int, out: SchedulerOutput) -> bool:
-        """Allocate for ``req``, preempting the newest running requests if needed."""
+    def _make_room(self, req: Request, n: int, out: SchedulerOutput, busy: set[int] | frozenset[int]) -> bool:
+        """Allocate for ``req``, preempting the newest idle running requests if needed."""
         while not self.blocks.allocate(req, n):
-            victim = self.running[-1]
+            victims = [r for r in reversed(self.running) if r.seq_id not in busy]
+            victim = victims[0]  # req itself is idle, so there is always one
             if victim is req and len(self.running) == 1:
                 self._finish(req, RequestStatus.FINISHED_ABORTED,
                              "the KV cache cannot hold this request alone")
                 out.preempted.append(req)
                 return False
+            if victim is req and len(victims) == 1:
+                return False  # only in-flight requests could make room: wait for them
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is req:

@@ -27,7 +27,7 @@ def fake_output(sched, token: int = 7) -> StepOutput:
 
 
 def test_block_manager_allocates_per_layer_pages():
-    bm = BlockManager(num_pages=24, page_size=4, num_layers=3)
+    bm = BlockManager.single(num_pages=24, page_size=4, num_layers=3)
     r = req("a", 6)
     assert bm.pages_needed(r, 6) == 6  # 2 pages per layer
     assert bm.allocate(r, 6)
@@ -42,7 +42,7 @@ def test_block_manager_allocates_per_layer_pages():
 
 
 def test_token_budget_chunks_prefill_and_mixes_decodes():
-    s = Scheduler(SchedulerConfig(max_num_batched_tokens=8), BlockManager(100, 4, 2))
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=8), BlockManager.single(100, 4, 2))
     a, b = req("a", 5), req("b", 12)
     s.add(a)
     s.add(b)
@@ -62,7 +62,7 @@ def test_token_budget_chunks_prefill_and_mixes_decodes():
 
 
 def test_fcfs_head_of_line_waits_for_pages():
-    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64), BlockManager(8, 4, 1))
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64), BlockManager.single(8, 4, 1))
     first, big, small = req("first", 16), req("big", 20), req("small", 2)
     for r in (first, big, small):
         s.add(r)
@@ -74,7 +74,7 @@ def test_fcfs_head_of_line_waits_for_pages():
 
 
 def test_preempts_newest_when_a_running_request_cannot_grow():
-    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64), BlockManager(4, 4, 1))
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64), BlockManager.single(4, 4, 1))
     old, new = req("old", 8, max_tokens=10), req("new", 8, max_tokens=10)
     s.add(old)
     s.add(new)
@@ -89,8 +89,8 @@ def test_preempts_newest_when_a_running_request_cannot_grow():
 
 
 def test_request_larger_than_the_cache_is_refused():
-    s = Scheduler(SchedulerConfig(), BlockManager(4, 4, 2))
-    with pytest.raises(RequestError, match="KV cache holds 4"):
+    s = Scheduler(SchedulerConfig(), BlockManager.single(4, 4, 2))
+    with pytest.raises(RequestError, match="holds 8 tokens"):
         s.add(req("huge", 30))
 
 

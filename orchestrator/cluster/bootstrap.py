@@ -1,0 +1,125 @@
+"""Start-up and tear-down of one rank of the serving cluster."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+import torch
+from mpi4py import MPI
+
+from engines.config import parse_dtype
+from engines.errors import EngineError
+from engines.store import EngineStore
+from engines.tokenizer import Tokenizer
+from orchestrator.cluster.controller import Controller
+from orchestrator.cluster.rank_engine import RankEngine
+from orchestrator.cluster.rank_loop import RankLoop
+from orchestrator.cluster.topology import Topology
+from orchestrator.dispatch import make_dispatch_policy
+from orchestrator.scheduler import SchedulerConfig
+from orchestrator.serve import ServeConfig, config_from_args, default_device_memory, rank_device
+from orchestrator.transport import make_transport
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """Any rank's start-up failure, agreed on by every rank."""
+
+
+def _agree(comm: MPI.Comm, error: str | None) -> None:
+    """Every rank learns whether any rank failed; all raise the first failure."""
+    errors = comm.allgather(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        rank, err = failed[0]
+        raise StartupError(err if rank == 0 or err.startswith("rank") else f"rank {rank}: {err}")
+
+
+def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology]:
+    store = EngineStore(cfg.engine_dir)
+    world = comm.Get_size()
+    topology = Topology.parse(cfg.groups, world)
+    for size in sorted(topology.group_sizes()):
+        store.mapping(size)  # the split each group needs must exist
+    device = rank_device(cfg.device, comm.Get_rank())
+    memory = cfg.device_memory or default_device_memory(device)
+    dtype = parse_dtype(cfg.dtype) if cfg.dtype else (None if device.type == "cpu" else torch.bfloat16)
+    engine = RankEngine(store, device, dtype, memory, cfg.page_size)
+    return engine, topology
+
+
+def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
+    rank = comm.Get_rank()
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    engine = topology = loop = ingress = None
+    try:
+        err = None
+        try:
+            cfg = config_from_args(args)
+            engine, topology = _build(comm, cfg)
+        except (EngineError, ValueError, OSError) as exc:
+            err = str(exc)
+        _agree(comm, err)
+        kv_pages = comm.allgather(engine.plan.kv_pages)
+        sched = SchedulerConfig(cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        loop = RankLoop(comm, engine, topology, kv_pages, sched, make_transport(cfg.transport, comm),
+                        engine.plan.device_memory)
+        err = None
+        if rank == 0:
+            try:
+                ingress = _start_controller(loop, cfg, engine)
+            except (OSError, ValueError, EngineError) as exc:
+                err = f"ingress: {exc}"
+        _agree(comm, err)
+        for info in comm.allgather(loop.rank_info()):
+            if loop.controller is not None:
+                loop.controller.on_rank_info(info)
+    except StartupError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if loop.controller is not None:
+        loop.controller.set_ready(True)
+        logger.info("serving %s on http://%s:%d with %d ranks as %s", loop.controller.model_name,
+                    cfg.host, ingress.port, comm.Get_size(), topology)
+    return _serve(comm, loop, ingress)
+
+
+def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
+    from orchestrator.ingress.server import IngressServer
+
+    store = engine.store
+    controller = Controller(
+        loop.topology, cfg.model_name or store.path.resolve().name, Tokenizer(store.tokenizer_dir),
+        store.config.max_position_embeddings, cfg.max_queued_requests, make_dispatch_policy(cfg.dispatch),
+        send_to_leader=loop.to_leader, start_regroup=loop.start_regroup)
+    loop.controller = controller
+    ingress = IngressServer(controller, cfg.host, cfg.http_port)
+    ingress.start()
+    return ingress
+
+
+def _serve(comm: MPI.Comm, loop: RankLoop, ingress) -> int:
+    loop.install_signal_handlers()
+    comm.Barrier()
+    try:
+        loop.run()
+    except Exception as exc:  # a bug or a device failure: fail requests, then take the job down
+        loop.report_failure(exc)
+        if ingress is not None:
+            ingress.stop()
+        traceback.print_exc()
+        comm.Abort(1)
+    failed = (loop.stop_reason or "").startswith("rank ")
+    loop.shutdown()
+    if ingress is not None:
+        ingress.stop()
+    logger.info("stopped: %s", loop.stop_reason)
+    if failed:
+        comm.Abort(1)
+    return 0

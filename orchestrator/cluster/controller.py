@@ -1,0 +1,198 @@
+"""The controller (rank 0): request table, dispatch, and the bridge to the HTTP ingress.
+
+The ingress calls ``submit``/``abort``/``state``/``regroup`` from its own thread; those only
+touch thread-safe structures and queue commands. The rank's main loop (the only thread that
+talks MPI) drains the commands in ``poll`` and feeds leader reports back through
+``on_report``, which hands token events to the ingress's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from engines.tokenizer import Tokenizer
+from orchestrator.cluster.messages import (AbortRequest, AddRequest, InstanceReport, InstanceStats, RankInfo,
+                                           TokenUpdate)
+from orchestrator.cluster.topology import Topology
+from orchestrator.dispatch import DispatchPolicy, InstanceLoad
+from orchestrator.ingress.backend import (BackendUnavailable, ClusterState, GenerateRequest, InstanceState,
+                                          QueueFullError, RankState, TokenEvent)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    instance: int = -1
+    first_token: bool = False
+
+
+class Controller:
+    """Implements the ingress backend on top of the rank loop's messaging."""
+
+    def __init__(self, topology: Topology, model_name: str, tokenizer: Tokenizer, max_model_len: int,
+                 max_queued: int, policy: DispatchPolicy, send_to_leader: Callable[[int, object], None],
+                 start_regroup: Callable[[Topology], None]) -> None:
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.topology = topology
+        self._max_queued = max_queued
+        self._policy = policy
+        self._send = send_to_leader
+        self._start_regroup = start_regroup
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._stats: dict[int, InstanceStats] = {}
+        self._ranks: dict[int, RankInfo] = {}
+        self._ready = False
+        self._reason_down = "the cluster is starting"
+        self._regrouping = threading.Event()
+        self._regrouped = threading.Event()
+
+    # Ingress side (any thread) -----------------------------------------------------------
+    def submit(self, req: GenerateRequest) -> asyncio.Queue:
+        if not self._ready:
+            raise BackendUnavailable(self._reason_down)
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            queued = sum(1 for s in self._streams.values() if not s.first_token)
+            if queued >= self._max_queued:
+                raise QueueFullError(f"{queued} requests are waiting for a first token "
+                                     f"(--max-queued-requests {self._max_queued})")
+            self._streams[req.request_id] = _Stream(asyncio.get_running_loop(), q)
+        self._inbox.put(("submit", req))
+        return q
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def healthy(self) -> bool:
+        return self._ready
+
+    def regroup(self, groups: str) -> None:
+        topology = Topology.parse(groups, sum(len(g) for g in self.topology.instances))
+        with self._lock:
+            if self._streams:
+                raise ValueError(f"cannot regroup while {len(self._streams)} requests are in flight")
+            self._ready = False
+            self._reason_down = "the cluster is regrouping"
+        self._regrouped.clear()
+        self._inbox.put(("regroup", topology))
+        if not self._regrouped.wait(timeout=30):
+            raise ValueError("regrouping did not finish within 30 s")
+
+    def state(self) -> ClusterState:
+        with self._lock:
+            ranks = [self._rank_state(info) for _, info in sorted(self._ranks.items())]
+            instances = [InstanceState(i, list(r), self._stats[i].waiting if i in self._stats else 0,
+                                       self._stats[i].running if i in self._stats else 0)
+                         for i, r in enumerate(self.topology.instances)]
+            queued = sum(1 for s in self._streams.values() if not s.first_token)
+        return ClusterState(ranks, instances, queued)
+
+    def _rank_state(self, info: RankInfo) -> RankState:
+        used = 0
+        for stats in self._stats.values():
+            used += sum(p.used for p in stats.pools if p.rank == info.rank)
+        return RankState(info.rank, info.role, info.instance, info.stage, info.group_size, info.layer_range,
+                         info.weight_bytes, info.kv_pages, used, info.device_memory, info.resident_growth)
+
+    # Main-loop side ------------------------------------------------------------------------
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        self._ready = ready
+        self._reason_down = reason or self._reason_down
+
+    def on_rank_info(self, info: RankInfo) -> None:
+        with self._lock:
+            self._ranks[info.rank] = info
+
+    def on_regrouped(self, topology: Topology) -> None:
+        with self._lock:
+            self.topology = topology
+            self._stats.clear()
+        self._ready = True
+        self._regrouped.set()
+
+    def poll(self) -> bool:
+        """Dispatch the ingress's commands; True if there were any."""
+        did = False
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return did
+            did = True
+            if kind == "submit":
+                self._dispatch(arg)
+            elif kind == "abort":
+                self._abort(arg)
+            elif kind == "regroup":
+                self._start_regroup(arg)
+
+    def _dispatch(self, req: GenerateRequest) -> None:
+        with self._lock:
+            stream = self._streams.get(req.request_id)
+            if stream is None:
+                return  # aborted before dispatch
+            loads = [self._load(i, ranks) for i, ranks in enumerate(self.topology.instances)]
+            stream.instance = self._policy.choose(loads)
+        self._send(stream.instance, AddRequest(req.request_id, req.prompt_token_ids, req.sampling,
+                                               self.max_model_len))
+
+    def _load(self, instance: int, ranks: tuple[int, ...]) -> InstanceLoad:
+        stats = self._stats.get(instance)
+        outstanding = sum(1 for s in self._streams.values() if s.instance == instance)
+        return InstanceLoad(instance, len(ranks), stats.free_fraction if stats else 1.0,
+                            stats.waiting if stats else 0, stats.running if stats else 0, outstanding)
+
+    def _abort(self, request_id: str) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None and stream.instance >= 0:
+            self._send(stream.instance, AbortRequest(request_id))
+        elif stream is not None:  # not dispatched yet: finish it here
+            self._deliver(TokenUpdate(request_id, [], True, "abort"))
+
+    def on_report(self, report: InstanceReport) -> None:
+        with self._lock:
+            self._stats[report.stats.instance] = report.stats
+        for update in report.updates:
+            self._deliver(update)
+
+    def _deliver(self, u: TokenUpdate) -> None:
+        with self._lock:
+            stream = self._streams.get(u.request_id)
+            if stream is None:
+                return
+            if u.token_ids:
+                stream.first_token = True
+            if u.finished:
+                del self._streams[u.request_id]
+        event = TokenEvent(u.request_id, u.token_ids, u.finished, u.finish_reason, u.error)
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+        except RuntimeError:
+            pass  # the ingress loop is closed: nobody is listening any more
+
+    def fail_all(self, reason: str) -> None:
+        """End every in-flight request with an error (shutdown, or a rank died)."""
+        self._ready = False
+        self._reason_down = reason
+        with self._lock:
+            ids = list(self._streams)
+        for rid in ids:
+            self._deliver(TokenUpdate(rid, [], True, "abort", reason))
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._streams)

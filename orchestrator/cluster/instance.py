@@ -1,0 +1,172 @@
+"""The leader of an instance: schedules for it and drives its micro-batches.
+
+A replica runs each step locally. A pp-g group keeps up to g micro-batches in flight: the
+leader computes stage 0 of a micro-batch and passes its activations on while the later
+stages work on the earlier micro-batches; the last stage returns the sampled tokens. A
+request belongs to at most one micro-batch in flight (its next token depends on the last).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import replace
+
+from engines.errors import RequestError
+from engines.mapping import LayerRange
+from engines.step import SeqChunk, StepInput, StepOutput
+from orchestrator.block_manager import BlockManager, PoolSpec
+from orchestrator.cluster.messages import (AddRequest, InstanceReport, InstanceStats,
+                                           PoolUsage, StageResult, StageStep, TokenUpdate)
+from orchestrator.cluster.rank_engine import RankEngine
+from orchestrator.request import Request
+from orchestrator.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+def stage_chunks(chunks: list[SeqChunk], first_layer: int, with_tokens: bool) -> list[SeqChunk]:
+    """Chunks carrying the block-table rows of layers ``first_layer`` onwards."""
+    return [replace(c, block_table=c.block_table[first_layer:],
+                    token_ids=c.token_ids if with_tokens else None) for c in chunks]
+
+
+class InstanceDriver:
+    """Scheduler and micro-batch pipeline of one instance, run by its leader rank."""
+
+    def __init__(self, instance: int, ranks: tuple[int, ...], ranges: list[LayerRange], pools: list[PoolSpec],
+                 engine: RankEngine, sender, sched_config: SchedulerConfig) -> None:
+        self.instance = instance
+        self.ranks = ranks
+        self.ranges = ranges
+        self.sender = sender
+        self.runner = engine.runner(ranges[0])
+        self.scheduler = Scheduler(sched_config, BlockManager(engine.kv.page_size, pools),
+                                   eos_token_ids=engine.cfg.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.sent: dict[str, int] = {}
+        self.inflight: dict[int, SchedulerOutput] = {}
+        self.busy: set[int] = set()
+        self.pending_aborts: set[str] = set()
+        self.updates: list[TokenUpdate] = []
+        self._mb_ids = itertools.count()
+
+    # Requests in and out -------------------------------------------------------------
+    def add(self, msg: AddRequest) -> None:
+        req = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, msg.max_model_len)
+        try:
+            self.scheduler.add(req)
+        except RequestError as exc:
+            self.updates.append(TokenUpdate(msg.request_id, [], True, "abort", str(exc)))
+            return
+        self.requests[req.request_id] = req
+        self.sent[req.request_id] = 0
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        if req.seq_id in self.busy:
+            self.pending_aborts.add(request_id)  # its pages are in use until its micro-batch returns
+            return
+        self.scheduler.abort(req, "aborted by the client")
+        self._emit(req)
+
+    def _emit(self, req: Request) -> None:
+        new = req.output_token_ids[self.sent[req.request_id]:]
+        finished = req.status.finished
+        if new or finished:
+            self.updates.append(TokenUpdate(req.request_id, list(new), finished, req.status.finish_reason, req.error))
+            self.sent[req.request_id] += len(new)
+        if finished:
+            del self.requests[req.request_id], self.sent[req.request_id]
+
+    def report(self) -> InstanceReport:
+        """Token updates since the last report, and the instance's load."""
+        usage = self.scheduler.blocks.usage()
+        pools = [PoolUsage(r, used, total) for r, (used, total) in zip(self.ranks, usage)]
+        stats = InstanceStats(self.instance, len(self.scheduler.waiting), len(self.scheduler.running), pools)
+        updates, self.updates = self.updates, []
+        return InstanceReport(stats, updates)
+
+    @property
+    def idle(self) -> bool:
+        return not self.requests and not self.inflight
+
+    # Steps ---------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Launch what can run now; True if anything was launched."""
+        launched = False
+        while len(self.inflight) < len(self.ranks):
+            active = len(self.scheduler.running) + len(self.scheduler.waiting)
+            sched = self.scheduler.schedule(self.busy, max_seqs=max(1, math.ceil(active / len(self.ranks))))
+            for req in sched.preempted:
+                if req.status.finished:
+                    self._emit(req)
+            if not sched.chunks:
+                break
+            launched = True
+            if len(self.ranks) == 1:
+                self._finish_step(sched, self.runner.execute(sched.to_step()))
+                break
+            self._launch(sched)
+        return launched
+
+    def _launch(self, sched: SchedulerOutput) -> None:
+        mb = next(self._mb_ids)
+        step = sched.to_step()
+        own = self.ranges[0]
+        out = self.runner.execute(StepInput(chunks=[replace(c, block_table=c.block_table[own.start:own.end])
+                                                    for c in step.chunks]))
+        nxt = StageStep(self.instance, mb, stage_chunks(step.chunks, self.ranges[1].start, False),
+                        out.hidden.shape[0], out.hidden.shape[1], str(out.hidden.dtype).removeprefix("torch."))
+        self.sender.send_stage(self.ranks[1], nxt, out.hidden)
+        self.inflight[mb] = sched
+        self.busy.update(c.request.seq_id for c in sched.chunks)
+
+    def on_result(self, msg: StageResult) -> None:
+        sched = self.inflight.pop(msg.microbatch)
+        self.busy.difference_update(c.request.seq_id for c in sched.chunks)
+        if msg.error:
+            raise RuntimeError(f"instance {self.instance}: a later stage failed: {msg.error}")
+        self._finish_step(sched, StepOutput(sampled_seq_ids=msg.seq_ids, tokens=msg.tokens))
+
+    def _finish_step(self, sched: SchedulerOutput, out: StepOutput) -> None:
+        self.scheduler.update(sched, out)
+        for chunk in sched.chunks:
+            req = chunk.request
+            if req.request_id in self.pending_aborts and req.seq_id not in self.busy:
+                self.pending_aborts.discard(req.request_id)
+                if not req.status.finished:
+                    self.scheduler.abort(req, "aborted by the client")
+            if req.request_id in self.requests:
+                self._emit(req)
+
+
+class StageWorker:
+    """A non-leader stage: runs micro-batches as they arrive and passes them on."""
+
+    def __init__(self, instance: int, ranks: tuple[int, ...], stage: int, ranges: list[LayerRange],
+                 engine: RankEngine, sender) -> None:
+        self.instance = instance
+        self.ranks = ranks
+        self.stage = stage
+        self.ranges = ranges
+        self.runner = engine.runner(ranges[stage])
+        self.sender = sender
+        self.is_last = stage == len(ranks) - 1
+
+    def on_step(self, msg: StageStep, hidden) -> None:
+        own = len(self.ranges[self.stage])
+        chunks = [replace(c, block_table=c.block_table[:own]) for c in msg.chunks]
+        out = self.runner.execute(StepInput(chunks=chunks, hidden=hidden))
+        if self.is_last:
+            result = StageResult(self.instance, msg.microbatch, out.sampled_seq_ids, out.tokens)
+            self.sender.send_result(self.ranks[0], result)
+            return
+        nxt = replace(msg, chunks=[replace(c, block_table=c.block_table[own:]) for c in msg.chunks])
+        self.sender.send_stage(self.ranks[self.stage + 1], nxt, out.hidden)
+
+
+

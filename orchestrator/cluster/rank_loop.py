@@ -1,0 +1,241 @@
+"""Every rank's main loop: the only thread that talks MPI.
+
+Each turn: receive control messages, stage steps and stage results; let the controller
+(rank 0) dispatch the ingress's requests; let the instance leader launch work; report.
+When a turn finds nothing to do the loop backs off with short sleeps (0.1 ms growing to
+2 ms) instead of spinning, so that idle ranks leave the cores to ranks that compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import traceback
+
+import torch
+from mpi4py import MPI
+
+from engines.config import parse_dtype
+from orchestrator.block_manager import PoolSpec
+from orchestrator.cluster.controller import Controller
+from orchestrator.cluster.instance import InstanceDriver, StageWorker
+from orchestrator.cluster.messages import (TAG_CONTROL, TAG_HIDDEN, TAG_RESULT, TAG_STAGE, AbortRequest,
+                                           AddRequest, InstanceReport, RankFailed, RankInfo, Regroup,
+                                           RegroupDone, Shutdown, StageResult, StageStep)
+from orchestrator.cluster.rank_engine import RankEngine
+from orchestrator.cluster.topology import Topology
+from orchestrator.scheduler import SchedulerConfig
+from orchestrator.transport import Transport
+
+logger = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 0.25
+
+
+class Messenger:
+    """Non-blocking sends; keeps each in-flight buffer alive until its send completes."""
+
+    def __init__(self, comm: MPI.Comm, transport: Transport) -> None:
+        self.comm = comm
+        self.transport = transport
+        self._pending: list = []
+
+    def send_control(self, dst: int, msg: object) -> None:
+        self._pending.append(self.comm.isend(msg, dest=dst, tag=TAG_CONTROL))
+
+    def send_stage(self, dst: int, step: StageStep, hidden: torch.Tensor) -> None:
+        self._pending.append(self.comm.isend(step, dest=dst, tag=TAG_STAGE))
+        hidden = hidden.contiguous()
+        self._pending.append((self.transport.isend(hidden, dst, TAG_HIDDEN), hidden))
+
+    def send_result(self, dst: int, result: StageResult) -> None:
+        self._pending.append(self.comm.isend(result, dest=dst, tag=TAG_RESULT))
+
+    def progress(self) -> None:
+        self._pending = [p for p in self._pending if not self._done(p)]
+
+    @staticmethod
+    def _done(p) -> bool:
+        if isinstance(p, tuple):
+            return p[0].test()
+        return p.Test()
+
+    def drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._pending and time.monotonic() < deadline:
+            self.progress()
+            time.sleep(0.001)
+
+
+class RankLoop:
+    """One rank: its role in the current topology, and rank 0's controller."""
+
+    def __init__(self, comm: MPI.Comm, engine: RankEngine, topology: Topology, kv_pages: list[int],
+                 sched_config: SchedulerConfig, transport: Transport, device_memory: int) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.world = comm.Get_size()
+        self.engine = engine
+        self.kv_pages = kv_pages
+        self.sched_config = sched_config
+        self.device_memory = device_memory
+        self.messenger = Messenger(comm, transport)
+        self.transport = transport
+        self.controller: Controller | None = None
+        self.driver: InstanceDriver | None = None
+        self.worker: StageWorker | None = None
+        self.stop_reason: str | None = None
+        self._regroup_waiting: dict[int, Topology] = {}
+        self._epoch = 0
+        self._last_stats = 0.0
+        self.apply_topology(topology)
+
+    # Roles ---------------------------------------------------------------------------------
+    def apply_topology(self, topology: Topology) -> None:
+        """Take this rank's role in ``topology`` (instances must be idle)."""
+        self.topology = topology
+        inst = topology.instance_of(self.rank)
+        ranks = topology.instances[inst]
+        mapping = self.engine.store.mapping(len(ranks))
+        ranges = [mapping.layer_range(s) for s in range(len(ranks))]
+        stage = ranks.index(self.rank)
+        self.role = (inst, stage, len(ranks), ranges[stage])
+        self.driver, self.worker = None, None
+        if stage == 0:
+            pools = [PoolSpec(r, self.kv_pages[rank]) for r, rank in zip(ranges, ranks)]
+            self.driver = InstanceDriver(inst, ranks, ranges, pools, self.engine, self.messenger, self.sched_config)
+        else:
+            self.worker = StageWorker(inst, ranks, stage, ranges, self.engine, self.messenger)
+        logger.info("rank %d: instance %d, stage %d of %d, layers %s", self.rank, inst, stage, len(ranks),
+                    ranges[stage])
+
+    def rank_info(self) -> RankInfo:
+        inst, stage, size, layers = self.role
+        return RankInfo(self.rank, self.engine.plan.kv_pages, self.engine.weights.resident_bytes(),
+                        self.engine.kv.nbytes, self.device_memory, self.engine.resident_growth(),
+                        "replica" if size == 1 else "group", inst, stage, size, (layers.start, layers.end))
+
+    # Delivery (local when the destination is this rank) --------------------------------------
+    def to_leader(self, instance: int, msg: object) -> None:
+        leader = self.topology.leader(instance)
+        if leader == self.rank:
+            self._on_control(msg, self.rank)
+        else:
+            self.messenger.send_control(leader, msg)
+
+    def to_controller(self, msg: object) -> None:
+        if self.rank == 0:
+            self._on_control(msg, 0)
+        else:
+            self.messenger.send_control(0, msg)
+
+    # The loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        idle = 0.0001
+        while self.stop_reason is None:
+            did = self._receive()
+            if self.controller is not None:
+                did |= self.controller.poll()
+            if self.driver is not None:
+                did |= self.driver.step()
+                if self.driver.updates:
+                    self.to_controller(self.driver.report())
+            self.messenger.progress()
+            self._periodic()
+            if did:
+                idle = 0.0001
+            else:
+                time.sleep(idle)
+                idle = min(idle * 2, 0.002)
+
+    def _periodic(self) -> None:
+        now = time.monotonic()
+        if now - self._last_stats < STATS_INTERVAL_S:
+            return
+        self._last_stats = now
+        self.to_controller(self.rank_info())
+        if self.driver is not None:
+            self.to_controller(self.driver.report())
+
+    def _receive(self) -> bool:
+        did = False
+        st = MPI.Status()
+        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_CONTROL, status=st):
+            self._on_control(self.comm.recv(source=st.Get_source(), tag=TAG_CONTROL), st.Get_source())
+            did = True
+        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT, status=st):
+            result = self.comm.recv(source=st.Get_source(), tag=TAG_RESULT)
+            self.driver.on_result(result)
+            did = True
+        if self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_STAGE, status=st):
+            src = st.Get_source()
+            step: StageStep = self.comm.recv(source=src, tag=TAG_STAGE)
+            hidden = torch.empty(step.num_tokens, step.hidden_size, dtype=parse_dtype(step.dtype),
+                                 device=self.engine.kv.data.device)
+            self.transport.recv(hidden, src, TAG_HIDDEN)
+            self.worker.on_step(step, hidden)
+            did = True
+        return did
+
+    def _on_control(self, msg: object, src: int) -> None:
+        if isinstance(msg, AddRequest):
+            self.driver.add(msg)
+        elif isinstance(msg, AbortRequest):
+            self.driver.abort(msg.request_id)
+        elif isinstance(msg, InstanceReport):
+            self.controller.on_report(msg)
+        elif isinstance(msg, RankInfo):
+            self.controller.on_rank_info(msg)
+        elif isinstance(msg, Regroup):
+            self.apply_topology(msg.topology)
+            self.to_controller(RegroupDone(self.rank, msg.epoch))
+        elif isinstance(msg, RegroupDone):
+            self._on_regroup_done(msg)
+        elif isinstance(msg, RankFailed):
+            logger.error("rank %d failed: %s", msg.rank, msg.error)
+            self.stop_reason = f"rank {msg.rank} failed: {msg.error}"
+        elif isinstance(msg, Shutdown):
+            self.stop_reason = msg.reason
+        else:
+            raise TypeError(f"unexpected control message {type(msg).__name__} from rank {src}")
+
+    # Regrouping (driven by rank 0) ------------------------------------------------------------
+    def start_regroup(self, topology: Topology) -> None:
+        self._epoch += 1
+        self._regroup_waiting = {r: topology for r in range(self.world)}
+        for r in range(1, self.world):
+            self.messenger.send_control(r, Regroup(topology, self._epoch))
+        self._on_control(Regroup(topology, self._epoch), 0)
+
+    def _on_regroup_done(self, msg: RegroupDone) -> None:
+        topology = self._regroup_waiting.pop(msg.rank, None)
+        if topology is not None and not self._regroup_waiting:
+            self.controller.on_regrouped(topology)
+            logger.info("regrouped into %s", topology)
+
+    # Stopping ----------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self.stop_reason = f"received {signal.Signals(signum).name}"
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def shutdown(self) -> None:
+        """Rank 0: fail what is in flight, tell every rank to stop."""
+        reason = self.stop_reason or "shutting down"
+        if self.controller is not None:
+            self.controller.fail_all(f"the server is shutting down ({reason})")
+            for r in range(1, self.world):
+                self.messenger.send_control(r, Shutdown(reason))
+        self.messenger.drain(2.0)
+
+    def report_failure(self, exc: BaseException) -> None:
+        """A fatal error on this rank: tell the controller, so clients get errors, then abort."""
+        text = f"{type(exc).__name__}: {exc}"
+        logger.error("rank %d fatal error:\n%s", self.rank, traceback.format_exc())
+        if self.controller is not None:
+            self.controller.fail_all(f"rank 0 failed: {text}")
+        else:
+            self.messenger.send_control(0, RankFailed(self.rank, text))
+            self.messenger.drain(2.0)

@@ -1,0 +1,110 @@
+"""``mpirun -n N python -m orchestrator serve --engine-dir DIR``: start the serving cluster.
+
+Every rank loads the store's pp1 weights and prepares the stage runners of its other
+splits; rank 0 also runs the controller and the HTTP ingress. Start-up errors are agreed
+on by all ranks (an allgather), so a bad option stops the whole job with one message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from orchestrator.config import parse_bytes, resolve_device
+
+logger = logging.getLogger(__name__)
+
+POLICIES = {"vllm": "KV-centric baseline: admit while KV fits, FCFS queue, recompute preemption"}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Options of ``serve`` (one place; the CLI maps onto it)."""
+
+    engine_dir: Path
+    groups: str | None = None
+    """Initial grouping, e.g. ``0-1,2-3``; ranks not named are replicas."""
+    policy: str = "vllm"
+    dispatch: str = "least_loaded"
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    device_memory: int | None = None
+    """Per-rank memory for weights and KV; default 1 GiB on CPU, 90% of the GPU's on CUDA."""
+    max_queued_requests: int = 256
+    page_size: int = 16
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    transport: str = "auto"
+    device: str = "auto"
+    dtype: str | None = None
+    model_name: str | None = None
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown --policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.max_queued_requests < 1:
+            raise ValueError("--max-queued-requests must be >= 1")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine-dir", type=Path, required=True, help="engine store (build_scripts.build_engines)")
+    p.add_argument("--groups", default=None,
+                   help="initial pipelined groups, e.g. 0-1,2-3 (ranks not named serve as replicas)")
+    p.add_argument("--policy", default="vllm", choices=sorted(POLICIES),
+                   help="memory-overload policy: " + "; ".join(f"{k}: {v}" for k, v in POLICIES.items()))
+    p.add_argument("--dispatch", default="least_loaded", help="dispatch policy: least_loaded or round_robin")
+    p.add_argument("--host", default="127.0.0.1", help="ingress bind address (default: loopback only)")
+    p.add_argument("--http-port", type=int, default=8000, help="ingress port (default: 8000; 0 picks one)")
+    p.add_argument("--device-memory", type=parse_bytes, default=None,
+                   help="memory per rank for weights + KV, e.g. 768MiB (default: 1GiB on CPU, 90%% of the GPU)")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting for a first token before new ones get 429 (default: 256)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of a step")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most running requests per instance")
+    p.add_argument("--transport", default="auto", help="tensor transport: auto, mpi or nccl")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (each rank takes one GPU)")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: store's on CPU, bf16 on CUDA)")
+    p.add_argument("--model-name", default=None, help="model name in the API (default: the store's folder name)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank (default: 1)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(
+        engine_dir=args.engine_dir, groups=args.groups, policy=args.policy, dispatch=args.dispatch,
+        host=args.host, http_port=args.http_port, device_memory=args.device_memory,
+        max_queued_requests=args.max_queued_requests, page_size=args.page_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        transport=args.transport, device=args.device, dtype=args.dtype, model_name=args.model_name,
+        threads=args.threads)
+
+
+def rank_device(name: str, rank: int) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    return device
+
+
+def default_device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return 1 << 30
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Entry point of every rank."""
+    from mpi4py import MPI
+
+    from orchestrator.cluster.bootstrap import start_rank
+
+    comm = MPI.COMM_WORLD
+    torch.set_num_threads(args.threads)
+    return start_rank(comm, args)
+
