@@ -104,7 +104,8 @@ class Controller:
         for stats in self._stats.values():
             used += sum(p.used for p in stats.pools if p.rank == info.rank)
         return RankState(info.rank, info.role, info.instance, info.stage, info.group_size, info.layer_range,
-                         info.weight_bytes, info.kv_pages, used, info.device_memory, info.resident_growth)
+                         info.weight_bytes, info.kv_pages, used, info.device_memory, info.resident_growth,
+                         info.kv_bytes, info.workspace_bytes)
 
     # Main-loop side ------------------------------------------------------------------------
     def set_ready(self, ready: bool, reason: str = "") -> None:

@@ -88,6 +88,7 @@ class RankInfo:
     device_memory: int
     resident_growth: int
     """Resident memory growth since the rank started (what the device accounting stands for)."""
+    workspace_bytes: int = 0
     role: str = "replica"
     instance: int = 0
     stage: int = 0

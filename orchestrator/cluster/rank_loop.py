@@ -112,8 +112,9 @@ class RankLoop:
 
     def rank_info(self) -> RankInfo:
         inst, stage, size, layers = self.role
-        return RankInfo(self.rank, self.engine.plan.kv_pages, self.engine.weights.resident_bytes(),
-                        self.engine.kv.nbytes, self.device_memory, self.engine.resident_growth(),
+        plan = self.engine.plan
+        return RankInfo(self.rank, plan.kv_pages, self.engine.weights.resident_bytes(), self.engine.kv.nbytes,
+                        self.device_memory, self.engine.resident_growth(), plan.workspace_bytes,
                         "replica" if size == 1 else "group", inst, stage, size, (layers.start, layers.end))
 
     # Delivery (local when the destination is this rank) --------------------------------------
@@ -189,6 +190,7 @@ class RankLoop:
             self.controller.on_rank_info(msg)
         elif isinstance(msg, Regroup):
             self.apply_topology(msg.topology)
+            self.to_controller(self.rank_info())  # arrives before RegroupDone: same pair, same tag
             self.to_controller(RegroupDone(self.rank, msg.epoch))
         elif isinstance(msg, RegroupDone):
             self._on_regroup_done(msg)
@@ -228,7 +230,8 @@ class RankLoop:
             self.controller.fail_all(f"the server is shutting down ({reason})")
             for r in range(1, self.world):
                 self.messenger.send_control(r, Shutdown(reason))
-        self.messenger.drain(2.0)
+        # Short: under mpirun's SIGTERM the peers are stopping too and may never receive.
+        self.messenger.drain(0.5)
 
     def report_failure(self, exc: BaseException) -> None:
         """A fatal error on this rank: tell the controller, so clients get errors, then abort."""

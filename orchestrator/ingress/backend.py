@@ -67,6 +67,9 @@ class RankState:
     device_memory_bytes: int
     resident_bytes: int
     """The process's resident memory growth since start (weights + KV + workspace)."""
+    kv_bytes: int = 0
+    workspace_bytes: int = 0
+    """Part of the device memory kept for activations and scratch."""
 
 
 @dataclass

@@ -1,0 +1,186 @@
+"""Ingress statistics and their Prometheus text exposition (format 0.0.4), no extra dependency.
+
+``IngressStats`` is updated by the server as requests arrive, produce tokens and end; it
+lives on the ingress's event loop thread and is only touched there, so it needs no lock.
+``render_metrics`` adds gauges from the cluster's ``ClusterState`` at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from orchestrator.ingress.backend import ClusterState
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The Content-Type of ``/metrics``."""
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+"""Seconds; vLLM's buckets, so dashboards built for vLLM read the same."""
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+"""Seconds per output token."""
+
+
+@dataclass
+class Histogram:
+    """A Prometheus histogram: per-bucket counts (not cumulative until rendered), sum, count."""
+
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if list(self.buckets) != sorted(self.buckets):
+            raise ValueError("histogram buckets must be increasing")
+        if not self.counts:
+            self.counts = [0] * len(self.buckets)
+
+    def observe(self, value: float) -> None:
+        """Add one observation."""
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.total += value
+        self.count += 1
+
+
+@dataclass
+class RequestTiming:
+    """One request's timeline, kept by the server while it answers the request."""
+
+    arrival_time: float
+    """``GenerateRequest.arrival_time`` (``time.monotonic``)."""
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_output_tokens: int = 0
+
+
+@dataclass
+class IngressStats:
+    """What the ingress measures; the server feeds it, ``/metrics`` renders it."""
+
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    """Seconds from arrival (queueing included) to the first output token."""
+    tpot: Histogram = field(default_factory=lambda: Histogram(TPOT_BUCKETS))
+    """Per request: seconds per output token after the first."""
+    finished: Counter[str] = field(default_factory=Counter)
+    """Requests that ended, by finish reason (``stop``, ``length``, ``abort``)."""
+    errors: Counter[str] = field(default_factory=Counter)
+    """Error answers, by error type (``BadRequestError``, ``TooManyRequestsError``, ...)."""
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    in_flight: int = 0
+    """Generation requests the ingress is answering now."""
+
+    def on_tokens(self, timing: RequestTiming, n: int, now: float | None = None) -> None:
+        """``n`` new output tokens of a request arrived."""
+        if n <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        if timing.first_token_time is None:
+            timing.first_token_time = now
+            self.ttft.observe(max(0.0, now - timing.arrival_time))
+        timing.last_token_time = now
+        timing.num_output_tokens += n
+        self.generation_tokens += n
+
+    def on_finish(self, timing: RequestTiming, reason: str | None) -> None:
+        """A request ended with ``reason``; its TPOT is observed if it made two tokens or more."""
+        self.finished[reason or "unknown"] += 1
+        if timing.num_output_tokens > 1 and timing.first_token_time is not None:
+            decode = (timing.last_token_time or timing.first_token_time) - timing.first_token_time
+            self.tpot.observe(decode / (timing.num_output_tokens - 1))
+
+    def on_error(self, err_type: str) -> None:
+        """The ingress answered with an error (or a stream ended with one)."""
+        self.errors[err_type] += 1
+
+
+def render_metrics(stats: IngressStats, state: ClusterState | None) -> str:
+    """The Prometheus text exposition of ``stats`` and, when given, the cluster ``state``."""
+    lines: list[str] = []
+    _histogram(lines, "kunserve_time_to_first_token_seconds",
+               "Time from request arrival to its first output token.", stats.ttft)
+    _histogram(lines, "kunserve_time_per_output_token_seconds",
+               "Per request: time per output token after the first.", stats.tpot)
+    _family(lines, "kunserve_request_success_total", "counter", "Requests finished, by finish reason.",
+            [({"finish_reason": k}, v) for k, v in sorted(stats.finished.items())])
+    _family(lines, "kunserve_request_errors_total", "counter", "Error answers, by error type.",
+            [({"type": k}, v) for k, v in sorted(stats.errors.items())])
+    _family(lines, "kunserve_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.",
+            [({}, stats.prompt_tokens)])
+    _family(lines, "kunserve_generation_tokens_total", "counter", "Output tokens sent.",
+            [({}, stats.generation_tokens)])
+    _family(lines, "kunserve_requests_in_flight", "gauge", "Generation requests being answered.",
+            [({}, stats.in_flight)])
+    if state is not None:
+        _cluster_gauges(lines, state)
+    return "\n".join(lines) + "\n"
+
+
+def _cluster_gauges(lines: list[str], state: ClusterState) -> None:
+    _family(lines, "kunserve_num_requests_queued", "gauge",
+            "Requests accepted by the controller that have no first token yet.", [({}, state.queued)])
+    ranks = sorted(state.ranks, key=lambda r: r.rank)
+    _family(lines, "kunserve_kv_pages_used", "gauge", "KV pages in use, per rank.",
+            [({"rank": str(r.rank)}, r.kv_pages_used) for r in ranks])
+    _family(lines, "kunserve_kv_pages_total", "gauge", "KV pages of the pool, per rank.",
+            [({"rank": str(r.rank)}, r.kv_pages_total) for r in ranks])
+    _family(lines, "kunserve_kv_cache_usage_ratio", "gauge", "Fraction of KV pages in use, per rank.",
+            [({"rank": str(r.rank)}, r.kv_pages_used / r.kv_pages_total if r.kv_pages_total else 0.0)
+             for r in ranks])
+    instances = sorted(state.instances, key=lambda i: i.instance)
+    _family(lines, "kunserve_num_requests_waiting", "gauge", "Requests waiting, per serving instance.",
+            [({"instance": str(i.instance)}, i.waiting) for i in instances])
+    _family(lines, "kunserve_num_requests_running", "gauge", "Requests running, per serving instance.",
+            [({"instance": str(i.instance)}, i.running) for i in instances])
+
+
+def _family(lines: list[str], name: str, kind: str, help_text: str,
+            samples: list[tuple[dict[str, str], float]]) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        lines.append(f"{name}{_labels(labels)} {_number(value)}")
+
+
+def _histogram(lines: list[str], name: str, help_text: str, h: Histogram) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} histogram")
+    cumulative = 0
+    for bound, n in zip(h.buckets, h.counts):
+        cumulative += n
+        lines.append(f"{name}_bucket{_labels({'le': _number(bound)})} {cumulative}")
+    lines.append(f'{name}_bucket{{le="+Inf"}} {h.count}')
+    lines.append(f"{name}_sum {_number(h.total)}")
+    lines.append(f"{name}_count {h.count}")
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if math.isnan(v):
+        return "NaN"
+    return repr(float(v))

@@ -1,0 +1,366 @@
+"""The HTTP ingress: OpenAI-compatible routes, admin routes, and the thread that serves them.
+
+``build_app`` makes the aiohttp application for a backend; ``IngressServer`` runs it in a
+daemon thread with its own event loop, so the controller's own loop (MPI polling) is never
+blocked by HTTP work. Every answer to a bad request is a JSON error body, and a bad
+request never stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from orchestrator.ingress.backend import BackendUnavailable, IngressBackend, QueueFullError, TokenEvent
+from orchestrator.ingress.detokenizer import IncrementalDecoder
+from orchestrator.ingress.metrics import CONTENT_TYPE, IngressStats, RequestTiming, render_metrics
+from orchestrator.ingress.openai_protocol import (
+    ApiError,
+    InvalidRequest,
+    Kind,
+    ParsedRequest,
+    error_body,
+    error_type,
+    full_response,
+    parse_request,
+    stream_chunk,
+    usage_chunk,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 << 20
+"""Larger request bodies are answered 413."""
+
+BACKEND_KEY = web.AppKey("backend", IngressBackend)
+STATS_KEY = web.AppKey("stats", IngressStats)
+
+
+def build_app(backend: IngressBackend, stats: IngressStats | None = None,
+              max_body_bytes: int = MAX_BODY_BYTES) -> web.Application:
+    """The aiohttp application serving ``backend``; ``stats`` is created when not given.
+
+    Run it with ``handler_cancellation=True`` (as ``IngressServer`` does): a client that
+    disconnects while its request waits for tokens is only noticed that way, and then
+    its request is aborted in the cluster. Otherwise only the next streamed write notices.
+    """
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_error_middleware])
+    app[BACKEND_KEY] = backend
+    app[STATS_KEY] = stats if stats is not None else IngressStats()
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/admin/state", _admin_state)
+    app.router.add_post("/admin/regroup", _admin_regroup)
+    return app
+
+
+def _error_response(request: web.Request, status: int, message: str,
+                    headers: dict[str, str] | None = None) -> web.Response:
+    request.app[STATS_KEY].on_error(error_type(status))
+    return web.json_response(error_body(status, message), status=status, headers=headers)
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error_response(request, exc.status, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return _error_response(request, exc.status, exc.text or exc.reason, headers)
+    except Exception:  # noqa: BLE001 - a bug in one request must not take the server down
+        logger.exception("internal error answering %s %s", request.method, request.path)
+        return _error_response(request, 500, "internal server error")
+
+
+async def _read_json(request: web.Request) -> Any:
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- generation
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion", f"cmpl-{uuid.uuid4().hex}")
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat", f"chatcmpl-{uuid.uuid4().hex}")
+
+
+async def _generate(request: web.Request, kind: Kind, request_id: str) -> web.StreamResponse:
+    arrival = time.monotonic()  # before reading the body: TTFT counts from arrival
+    backend = request.app[BACKEND_KEY]
+    body = await _read_json(request)
+    parsed = parse_request(kind, body, backend, request_id, arrival_time=arrival)
+    try:
+        queue = backend.submit(parsed.request)
+    except QueueFullError as exc:
+        raise ApiError(429, f"the server is overloaded, retry later ({exc})") from None
+    except BackendUnavailable as exc:
+        raise ApiError(503, f"the cluster is not serving ({exc})") from None
+    stats = request.app[STATS_KEY]
+    stats.prompt_tokens += len(parsed.request.prompt_token_ids)
+    stats.in_flight += 1
+    answer = _Answer(request, parsed, queue)
+    try:
+        if parsed.stream:
+            return await answer.stream()
+        return await answer.collect()
+    finally:
+        stats.in_flight -= 1
+        answer.close()
+
+
+class _Answer:
+    """Consumes one request's ``TokenEvent``s and answers it, streamed or whole.
+
+    Whatever ends the answer early (the client going away, cancellation, an error while
+    writing), ``close`` aborts the request in the cluster, once.
+    """
+
+    def __init__(self, request: web.Request, parsed: ParsedRequest, queue: asyncio.Queue[TokenEvent]) -> None:
+        self.request = request
+        self.parsed = parsed
+        self.queue = queue
+        self.backend = request.app[BACKEND_KEY]
+        self.stats = request.app[STATS_KEY]
+        self.timing = RequestTiming(arrival_time=parsed.request.arrival_time)
+        self.decoder = IncrementalDecoder(self.backend.tokenizer)
+        self.done = False
+
+    @property
+    def request_id(self) -> str:
+        return self.parsed.request.request_id
+
+    async def next_event(self) -> TokenEvent:
+        event = await self.queue.get()
+        self.stats.on_tokens(self.timing, len(event.token_ids))
+        if event.finished or event.error is not None:
+            self.done = True  # an error ends the request in the cluster too: nothing to abort
+            if event.error is None:
+                self.stats.on_finish(self.timing, event.finish_reason)
+        return event
+
+    async def collect(self) -> web.Response:
+        """Wait for the whole answer; a cluster error becomes a 500."""
+        token_ids: list[int] = []
+        while True:
+            event = await self.next_event()
+            token_ids.extend(event.token_ids)
+            if event.error is not None:
+                raise ApiError(500, f"the request failed in the cluster: {event.error}")
+            if event.finished:
+                break
+        text = self.backend.tokenizer.decode(token_ids)
+        return web.json_response(full_response(self.parsed, text, token_ids, event.finish_reason))
+
+    async def stream(self) -> web.StreamResponse:
+        """Send Server-Sent Events: one chunk per event, the finish chunk, then ``[DONE]``."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        try:
+            await resp.prepare(self.request)
+            if self.parsed.kind == "chat":
+                await self.send(resp, stream_chunk(self.parsed, "", [], role=True))
+            while not await self._stream_event(resp):
+                pass
+            await resp.write_eof()
+        except ConnectionResetError:
+            logger.debug("client of %s went away mid-stream", self.request_id)
+        except Exception:  # noqa: BLE001 - headers are sent: end the stream, not the server
+            logger.exception("internal error streaming %s", self.request_id)
+            self.stats.on_error(error_type(500))
+            with contextlib.suppress(Exception):  # best effort: the client may be gone too
+                await self.send(resp, error_body(500, "internal server error"))
+        return resp
+
+    async def _stream_event(self, resp: web.StreamResponse) -> bool:
+        """Send one event's chunks; True once the stream is over."""
+        event = await self.next_event()
+        if event.error is not None:
+            self.stats.on_error(error_type(500))
+            await self.send(resp, error_body(500, f"the request failed in the cluster: {event.error}"))
+            return True
+        if event.token_ids:
+            text = self.decoder.push(event.token_ids)
+            await self.send(resp, stream_chunk(self.parsed, text, event.token_ids))
+        if not event.finished:
+            return False
+        rest = self.decoder.flush()
+        await self.send(resp, stream_chunk(self.parsed, rest, [], finish_reason=event.finish_reason))
+        if self.parsed.include_usage:
+            await self.send(resp, usage_chunk(self.parsed, len(self.decoder.token_ids)))
+        await resp.write(b"data: [DONE]\n\n")
+        return True
+
+    @staticmethod
+    async def send(resp: web.StreamResponse, body: dict[str, Any]) -> None:
+        await resp.write(f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode())
+
+    def close(self) -> None:
+        """Abort the request in the cluster unless its last event came."""
+        if self.done:
+            return
+        self.done = True
+        self.stats.on_finish(self.timing, "abort")
+        try:
+            self.backend.abort(self.request_id)
+        except Exception:  # noqa: BLE001 - the client is gone either way; keep serving
+            logger.exception("aborting %s failed", self.request_id)
+
+
+# ----------------------------------------------------------------------------- other routes
+
+async def _models(request: web.Request) -> web.Response:
+    backend = request.app[BACKEND_KEY]
+    return web.json_response({"object": "list", "data": [{
+        "id": backend.model_name, "object": "model", "created": int(time.time()),
+        "owned_by": "kunserve", "max_model_len": backend.max_model_len}]})
+
+
+async def _health(request: web.Request) -> web.Response:
+    try:
+        healthy = request.app[BACKEND_KEY].healthy()
+    except Exception:  # noqa: BLE001 - a failing probe means unhealthy, not a 500
+        logger.exception("health check failed")
+        healthy = False
+    if healthy:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "unavailable"}, status=503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    try:
+        state = request.app[BACKEND_KEY].state()
+    except Exception as exc:  # noqa: BLE001 - the ingress's own metrics are still worth a scrape
+        logger.warning("no cluster state for /metrics: %s", exc)
+        state = None
+    text = render_metrics(request.app[STATS_KEY], state)
+    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _admin_state(request: web.Request) -> web.Response:
+    try:
+        state = request.app[BACKEND_KEY].state()
+    except BackendUnavailable as exc:
+        raise ApiError(503, f"the cluster is not serving ({exc})") from None
+    return web.json_response(state.to_json())
+
+
+async def _admin_regroup(request: web.Request) -> web.Response:
+    body = await _read_json(request)
+    groups = body.get("groups") if isinstance(body, dict) else None
+    if not isinstance(groups, str) or not groups.strip():
+        raise InvalidRequest('the body must be {"groups": "<ranks, e.g. 0-1,2,3>"}')
+    try:
+        # A regroup waits for every rank to switch roles: keep the event loop serving meanwhile.
+        await asyncio.get_running_loop().run_in_executor(None, request.app[BACKEND_KEY].regroup, groups)
+    except ValueError as exc:
+        raise ApiError(409, str(exc)) from None
+    except BackendUnavailable as exc:
+        raise ApiError(503, f"the cluster is not serving ({exc})") from None
+    return web.json_response({"status": "ok", "groups": groups})
+
+
+# ----------------------------------------------------------------------------- the thread
+
+class IngressServer:
+    """Serves ``build_app(backend)`` on ``host:port`` from a daemon thread with its own loop."""
+
+    def __init__(self, backend: IngressBackend, host: str = "127.0.0.1", port: int = 8000,
+                 shutdown_timeout: float = 5.0) -> None:
+        self.backend = backend
+        self.host = host
+        self.stats = IngressStats()
+        self._requested_port = port
+        self._port: int | None = None
+        self._shutdown_timeout = shutdown_timeout
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the one the OS picked when 0 was asked for)."""
+        if self._port is None:
+            raise RuntimeError("the ingress server is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the running server."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start serving; return once the socket listens, raise ``OSError`` if it cannot bind."""
+        if self._thread is not None:
+            raise RuntimeError("the ingress server was already started")
+        self._thread = threading.Thread(target=self._run, name="ingress", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the ingress server did not start within {timeout} s")
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+        logger.info("ingress listening on %s", self.url)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop serving: close the socket, end open requests (aborting them), join the thread."""
+        thread, loop, stop_event = self._thread, self._loop, self._stop_event
+        if thread is None or not thread.is_alive():
+            return
+        if loop is not None and stop_event is not None:
+            loop.call_soon_threadsafe(stop_event.set)
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("the ingress thread did not stop within %s s", timeout)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:  # noqa: BLE001 - reported to start() rather than lost
+            if not self._ready.is_set():
+                self._start_error = exc
+            else:
+                logger.exception("the ingress loop failed")
+        finally:
+            self._ready.set()
+            loop.close()
+
+    async def _serve(self) -> None:
+        self._stop_event = asyncio.Event()
+        # handler_cancellation: a client that disconnects cancels its handler, whose
+        # cleanup aborts the request, so the cluster stops spending KV on it.
+        runner = web.AppRunner(build_app(self.backend, self.stats), handler_cancellation=True,
+                               shutdown_timeout=self._shutdown_timeout)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self._requested_port)
+            await site.start()
+            self._port = runner.addresses[0][1]
+            self._ready.set()
+            await self._stop_event.wait()
+        finally:
+            await runner.cleanup()

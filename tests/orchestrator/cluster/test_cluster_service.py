@@ -1,0 +1,150 @@
+"""The served cluster as a client sees it: bad input, disconnects, the bounded queue, memory
+accounting, re-grouping, shutdown and a dead rank."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import aiohttp
+import pytest
+
+from tests.mpi_util import requires_mpirun
+from tests.orchestrator.cluster.cluster_util import ServingCluster, complete, run
+
+pytestmark = requires_mpirun
+
+GOOD = {"prompt": "A good request", "max_tokens": 5, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_store):
+    with ServingCluster(2, tiny_store, "--groups", "0-1", device_memory="256MiB") as c:
+        yield c
+
+
+async def post_raw(url: str, data: bytes | str, path: str = "/v1/completions") -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + path, data=data, headers={"Content-Type": "application/json"}) as r:
+            return r.status, await r.json()
+
+
+@pytest.mark.parametrize("body,status,words", [
+    ("{not json", 400, "JSON"),
+    ('{"max_tokens": 5}', 400, "prompt"),
+    ('{"prompt": "' + "x" * 600 + '", "max_tokens": 5}', 400, "context length"),
+    ('{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
+    ('{"prompt": "hi", "max_tokens": 100000000}', 400, "context length"),
+    ('{"prompt": "hi", "max_tokens": 5, "temperature": -1}', 400, "temperature"),
+    ('{"model": "gpt-17", "prompt": "hi"}', 404, "gpt-17"),
+])
+def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(cluster, body, status, words):
+    code, data = run(post_raw(cluster.url, body))
+    assert code == status, data
+    assert words.lower() in data["error"]["message"].lower(), data
+    async def good():
+        async with aiohttp.ClientSession() as s:
+            return await complete(s, cluster.url, GOOD)
+    assert run(good()).status == 200
+
+
+def test_client_disconnect_cancels_the_request_and_frees_its_kv(cluster):
+    async def disconnect_after_first_chunk():
+        async with aiohttp.ClientSession() as s:
+            body = {"prompt": "a long generation", "max_tokens": 400, "ignore_eos": True, "stream": True}
+            async with s.post(cluster.url + "/v1/completions", json=body) as r:
+                async for line in r.content:
+                    if line.startswith(b"data: "):
+                        break  # leaving the block closes the connection mid-stream
+    run(disconnect_after_first_chunk())
+    state = cluster.wait_all_free(timeout=10)
+    assert all(r["kv_pages_used"] == 0 for r in state["ranks"]), state
+    assert all(i["running"] == 0 and i["waiting"] == 0 for i in state["instances"]), state
+
+
+def test_memory_accounting_matches_resident_memory(cluster):
+    for rank in cluster.state()["ranks"]:
+        accounted = rank["weight_bytes"] + rank["kv_bytes"] + rank["workspace_bytes"]
+        assert accounted <= rank["device_memory_bytes"]
+        assert abs(rank["resident_bytes"] - accounted) <= 0.1 * accounted, rank
+
+
+def test_regroup_idle_ranks_at_run_time(tiny_store):
+    with ServingCluster(2, tiny_store) as c:
+        async def go():
+            async with aiohttp.ClientSession() as s:
+                before = await complete(s, c.url, {**GOOD, "max_tokens": 8, "ignore_eos": True})
+                async with s.post(c.url + "/admin/regroup", json={"groups": "0-1"}) as r:
+                    assert r.status == 200, await r.text()
+                after = await complete(s, c.url, {**GOOD, "max_tokens": 8, "ignore_eos": True})
+                return before, after
+        before, after = run(go())
+        state = c.state()
+        assert [i["ranks"] for i in state["instances"]] == [[0, 1]]
+        assert [r["role"] for r in state["ranks"]] == ["group", "group"]
+        assert [r["layer_range"] for r in state["ranks"]] == [[0, 3], [3, 6]]
+        assert before.token_ids == after.token_ids and len(after.token_ids) == 8
+
+
+def test_bounded_queue_answers_429(tiny_store):
+    with ServingCluster(2, tiny_store, "--max-queued-requests", "2") as c:
+        async def flood():
+            async with aiohttp.ClientSession() as s:
+                body = {"prompt": "queue me " * 40, "max_tokens": 4, "temperature": 0}
+                return await asyncio.gather(*(complete(s, c.url, body) for _ in range(24)))
+        results = run(flood())
+        codes = [r.status for r in results]
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
+        assert all("max-queued-requests" in r.error["message"] for r in results if r.status == 429)
+        assert all(len(r.token_ids) == 4 for r in results if r.status == 200)
+        assert c.wait_all_free()["queued"] == 0
+
+
+async def _stream_until_error(url: str, on_first_chunk) -> tuple[bool, bool]:
+    """Stream a long request; call ``on_first_chunk``; return (saw_tokens, ended_with_error)."""
+    saw, errored = False, False
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+            body = {"prompt": "keep going", "max_tokens": 450, "ignore_eos": True, "stream": True}
+            async with s.post(url + "/v1/completions", json=body) as r:
+                async for line in r.content:
+                    if line.startswith(b"data: {\"error\""):
+                        errored = True
+                    elif line.startswith(b"data: {") and not saw:
+                        saw = True
+                        on_first_chunk()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        errored = True  # the connection went down before the stream completed
+    return saw, errored
+
+
+def assert_ranks_gone(pids: list[int], since: float, within: float) -> None:
+    while any(os.path.exists(f"/proc/{p}") for p in pids):
+        assert time.monotonic() - since < within, f"ranks {pids} still running {within} s after the stop"
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_every_rank_and_fails_in_flight_requests(tiny_store):
+    c = ServingCluster(2, tiny_store, "--groups", "0-1")
+    c.start()
+    pids = c.rank_pids()
+    assert len(pids) == 2
+    saw, errored = run(_stream_until_error(c.url, lambda: os.killpg(c.proc.pid, signal.SIGTERM)))
+    t0 = time.monotonic()
+    c.proc.wait(timeout=20)
+    assert saw and errored
+    assert_ranks_gone(pids, t0, within=10)
+
+
+def test_a_dead_rank_fails_requests_and_the_job_exits_nonzero(tiny_store):
+    c = ServingCluster(2, tiny_store, "--groups", "0-1")
+    c.start()
+    pids = c.rank_pids()
+    saw, errored = run(_stream_until_error(c.url, lambda: os.kill(pids[1], signal.SIGKILL)))
+    code = c.proc.wait(timeout=30)
+    assert saw and errored
+    assert code != 0
+    assert c.health() is None or c.health() == 503
+    assert_ranks_gone(pids, time.monotonic(), within=10)

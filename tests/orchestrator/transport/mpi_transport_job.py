@@ -1,0 +1,164 @@
+"""Two-rank job for test_transport.py: a transport moves tensors bit-exactly both ways.
+
+    mpirun -n 2 python -m tests.orchestrator.transport.mpi_transport_job [--kind nccl]
+
+The default checks MpiTransport (CPU); ``--kind nccl`` checks NcclTransport on two GPUs.
+
+Each rank regenerates the other's tensors from a seed, so the receiver checks every byte
+without a second transfer. Exits 0 when all checks pass; on any failure it prints the
+traceback and aborts the whole job (so the peer cannot hang in a receive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+
+import torch
+from mpi4py import MPI
+
+from orchestrator.transport import Handle, Transport, make_transport
+from orchestrator.transport.mpi import MpiHandle, MpiTransport
+
+SEED = 20251121
+CASES: list[tuple[torch.dtype, tuple[int, ...]]] = [
+    (torch.float32, (3, 5)),
+    (torch.float32, ()),
+    (torch.float32, (256, 1024)),  # 1 MiB
+    (torch.bfloat16, (7, 13)),
+    (torch.bfloat16, (2, 3, 64)),
+    (torch.int64, (17,)),
+    (torch.int64, (0, 4)),
+    (torch.int64, (4, 33, 3)),
+]
+
+
+def payload(sender: int, case: int) -> torch.Tensor:
+    """The tensor ``sender`` sends for ``case``: deterministic, with NaN/inf bit patterns in floats."""
+    dtype, shape = CASES[case]
+    gen = torch.Generator().manual_seed(SEED + 1000 * sender + case)
+    if dtype.is_floating_point:
+        t = torch.randn(shape, generator=gen).to(dtype)
+        flat = t.view(-1)
+        specials = [float("nan"), float("inf"), float("-inf"), -0.0]
+        flat[: min(len(specials), flat.numel())] = torch.tensor(specials[: flat.numel()], dtype=dtype)
+        return t
+    return torch.randint(-(2**62), 2**62, shape, generator=gen, dtype=dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def exchange(transport: MpiTransport, label: str) -> None:
+    """Every case both ways at once, all outstanding together, distinct tags, receives posted reversed."""
+    peer = 1 - transport.rank
+    outs = {i: torch.full(shape, 7, dtype=dtype) for i, (dtype, shape) in enumerate(CASES)}
+    recvs = {i: transport.irecv(outs[i], peer, tag=100 + i) for i in reversed(range(len(CASES)))}
+    sends = [transport.isend(payload(transport.rank, i), peer, tag=100 + i) for i in range(len(CASES))]
+    pending: list[MpiHandle] = [*recvs.values(), *sends]
+    deadline = time.monotonic() + 60
+    while pending:  # test() must make progress on its own, without wait()
+        pending = [h for h in pending if not h.test()]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{label}: {len(pending)} transfers never completed")
+    for i, out in outs.items():
+        expected = payload(peer, i)
+        if not same_bits(out, expected):
+            raise AssertionError(f"{label}: case {i} {CASES[i]} differs from what rank {peer} sent")
+        if recvs[i].tensor is not None:
+            raise AssertionError(f"{label}: a completed handle still holds its tensor")
+
+
+def exchange_fifo(transport: Transport, device: torch.device) -> None:
+    """Every case both ways, for a tagless transport: the pair posts in matching FIFO order.
+
+    Rank 0 sends everything, then receives; rank 1 receives, then sends. (If both received
+    first, each rank's in-order stream would wait for the other: a deadlock, not a bug.)
+    """
+    rank = transport.rank
+    peer = 1 - rank
+    outs = [torch.full(shape, 7, dtype=dtype, device=device) for dtype, shape in CASES]
+
+    def sends() -> list[Handle]:
+        return [transport.isend(payload(rank, i).to(device), peer, tag=100 + i) for i in range(len(CASES))]
+
+    def recvs() -> list[Handle]:
+        return [transport.irecv(out, peer, tag=100 + i) for i, out in enumerate(outs)]
+
+    handles = sends() + recvs() if rank == 0 else recvs() + sends()
+    for h in handles:
+        h.wait()
+    for i, out in enumerate(outs):
+        if not same_bits(out.cpu(), payload(peer, i)):
+            raise AssertionError(f"nccl: case {i} {CASES[i]} differs from what rank {peer} sent")
+
+
+def comm_isolation(transport: MpiTransport, comm: MPI.Comm) -> None:
+    """A tensor and a control message with the same tag do not match each other's receives."""
+    if transport.rank == 0:
+        comm.send({"kind": "control"}, dest=1, tag=5)
+        transport.send(torch.arange(4, dtype=torch.int64), dst=1, tag=5)
+    else:
+        out = transport.recv(torch.zeros(4, dtype=torch.int64), src=0, tag=5)
+        if comm.recv(source=0, tag=5) != {"kind": "control"} or out.tolist() != [0, 1, 2, 3]:
+            raise AssertionError("control and tensor messages got mixed up")
+
+
+def size_mismatch(transport: MpiTransport) -> None:
+    """A message shorter than the receive buffer is reported, not silently half-filled."""
+    if transport.rank == 0:
+        transport.send(torch.ones(10), dst=1, tag=9)
+        return
+    handle = transport.irecv(torch.zeros(16), src=0, tag=9)
+    try:
+        handle.wait()
+    except RuntimeError as e:
+        if "received 40 bytes" not in str(e) or "buffer of 64" not in str(e):
+            raise AssertionError(f"unexpected message: {e}") from e
+    else:
+        raise AssertionError("a short message went unnoticed")
+
+
+def check_mpi(comm: MPI.Comm) -> None:
+    """The CPU transport: outstanding transfers, chunking, isolation from ``comm``, size checks."""
+    transport = make_transport("mpi", comm)
+    exchange(transport, "default")
+    comm_isolation(transport, comm)
+    size_mismatch(transport)
+    transport.close()
+    # Tiny chunks: 1 MiB becomes 1024 messages, odd sizes end in a partial chunk.
+    chunked = MpiTransport(comm, max_chunk_bytes=1024)
+    exchange(chunked, "chunked")
+    chunked.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mpi_transport_job")
+    p.add_argument("--kind", choices=["mpi", "nccl"], default="mpi")
+    args = p.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != 2:
+        print("run with mpirun -n 2", file=sys.stderr)
+        return 2
+    try:
+        if args.kind == "nccl":
+            nccl = make_transport("nccl", comm)
+            exchange_fifo(nccl, nccl.device)
+            nccl.close()
+        else:
+            check_mpi(comm)
+        comm.Barrier()
+    except BaseException:
+        print(f"rank {comm.Get_rank()} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        comm.Abort(1)
+    if comm.Get_rank() == 0:
+        print(f"{args.kind} transport job: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Tensor transports: the factory, MpiTransport in one process and across two ranks, NCCL on GPUs.
+
+Single-process tests use ``MPI.COMM_SELF`` (a rank may send to itself); the two-rank
+tests launch ``mpi_transport_job.py`` under mpirun.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from orchestrator.transport import known_transports, make_transport, register_transport, resolve_kind
+from tests.mpi_util import REPO_ROOT, requires_mpirun, run_mpi_module
+
+JOB = "tests.orchestrator.transport.mpi_transport_job"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor, so NaNs and -0.0 compare exactly."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+@pytest.fixture()
+def comm_self():
+    from mpi4py import MPI
+
+    return MPI.COMM_SELF
+
+
+@pytest.fixture()
+def transport(comm_self):
+    t = make_transport("mpi", comm_self)
+    yield t
+    t.close()
+
+
+# --- the factory --------------------------------------------------------------------------
+
+def test_unknown_kind_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown transport 'gloo'; known: auto, mpi, nccl"):
+        resolve_kind("gloo")
+    assert known_transports() == ["auto", "mpi", "nccl"]
+
+
+def test_auto_picks_nccl_only_with_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_kind("auto") == "mpi"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_kind("auto") == "nccl"
+    assert resolve_kind("mpi") == "mpi"
+
+
+def test_register_refuses_taken_names():
+    for name in ("auto", "mpi", "nccl"):
+        with pytest.raises(ValueError, match="is taken"):
+            register_transport(name, lambda comm: None)
+
+
+def test_auto_without_cuda_builds_mpi(comm_self, monkeypatch):
+    from orchestrator.transport.mpi import MpiTransport
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    t = make_transport("auto", comm_self)
+    assert isinstance(t, MpiTransport) and t.name == "mpi" and (t.rank, t.size) == (0, 1)
+    t.close()
+
+
+def test_importing_the_package_starts_neither_mpi_nor_cuda():
+    code = ("import sys, orchestrator.transport, orchestrator.transport.nccl\n"
+            "assert 'mpi4py.MPI' not in sys.modules, 'MPI initialized on import'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+# --- MpiTransport in one process ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (3, 5)), (torch.bfloat16, (4, 7)),
+                                         (torch.int64, (9,)), (torch.float32, ()), (torch.bool, (0,))])
+def test_self_roundtrip_is_bit_exact(transport, dtype, shape):
+    src = (torch.randn(shape) * 100).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    recv = transport.irecv(out, src=0, tag=3)
+    send = transport.isend(src, dst=0, tag=3)
+    send.wait()
+    recv.wait()
+    assert recv.test() and send.test()
+    assert out.shape == src.shape and torch.equal(bits(out), bits(src))
+
+
+def test_chunked_roundtrip_with_tags_out_of_order(comm_self):
+    from orchestrator.transport.mpi import MpiTransport
+
+    t = MpiTransport(comm_self, max_chunk_bytes=100)
+    a, b = torch.arange(1001, dtype=torch.int64), torch.randn(77).to(torch.bfloat16)
+    out_a, out_b = torch.empty_like(a), torch.empty_like(b)
+    handles = [t.irecv(out_b, 0, tag=2), t.irecv(out_a, 0, tag=1), t.isend(a, 0, tag=1), t.isend(b, 0, tag=2)]
+    assert len(handles[1].requests) == 81  # 8008 bytes in chunks of 100
+    for h in handles:
+        h.wait()
+    assert torch.equal(out_a, a) and torch.equal(bits(out_b), bits(b))
+    assert all(h.tensor is None for h in handles)  # released on completion
+    t.close()
+
+
+def test_blocking_send_recv(transport):
+    # Small messages go out eagerly, so a blocking send to oneself returns before the receive.
+    transport.send(torch.tensor([1.5, 2.5]), dst=0, tag=0)
+    assert transport.recv(torch.zeros(2), src=0, tag=0).tolist() == [1.5, 2.5]
+
+
+def test_short_message_is_reported(transport):
+    recv = transport.irecv(torch.zeros(8), src=0, tag=4)
+    transport.isend(torch.ones(2), dst=0, tag=4).wait()
+    with pytest.raises(RuntimeError, match="received 8 bytes .* into a buffer of 32"):
+        recv.wait()
+    with pytest.raises(RuntimeError):  # and again: the failure is remembered
+        recv.test()
+
+
+def test_refuses_non_contiguous(transport):
+    t = torch.zeros(4, 6).t()
+    with pytest.raises(ValueError, match="contiguous"):
+        transport.isend(t, dst=0, tag=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        transport.irecv(t, src=0, tag=0)
+
+
+def test_refuses_tensors_off_the_cpu(transport):
+    # A meta tensor takes the same path as a CUDA one (see the gpu test below).
+    with pytest.raises(ValueError, match="CPU tensors only.*nccl"):
+        transport.isend(torch.empty(4, device="meta"), dst=0, tag=0)
+
+
+def test_refuses_bad_arguments(transport, comm_self):
+    from orchestrator.transport.mpi import MpiTransport
+
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        transport.isend([1, 2, 3], dst=0, tag=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        transport.isend(torch.eye(3).to_sparse(), dst=0, tag=0)
+    with pytest.raises(ValueError, match="rank 1 is not in this communicator of size 1"):
+        transport.isend(torch.zeros(1), dst=1, tag=0)
+    with pytest.raises(ValueError, match="tag -1"):
+        transport.irecv(torch.zeros(1), src=0, tag=-1)
+    with pytest.raises(ValueError, match="max_chunk_bytes"):
+        MpiTransport(comm_self, max_chunk_bytes=1 << 31)
+
+
+# --- across ranks ----------------------------------------------------------------------------
+
+@requires_mpirun
+def test_two_ranks_exchange_bit_exact():
+    proc = run_mpi_module(2, JOB, timeout=120)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "mpi transport job: ok" in proc.stdout
+
+
+# --- CUDA ----------------------------------------------------------------------------------
+
+def test_nccl_needs_cuda(comm_self):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    from orchestrator.transport.nccl import NcclTransport
+
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        NcclTransport(comm_self)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mpi_refuses_cuda_tensors(transport):
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        transport.isend(torch.zeros(4, device="cuda"), dst=0, tag=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL refuses two ranks on one)")
+@requires_mpirun
+def test_nccl_two_ranks_exchange_bit_exact():
+    proc = run_mpi_module(2, JOB, "--kind", "nccl", timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "nccl transport job: ok" in proc.stdout
