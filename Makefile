@@ -6,8 +6,12 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STORE ?= stores/smollm2
 PROMPT ?= What is the capital of France?
+RANKS ?= 2
+SERVE_ARGS ?= --device-memory 1GiB
+# Open MPI refuses root without this flag; more ranks than cores need --oversubscribe.
+MPIRUN := $(BIN)/mpirun $(shell [ "$$(id -u)" = 0 ] && echo --allow-run-as-root) --oversubscribe --bind-to none
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo generate test bench clean-venv
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +24,11 @@ $(BIN)/.installed: pyproject.toml Makefile
 $(STORE)/config.json: $(BIN)/.installed
 	$(BIN)/python -m build_scripts.build_engines --source smollm2 --splits 1,2,4 --out $(STORE)
 
+# The main job: the serving cluster on the demo store, in the foreground until Ctrl-C.
 demo: $(STORE)/config.json
+	$(MPIRUN) -n $(RANKS) $(BIN)/python -m orchestrator serve --engine-dir $(STORE) $(SERVE_ARGS)
+
+generate: $(STORE)/config.json
 	$(BIN)/python -m orchestrator generate --engine-dir $(STORE) --chat --prompt "$(PROMPT)" --max-tokens 48
 
 test: $(BIN)/.installed
@@ -28,6 +36,8 @@ test: $(BIN)/.installed
 
 bench: $(STORE)/config.json
 	$(BIN)/python -m perf.bench_engine --engine-dir $(STORE)
+	$(BIN)/python -m perf.bench_cluster --engine-dir $(STORE)
+	$(MPIRUN) -n 2 $(BIN)/python -m perf.bench_transport
 
 clean-venv:
 	rm -rf $(VENV)

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB,64MiB", help="comma-separated message sizes")
     p.add_argument("--iters", type=int, default=None, help="round trips per measurement (default: by size)")
-    p.add_argument("--reps", type=int, default=5, help="measurements per size and side; medians are shown")
+    p.add_argument("--reps", type=int, default=7, help="measurements per size and side; medians are shown")
     p.add_argument("--transport", choices=["mpi", "nccl"], default="mpi")
     p.add_argument("--json-out", type=Path, default=None, help="also write the results as JSON (rank 0)")
     args = p.parse_args(argv)
@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     if comm.Get_size() != 2:
         if comm.Get_rank() == 0:
             print("error: run on exactly two ranks (mpirun -n 2 ...)", file=sys.stderr)
+        return 2
+    if args.transport == "nccl" and not torch.cuda.is_available():
+        if comm.Get_rank() == 0:
+            print("error: --transport nccl needs CUDA devices", file=sys.stderr)
         return 2
     sizes = [parse_bytes(s) for s in args.sizes.split(",")]
     if any(s % 2 for s in sizes):

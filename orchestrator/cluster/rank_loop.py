@@ -3,7 +3,8 @@
 Each turn: receive control messages, stage steps and stage results; let the controller
 (rank 0) dispatch the ingress's requests; let the instance leader launch work; report.
 When a turn finds nothing to do the loop backs off with short sleeps (0.1 ms growing to
-2 ms) instead of spinning, so that idle ranks leave the cores to ranks that compute.
+0.3 ms while pipeline work is pending, 2 ms otherwise) instead of spinning, so that idle
+ranks leave the cores to ranks that compute.
 """
 
 from __future__ import annotations
@@ -148,7 +149,14 @@ class RankLoop:
                 idle = 0.0001
             else:
                 time.sleep(idle)
-                idle = min(idle * 2, 0.002)
+                idle = min(idle * 2, self._max_idle_sleep())
+
+    def _max_idle_sleep(self) -> float:
+        # A stage of a group, or a leader with micro-batches out, expects work within a step:
+        # answer it quickly. A rank with nothing pending sleeps longer and leaves the core.
+        if self.worker is not None or (self.driver is not None and self.driver.inflight):
+            return 0.0003
+        return 0.002
 
     def _periodic(self) -> None:
         now = time.monotonic()

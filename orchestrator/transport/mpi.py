@@ -16,6 +16,7 @@ anyway.
 from __future__ import annotations
 
 import logging
+
 import torch
 from mpi4py import MPI
 
@@ -79,12 +80,13 @@ class MpiHandle(Handle):
             return
         # A longer message fails inside MPI (truncation); a shorter one would silently
         # leave the tail of the buffer stale, so it is caught here.
-        for i, (status, expected) in enumerate(zip(self.statuses, self.expected_bytes)):
+        for i, status in enumerate(self.statuses):
             got = status.Get_count(MPI.BYTE)
-            if got != expected:
+            if got != self.expected_bytes[i]:
                 self.error = RuntimeError(
                     f"received {got} bytes from rank {status.Get_source()} (tag {status.Get_tag()}, "
-                    f"chunk {i}) into a buffer of {expected}: the sender's tensor has another size")
+                    f"chunk {i}) into a buffer of {self.expected_bytes[i]}: the sender's tensor has "
+                    "another size")
                 return
 
 

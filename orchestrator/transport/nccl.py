@@ -2,14 +2,15 @@
 
 The process group is initialized from the MPI communicator: rank 0 picks a free TCP port
 on its host and broadcasts ``host:port`` over MPI, then every rank joins with
-``init_method="tcp://host:port"``. No environment variables, no launcher integration.
+``init_method="tcp://host:port"``. No MASTER_ADDR/MASTER_PORT to set, no torchrun.
 
 NCCL has no tags: a transfer matches the next one posted between the same pair of ranks.
 Ordering per (sender, receiver) pair is FIFO, and callers rely on exactly that: both sides
 post their transfers for a pair in the same order. The ``tag`` argument is accepted for the
 interface and ignored. A rank's sends and receives with one peer also run in posting order
-(one NCCL stream per pair), so two ranks that both post a receive before their send wait
-for each other forever: one side of a pair must send first.
+(torch puts a pair's point-to-point work on one NCCL stream), so two ranks that both post
+a receive before their send wait for each other until the NCCL timeout: one side of a
+pair sends first.
 
 The module imports without CUDA (and without NCCL in the torch build); only constructing
 an :class:`NcclTransport` needs them.

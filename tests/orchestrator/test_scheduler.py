@@ -109,3 +109,46 @@ def test_recompute_preemption_keeps_outputs_identical(tiny_store):
         tight.step()
     assert sum(r.num_preemptions for r in reqs) > 0
     assert [r.output_token_ids for r in reqs] == expected
+
+
+def test_group_block_manager_takes_each_layer_from_its_stage_pool():
+    from engines.mapping import LayerRange
+    from orchestrator.block_manager import PoolSpec
+
+    bm = BlockManager(4, [PoolSpec(LayerRange(0, 2), 10), PoolSpec(LayerRange(2, 3), 3)])
+    r = req("a", 8)  # 2 pages per layer
+    assert bm.allocate(r, 8)
+    assert bm.usage() == [(4, 10), (2, 3)]
+    assert all(p < 10 for row in r.block_table[:2] for p in row) and all(p < 3 for p in r.block_table[2])
+    assert bm.token_capacity() == 3 * 4  # the small pool holds 3 pages of its one layer
+    assert not bm.allocate(req("b", 8), 8)  # stage 1's pool has one page left
+    bm.free(r)
+    assert bm.usage() == [(0, 10), (0, 3)]
+
+
+def test_in_flight_requests_are_neither_scheduled_nor_preempted():
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64), BlockManager.single(4, 4, 1))
+    old, new = req("old", 8, max_tokens=10), req("new", 8, max_tokens=10)
+    s.add(old)
+    s.add(new)
+    out = s.schedule()
+    s.update(out, fake_output(out))
+    out = s.schedule(busy={new.seq_id})  # new is in flight: old cannot take its pages
+    assert out.chunks == [] and out.preempted == []
+    assert new.status == RequestStatus.RUNNING
+    out = s.schedule(busy={old.seq_id})  # new cannot grow and old is in flight: new waits
+    assert out.chunks == [] and out.preempted == [] and new.status == RequestStatus.RUNNING
+    out = s.schedule()  # nothing in flight: the usual recompute preemption of the newest
+    assert out.preempted == [new] and [c.request for c in out.chunks] == [old]
+
+
+def test_max_seqs_splits_work_into_micro_batches():
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64), BlockManager.single(100, 4, 1))
+    reqs = [req(str(i), 3) for i in range(5)]
+    for r in reqs:
+        s.add(r)
+    first = s.schedule(max_seqs=3)
+    busy = {c.request.seq_id for c in first.chunks}
+    second = s.schedule(busy=busy, max_seqs=3)
+    assert [c.request.request_id for c in first.chunks] == ["0", "1", "2"]
+    assert [c.request.request_id for c in second.chunks] == ["3", "4"]

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from tests.mpi_util import requires_mpirun
-from tests.orchestrator.cluster.cluster_util import (ServingCluster, complete, reference_completions, run)
+from perf.cluster_client import (ServingCluster, complete, reference_completions, run)
 
 pytestmark = requires_mpirun
 

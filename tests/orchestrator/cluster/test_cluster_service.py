@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from tests.mpi_util import requires_mpirun
-from tests.orchestrator.cluster.cluster_util import ServingCluster, complete, run
+from perf.cluster_client import ServingCluster, complete, run
 
 pytestmark = requires_mpirun
 
@@ -148,3 +148,24 @@ def test_a_dead_rank_fails_requests_and_the_job_exits_nonzero(tiny_store):
     assert code != 0
     assert c.health() is None or c.health() == 503
     assert_ranks_gone(pids, time.monotonic(), within=10)
+
+
+def test_chat_streaming_and_metrics(cluster):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            body = {"messages": [{"role": "user", "content": "Say something"}], "max_tokens": 6,
+                    "temperature": 0, "stream": True, "ignore_eos": True}
+            chunks = []
+            async with s.post(cluster.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        chunks.append(line)
+            async with s.get(cluster.url + "/metrics") as r:
+                return chunks, await r.text()
+    chunks, metrics = run(go())
+    assert len(chunks) >= 6
+    for name in ("kunserve_time_to_first_token_seconds_bucket", "kunserve_time_per_output_token_seconds_bucket",
+                 'kunserve_kv_pages_total{rank="1"}', 'kunserve_num_requests_running{instance="0"}',
+                 "kunserve_num_requests_queued"):
+        assert name in metrics, name

@@ -1,4 +1,4 @@
-"""A serving cluster under ``mpirun`` for tests, and a small asyncio HTTP client for it."""
+"""A serving cluster under ``mpirun`` (for benchmarks and tests), and a small asyncio HTTP client."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.mpi_util import REPO_ROOT, mpirun_command
+from perf.mpi_launch import REPO_ROOT, mpirun_command
 
 
 def free_port() -> int:
