@@ -7,9 +7,11 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm with float32 statistics (one fused kernel; Llama's reference computes the same)."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
+    """RMSNorm computed in float32 and cast back, as Llama's reference does.
+
+    Plain ops rather than ``F.rms_norm``: on CPU the latter is a composite that costs
+    ~40 us a call at decode sizes (measured), against ~10 us for these.
+    """
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
