@@ -169,3 +169,21 @@ def test_chat_streaming_and_metrics(cluster):
                  'kunserve_kv_pages_total{rank="1"}', 'kunserve_num_requests_running{instance="0"}',
                  "kunserve_num_requests_queued"):
         assert name in metrics, name
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--groups", "0-5"], "outside"),
+    (["--device-memory", "1MiB"], "no room for KV"),
+    (["--policy", "magic"], "invalid choice"),
+])
+def test_bad_startup_options_stop_every_rank_with_one_message(tiny_store, args, words):
+    import subprocess
+    import sys
+
+    from perf.mpi_launch import REPO_ROOT, mpirun_command
+    cmd = mpirun_command(2) + [sys.executable, "-m", "orchestrator", "serve", "--engine-dir", str(tiny_store),
+                               "--http-port", "0", *args]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert words in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
