@@ -1,36 +1,68 @@
 """The paged KV pool: device memory holding K and V, one page per (layer, page_size tokens).
 
-Layout: ``data[num_pages, 2, page_size, num_kv_heads, head_size]``. A page is one
+Layout: ``data[max_pages, 2, page_size, num_kv_heads, head_size]``. A page is one
 contiguous slab (K rows then V rows), so moving or freeing a page is one region. Token
-slots are addressed in the flat view ``[num_pages * 2 * page_size, num_kv_heads, head_size]``:
+slots are addressed in the flat view ``[max_pages * 2 * page_size, num_kv_heads, head_size]``:
 token ``o`` of page ``p`` has its K at ``2*p*page_size + o`` and its V ``page_size`` later.
+
+The pool can grow in place. On CPU the whole range the pool may ever need
+(``max_pages``) is reserved up front as one anonymous mapping; only the first
+``num_pages`` are committed (touched, so resident). ``grow`` commits more pages at the
+tail when dropped weights free memory, and ``shrink`` hands the tail back to the OS
+(``madvise(MADV_DONTNEED)``). Attention keeps seeing one pool with stable page ids and
+nothing is copied: the CPU counterpart of reserving a CUDA virtual range and mapping
+freed weight memory onto its tail.
 """
 
 from __future__ import annotations
+
+import mmap
 
 import torch
 
 from engines.config import ModelConfig
 
+_OS_PAGE = mmap.PAGESIZE
+
 
 class KVPool:
     """Device memory for KV pages. Which page belongs to whom is tracked elsewhere."""
 
-    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype,
+                 device: torch.device | str, max_pages: int | None = None) -> None:
         if page_size <= 0 or num_pages <= 0:
             raise ValueError("page_size and num_pages must be positive")
+        max_pages = max(max_pages or num_pages, num_pages)
         self.page_size = page_size
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_size = cfg.head_size
-        # Zeroed, not empty: padded attention reads masked slots, and 0 * NaN would poison it.
-        self.data = torch.zeros(num_pages, 2, page_size, self.num_kv_heads, self.head_size,
-                                dtype=dtype, device=device)
+        shape = (max_pages, 2, page_size, self.num_kv_heads, self.head_size)
+        device = torch.device(device)
+        self._mapping: mmap.mmap | None = None
+        if device.type == "cpu" and max_pages > num_pages:
+            self._mapping = mmap.mmap(-1, max_pages * self.page_bytes_of(shape, dtype))
+            self.data = torch.frombuffer(self._mapping, dtype=dtype).view(shape)
+        else:
+            # Zeroed, not empty: padded attention reads masked slots, and 0 * NaN would poison it.
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
         self.flat = self.data.view(-1, self.num_kv_heads, self.head_size)
+        self.num_pages = 0
+        self._commit(num_pages)
+
+    @staticmethod
+    def page_bytes_of(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        n = 1
+        for d in shape[1:]:
+            n *= d
+        return n * torch.empty((), dtype=dtype).element_size()
 
     @property
-    def num_pages(self) -> int:
+    def max_pages(self) -> int:
         return self.data.shape[0]
+
+    @property
+    def page_bytes(self) -> int:
+        return self.data[0].numel() * self.data.element_size()
 
     @staticmethod
     def page_nbytes(cfg: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
@@ -38,7 +70,31 @@ class KVPool:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        """Committed bytes (what the pool holds now, not what it reserved)."""
+        return self.num_pages * self.page_bytes
+
+    def _commit(self, new_num_pages: int) -> None:
+        # Zeroing touches the pages: the memory is really taken now, not at first use.
+        self.data[self.num_pages:new_num_pages].zero_()
+        self.num_pages = new_num_pages
+
+    def grow(self, extra_pages: int) -> None:
+        """Commit ``extra_pages`` more pages at the tail of the reserved range."""
+        if extra_pages < 0 or self.num_pages + extra_pages > self.max_pages:
+            raise ValueError(f"cannot grow {self.num_pages} pages by {extra_pages}: "
+                             f"{self.max_pages} are reserved")
+        self._commit(self.num_pages + extra_pages)
+
+    def shrink(self, num_pages: int) -> None:
+        """Give the pages from ``num_pages`` on back; the caller has emptied them."""
+        if not 0 < num_pages <= self.num_pages:
+            raise ValueError(f"cannot shrink {self.num_pages} pages to {num_pages}")
+        if self._mapping is not None:
+            start = -(-num_pages * self.page_bytes // _OS_PAGE) * _OS_PAGE
+            end = self.num_pages * self.page_bytes // _OS_PAGE * _OS_PAGE
+            if end > start:
+                self._mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+        self.num_pages = num_pages
 
     def write(self, k_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K and V rows ``[n, kv_heads, head]`` at the given K slots (V is a page later)."""
@@ -54,7 +110,7 @@ class KVPool:
         return k.view(shape), v.view(shape)
 
     def read_pages(self, pages: list[int]) -> torch.Tensor:
-        """Copy whole pages out (for moving KV between ranks)."""
+        """Copy whole pages out (for moving KV between ranks): one contiguous buffer."""
         return self.data[torch.as_tensor(pages, device=self.data.device)]
 
     def write_pages(self, pages: list[int], content: torch.Tensor) -> None:

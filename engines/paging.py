@@ -36,6 +36,9 @@ class PageAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
+    def free_pages(self) -> set[int]:
+        return set(self._free)
+
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfPages(f"asked for {n} pages, {len(self._free)} free")
@@ -43,6 +46,35 @@ class PageAllocator:
 
     def free(self, pages: list[int]) -> None:
         self._free.extend(pages)
+
+    def take(self, pages: list[int]) -> None:
+        """Mark specific pages as used (they hold KV that arrived from elsewhere)."""
+        wanted = set(pages)
+        if len(wanted) != len(pages):
+            raise ValueError("a page was named twice")
+        kept = [p for p in self._free if p not in wanted]
+        if len(kept) != len(self._free) - len(wanted):
+            raise OutOfPages(f"pages {sorted(wanted - set(self._free))[:5]} are not free")
+        self._free = deque(kept)
+
+    def allocate_below(self, n: int, limit: int) -> list[int]:
+        """``n`` free pages with ids below ``limit`` (the pool's base region)."""
+        chosen = [p for p in self._free if p < limit][:n]
+        if len(chosen) < n:
+            raise OutOfPages(f"asked for {n} pages below {limit}, {len(chosen)} free there")
+        self.take(chosen)
+        return chosen
+
+    def num_free_below(self, limit: int) -> int:
+        return sum(1 for p in self._free if p < limit)
+
+    def shrink(self, new_num_pages: int) -> None:
+        """Drop page ids ``new_num_pages ..``; they must all be free."""
+        tail = [p for p in self._free if p >= new_num_pages]
+        if len(tail) != self._num_pages - new_num_pages:
+            raise OutOfPages(f"cannot shrink to {new_num_pages} pages: some above are in use")
+        self._free = deque(p for p in self._free if p < new_num_pages)
+        self._num_pages = new_num_pages
 
     def grow(self, new_num_pages: int) -> None:
         """Add page ids ``num_pages .. new_num_pages-1`` (the pool was extended)."""

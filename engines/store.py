@@ -26,7 +26,7 @@ from engines.config import ModelConfig
 from engines.errors import StoreError
 from engines.mapping import LayerRange, Mapping
 from engines.weights import (EMBEDDING, FINAL_NORM, LM_HEAD, LayerWeights, ModelWeights,
-                             layer_prefix)
+                             layer_prefix, release_freed_memory)
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class EngineStore:
         if (self.config.tie_word_embeddings and weights.embedding is not None
                 and weights.lm_head is not None):
             weights.lm_head = weights.embedding  # one copy in memory when tied
+        release_freed_memory(weights.device)  # the file's staging copies, so RSS = weights
         return weights, layers
 
     def _rank_file(self, pp_size: int, rank: int) -> Path:
@@ -126,7 +127,9 @@ class EngineStore:
         keys = set(f.keys())
         dev, dtype = weights.device, weights.dtype
         for name in keys & {EMBEDDING, FINAL_NORM, LM_HEAD}:
-            tensor = f.get_tensor(name).to(device=dev, dtype=dtype)
+            # A copy: get_tensor may return a view of the mapped file, which would keep the
+            # whole file resident for as long as the tensor lives.
+            tensor = f.get_tensor(name).to(device=dev, dtype=dtype, copy=True)
             setattr(weights, {EMBEDDING: "embedding", FINAL_NORM: "final_norm", LM_HEAD: "lm_head"}[name], tensor)
         for local, layer_id in enumerate(layers):
             prefix = layer_prefix(local)

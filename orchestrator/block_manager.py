@@ -81,6 +81,36 @@ class BlockManager:
                     req.block_table[layer].extend(pages[i * per_layer:(i + 1) * per_layer])
         return True
 
+    def pool_of_layer(self, layer: int) -> int:
+        for i, spec in enumerate(self.specs):
+            if layer in spec.layers:
+                return i
+        raise KeyError(f"layer {layer} is in no pool")
+
+    def take(self, pool: int, pages: list[int]) -> None:
+        """Mark pages of one pool as used (KV that is already there, e.g. after a drop)."""
+        self.allocators[pool].take(pages)
+
+    def allocate_in(self, pool: int, n: int, below: int | None = None) -> list[int]:
+        """``n`` pages from one pool, optionally only from ids below ``below`` (its base region)."""
+        alloc = self.allocators[pool]
+        return alloc.allocate_below(n, below) if below is not None else alloc.allocate(n)
+
+    def release(self, pool: int, pages: list[int]) -> None:
+        self.allocators[pool].free(pages)
+
+    def audit(self, requests) -> None:
+        """Check that every page is either free or owned by exactly one request's layer."""
+        for i, (alloc, spec) in enumerate(zip(self.allocators, self.specs)):
+            owned = [p for r in requests for layer in spec.layers if layer < len(r.block_table)
+                     for p in r.block_table[layer]]
+            free = alloc.free_pages()
+            if len(set(owned)) != len(owned):
+                raise RuntimeError(f"pool {i}: a KV page is owned twice")
+            if set(owned) & free or len(owned) + len(free) != alloc.num_pages:
+                raise RuntimeError(f"pool {i}: {len(owned)} owned + {len(free)} free pages "
+                                   f"!= {alloc.num_pages} (leaked or double-booked)")
+
     def free(self, req: Request) -> None:
         """Return every page of ``req`` to its pool."""
         for alloc, spec in zip(self.allocators, self.specs):

@@ -81,6 +81,26 @@ class Scheduler:
                 f"which holds {self.blocks.token_capacity()} tokens per request")
         self.waiting.append(req)
 
+    def adopt(self, req: Request) -> None:
+        """Take over a request from another instance as it is (KV pages already set)."""
+        if req.num_computed_tokens > 0:
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        else:
+            req.status = RequestStatus.WAITING if not req.num_preemptions else RequestStatus.PREEMPTED
+            self.waiting.append(req)
+
+    def release(self, req: Request) -> None:
+        """Let go of a request handed to another instance (its pages go with it)."""
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+
+    def preempt(self, req: Request) -> None:
+        """Drop a running request's KV; it is recomputed later (a fallback, e.g. for a failed move)."""
+        self._preempt(req)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

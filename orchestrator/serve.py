@@ -43,6 +43,8 @@ class ServeConfig:
     dtype: str | None = None
     model_name: str | None = None
     threads: int = 1
+    admin_token: str | None = None
+    """When set, POST /admin/* need ``Authorization: Bearer <token>``."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -72,6 +74,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype (default: store's on CPU, bf16 on CUDA)")
     p.add_argument("--model-name", default=None, help="model name in the API (default: the store's folder name)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank (default: 1)")
+    p.add_argument("--admin-token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on POST /admin/* (drop, restore, regroup)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -81,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_queued_requests=args.max_queued_requests, page_size=args.page_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         transport=args.transport, device=args.device, dtype=args.dtype, model_name=args.model_name,
-        threads=args.threads)
+        threads=args.threads, admin_token=args.admin_token)
 
 
 def rank_device(name: str, rank: int) -> torch.device:

@@ -97,9 +97,10 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
     controller = Controller(
         loop.topology, cfg.model_name or store.path.resolve().name, Tokenizer(store.tokenizer_dir),
         store.config.max_position_embeddings, cfg.max_queued_requests, make_dispatch_policy(cfg.dispatch),
-        send_to_leader=loop.to_leader, start_regroup=loop.start_regroup)
+        send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=store.splits,
+        num_layers=store.config.num_hidden_layers)
     loop.controller = controller
-    ingress = IngressServer(controller, cfg.host, cfg.http_port)
+    ingress = IngressServer(controller, cfg.host, cfg.http_port, admin_token=cfg.admin_token)
     ingress.start()
     return ingress
 

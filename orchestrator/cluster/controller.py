@@ -12,12 +12,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 from engines.tokenizer import Tokenizer
-from orchestrator.cluster.messages import (AbortRequest, AddRequest, InstanceReport, InstanceStats, RankInfo,
-                                           TokenUpdate)
+from orchestrator.cluster.messages import (AbortRequest, AddRequest, DropGroup, InstanceReport, InstanceStats,
+                                           RankInfo, RestoreGroup, TokenUpdate)
 from orchestrator.cluster.topology import Topology
 from orchestrator.dispatch import DispatchPolicy, InstanceLoad
 from orchestrator.ingress.backend import (BackendUnavailable, ClusterState, GenerateRequest, InstanceState,
@@ -39,7 +40,8 @@ class Controller:
 
     def __init__(self, topology: Topology, model_name: str, tokenizer: Tokenizer, max_model_len: int,
                  max_queued: int, policy: DispatchPolicy, send_to_leader: Callable[[int, object], None],
-                 start_regroup: Callable[[Topology], None]) -> None:
+                 start_regroup: Callable[[Topology], None], splits: list[int] | None = None,
+                 num_layers: int = 0) -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -57,6 +59,16 @@ class Controller:
         self._reason_down = "the cluster is starting"
         self._regrouping = threading.Event()
         self._regrouped = threading.Event()
+        self._splits = splits or [1]
+        self._num_layers = num_layers
+        self._epoch = 0
+        self._reshaping: dict[int, tuple[str, tuple[int, ...], int]] = {}
+        """leader rank -> (kind, ranks, epoch) of a drop or restore under way."""
+        self._restored: dict[int, set[int]] = {}
+        self._reshaped = threading.Condition()
+        self._deferred: list[GenerateRequest] = []
+        self.events: list[dict] = []
+        """Drops and restores, newest last (shown in /admin/state)."""
 
     # Ingress side (any thread) -----------------------------------------------------------
     def submit(self, req: GenerateRequest) -> asyncio.Queue:
@@ -90,14 +102,107 @@ class Controller:
         if not self._regrouped.wait(timeout=30):
             raise ValueError("regrouping did not finish within 30 s")
 
+    # Drop and restore (manual, or from the kunserve policy) -----------------------------------
+    def drop(self, ranks: list[int], wait_s: float = 60.0) -> None:
+        """Fuse the replicas on ``ranks`` (stage order) into one group; returns once it serves."""
+        ranks = tuple(int(r) for r in ranks)
+        with self._lock:
+            world = sum(len(g) for g in self.topology.instances)
+            unknown = [r for r in ranks if not 0 <= r < world]
+            if unknown or not ranks:
+                raise ValueError(f"unknown ranks {unknown or ranks}: the cluster has ranks 0-{world - 1}")
+            if len(set(ranks)) != len(ranks) or len(ranks) < 2:
+                raise ValueError(f"a group needs at least 2 distinct ranks, got {list(ranks)}")
+            if self._reshaping:
+                raise ValueError("a drop or restore is already in progress")
+            grouped = [r for r in ranks if len(self.topology.ranks_of_rank(r)) > 1]
+            if grouped:
+                raise ValueError(f"ranks {grouped} are already in a group; restore it first")
+            if len(ranks) not in self._splits or len(ranks) > self._num_layers:
+                raise ValueError(f"no {len(ranks)}-way split: the store has splits {self._splits} for a "
+                                 f"{self._num_layers}-layer model")
+            self._epoch += 1
+            for r in ranks:
+                self._reshaping[r] = ("drop", ranks, self._epoch)
+        self._inbox.put(("drop", ranks))
+        self._wait_reshaped(ranks, wait_s)
+
+    def restore(self, ranks: list[int] | None = None, wait_s: float = 60.0) -> list[tuple[int, ...]]:
+        """Split one group (``ranks``) or every group back into replicas; returns those split."""
+        with self._lock:
+            groups = [g for g in self.topology.instances if len(g) > 1]
+            if ranks is not None:
+                groups = [g for g in groups if list(g) == [int(r) for r in ranks]]
+                if not groups:
+                    raise ValueError(f"ranks {list(ranks)} do not form a group")
+            if not groups:
+                raise ValueError("nothing is dropped: every rank serves as a replica")
+            if self._reshaping:
+                raise ValueError("a drop or restore is already in progress")
+            for g in groups:
+                self._epoch += 1
+                for r in g:
+                    self._reshaping[r] = ("restore", g, self._epoch)
+                self._restored[g[0]] = set()
+        for g in groups:
+            self._inbox.put(("restore", g))
+        for g in groups:
+            self._wait_reshaped(g, wait_s)
+        return groups
+
+    def _wait_reshaped(self, ranks: tuple[int, ...], wait_s: float) -> None:
+        with self._reshaped:
+            if not self._reshaped.wait_for(lambda: not any(r in self._reshaping for r in ranks), wait_s):
+                raise ValueError(f"reshaping ranks {list(ranks)} did not finish within {wait_s:.0f} s")
+
+    def on_reshaped(self, msg) -> None:
+        """A group formed (drop) or a member is a replica again (restore)."""
+        from orchestrator.cluster.messages import GroupFormed, ReshapeEvent
+        with self._lock:
+            if isinstance(msg, ReshapeEvent):
+                self.events.append({"event": msg.kind, "ranks": list(msg.ranks), "time": time.time(),
+                                    **msg.detail})
+                return
+            if isinstance(msg, GroupFormed):
+                groups = [g for g in self.topology.instances if g[0] not in msg.ranks]
+                self.topology = Topology(tuple(sorted(groups + [msg.ranks])))
+                self._move_streams(msg.request_ids, msg.instance)
+                done = msg.ranks
+                self.events.append({"event": "drop", "ranks": list(msg.ranks), "time": time.time(),
+                                    "requests": len(msg.request_ids), "stale": msg.stale,
+                                    "in_prefill": msg.in_prefill})
+            else:
+                kind, group, _epoch = self._reshaping[msg.rank]
+                self._move_streams(msg.request_ids, msg.rank)
+                members = self._restored.setdefault(group[0], set())
+                members.add(msg.rank)
+                if members != set(group):
+                    return
+                groups = [g for g in self.topology.instances if g != group]
+                self.topology = Topology(tuple(sorted(groups + [(r,) for r in group])))
+                done = group
+                self.events.append({"event": "restore", "ranks": list(group), "time": time.time()})
+            for r in done:
+                self._reshaping.pop(r, None)
+            self._stats = {k: v for k, v in self._stats.items() if k in {g[0] for g in self.topology.instances}}
+        with self._reshaped:
+            self._reshaped.notify_all()
+        logger.info("topology is now %s", self.topology)
+
+    def _move_streams(self, request_ids: list[str], instance: int) -> None:
+        for rid in request_ids:
+            if rid in self._streams:
+                self._streams[rid].instance = instance
+
     def state(self) -> ClusterState:
         with self._lock:
             ranks = [self._rank_state(info) for _, info in sorted(self._ranks.items())]
-            instances = [InstanceState(i, list(r), self._stats[i].waiting if i in self._stats else 0,
-                                       self._stats[i].running if i in self._stats else 0)
-                         for i, r in enumerate(self.topology.instances)]
+            instances = [InstanceState(r[0], list(r), self._stats[r[0]].waiting if r[0] in self._stats else 0,
+                                       self._stats[r[0]].running if r[0] in self._stats else 0)
+                         for r in self.topology.instances]
             queued = sum(1 for s in self._streams.values() if not s.first_token)
-        return ClusterState(ranks, instances, queued)
+            events = list(self.events[-100:])
+        return ClusterState(ranks, instances, queued, events)
 
     def _rank_state(self, info: RankInfo) -> RankState:
         used = 0
@@ -126,6 +231,10 @@ class Controller:
     def poll(self) -> bool:
         """Dispatch the ingress's commands; True if there were any."""
         did = False
+        if self._deferred and not self._reshaping:
+            deferred, self._deferred = self._deferred, []
+            for req in deferred:
+                self._dispatch(req)
         while True:
             try:
                 kind, arg = self._inbox.get_nowait()
@@ -138,13 +247,22 @@ class Controller:
                 self._abort(arg)
             elif kind == "regroup":
                 self._start_regroup(arg)
+            elif kind == "drop":
+                for r in arg:
+                    self._send(r, DropGroup(arg, self._reshaping[r][2]))
+            elif kind == "restore":
+                self._send(arg[0], RestoreGroup(self._reshaping[arg[0]][2]))
 
     def _dispatch(self, req: GenerateRequest) -> None:
         with self._lock:
             stream = self._streams.get(req.request_id)
             if stream is None:
                 return  # aborted before dispatch
-            loads = [self._load(i, ranks) for i, ranks in enumerate(self.topology.instances)]
+            loads = [self._load(ranks[0], ranks) for ranks in self.topology.instances
+                     if ranks[0] not in self._reshaping]
+            if not loads:
+                self._deferred.append(req)  # every instance is reshaping: dispatch it right after
+                return
             stream.instance = self._policy.choose(loads)
         self._send(stream.instance, AddRequest(req.request_id, req.prompt_token_ids, req.sampling,
                                                self.max_model_len))

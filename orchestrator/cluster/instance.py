@@ -17,7 +17,7 @@ from engines.errors import RequestError
 from engines.mapping import LayerRange
 from engines.step import SeqChunk, StepInput, StepOutput
 from orchestrator.block_manager import BlockManager, PoolSpec
-from orchestrator.cluster.messages import (AddRequest, InstanceReport, InstanceStats,
+from orchestrator.cluster.messages import (AddRequest, ExportedRequest, InstanceReport, InstanceStats,
                                            PoolUsage, StageResult, StageStep, TokenUpdate)
 from orchestrator.cluster.rank_engine import RankEngine
 from orchestrator.request import Request
@@ -49,6 +49,10 @@ class InstanceDriver:
         self.inflight: dict[int, SchedulerOutput] = {}
         self.busy: set[int] = set()
         self.pending_aborts: set[str] = set()
+        self.held: set[int] = set()
+        """Seq ids whose KV is being moved (stale after a drop): not schedulable yet."""
+        self.paused = False
+        """No new micro-batches (a restore is draining the instance)."""
         self.updates: list[TokenUpdate] = []
         self._mb_ids = itertools.count()
 
@@ -67,7 +71,7 @@ class InstanceDriver:
         req = self.requests.get(request_id)
         if req is None:
             return
-        if req.seq_id in self.busy:
+        if req.seq_id in self.busy or req.seq_id in self.held:
             self.pending_aborts.add(request_id)  # its pages are in use until its micro-batch returns
             return
         self.scheduler.abort(req, "aborted by the client")
@@ -94,13 +98,50 @@ class InstanceDriver:
     def idle(self) -> bool:
         return not self.requests and not self.inflight
 
+    # Hand-over between instances (drop and restore) -----------------------------------------
+    def export_requests(self, home: int) -> list[ExportedRequest]:
+        """Give up every request (pages included) to another leader; nothing may be in flight."""
+        assert not self.inflight, "export with micro-batches in flight"
+        out = []
+        for req in list(self.requests.values()):
+            self.scheduler.release(req)
+            out.append(ExportedRequest(
+                req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling,
+                req.max_model_len, req.num_computed_tokens, req.block_table, home,
+                self.sent[req.request_id], req.num_preemptions, req.arrival_time))
+        self.requests.clear()
+        self.sent.clear()
+        return out
+
+    def adopt(self, er: ExportedRequest, held: bool) -> Request:
+        """Take over an exported request; its pages must already be accounted for."""
+        req = Request(er.request_id, er.prompt_token_ids, er.sampling, er.max_model_len,
+                      arrival_time=er.arrival_time, output_token_ids=list(er.output_token_ids),
+                      num_computed_tokens=er.num_computed_tokens, block_table=er.block_table,
+                      num_preemptions=er.num_preemptions)
+        self.scheduler.adopt(req)
+        self.requests[req.request_id] = req
+        self.sent[req.request_id] = er.sent
+        if held:
+            self.held.add(req.seq_id)
+        return req
+
+    def release_held(self, req: Request) -> None:
+        """A held request's KV has arrived: it may run (or be aborted, if that was asked)."""
+        self.held.discard(req.seq_id)
+        if req.request_id in self.pending_aborts:
+            self.pending_aborts.discard(req.request_id)
+            self.scheduler.abort(req, "aborted by the client")
+            self._emit(req)
+
     # Steps ---------------------------------------------------------------------------
     def step(self) -> bool:
         """Launch what can run now; True if anything was launched."""
         launched = False
-        while len(self.inflight) < len(self.ranks):
-            active = len(self.scheduler.running) + len(self.scheduler.waiting)
-            sched = self.scheduler.schedule(self.busy, max_seqs=max(1, math.ceil(active / len(self.ranks))))
+        while not self.paused and len(self.inflight) < len(self.ranks):
+            active = len(self.scheduler.running) + len(self.scheduler.waiting) - len(self.held)
+            sched = self.scheduler.schedule(self.busy | self.held,
+                                            max_seqs=max(1, math.ceil(active / len(self.ranks))))
             for req in sched.preempted:
                 if req.status.finished:
                     self._emit(req)

@@ -147,3 +147,136 @@ class Shutdown:
     """Controller -> all ranks: stop the loop."""
 
     reason: str
+
+
+# KunServe: reshaping instances (drop into a group, restore into replicas) ---------------
+
+TAG_KV = 5           # transport: KV page runs moved between ranks
+TAG_WEIGHTS = 6      # transport: weight buffers pulled back on restore
+
+
+@dataclass
+class ExportedRequest:
+    """A request handed from one leader to another, with where its KV lives."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling: SamplingParams
+    max_model_len: int
+    num_computed_tokens: int
+    block_table: list[list[int]]
+    """Per layer, pages in the pool of ``home`` (empty when nothing is computed)."""
+    home: int
+    """The rank whose pool holds the pages (for a group: see ``layer_homes``)."""
+    sent: int
+    """Output tokens already reported to the controller."""
+    num_preemptions: int = 0
+    arrival_time: float = 0.0
+
+
+@dataclass
+class KvMove:
+    """Move one request's pages of one layer from one rank's pool to another's (or within one)."""
+
+    request_id: str
+    layer: int
+    src_rank: int
+    src_pages: list[int]
+    dst_rank: int
+    dst_pages: list[int]
+
+
+@dataclass
+class DropGroup:
+    """Controller -> each member: fuse these replicas into one group (stage order)."""
+
+    ranks: tuple[int, ...]
+    epoch: int
+
+
+@dataclass
+class MemberReady:
+    """Member -> new leader: weights dropped, pool grown; here are my requests."""
+
+    rank: int
+    epoch: int
+    kv_pages: int
+    base_pages: int
+    requests: list[ExportedRequest]
+
+
+@dataclass
+class ExchangeBatch:
+    """Leader -> members: perform these moves, in this order (the same list on every member)."""
+
+    epoch: int
+    batch: int
+    moves: list[KvMove]
+
+
+@dataclass
+class ExchangeDone:
+    rank: int
+    epoch: int
+    batch: int
+    bytes_moved: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class ExchangeAbort:
+    """Leader -> members: stop the batch (timed out); its requests are recomputed instead."""
+
+    epoch: int
+    batch: int
+
+
+@dataclass
+class GroupFormed:
+    """Leader -> controller: the group serves; these requests now belong to it."""
+
+    instance: int
+    ranks: tuple[int, ...]
+    request_ids: list[str]
+    epoch: int
+    stale: int = 0
+    """Adopted requests with KV to exchange."""
+    in_prefill: int = 0
+    """Of those, requests whose prompt was not fully computed at the drop."""
+
+
+@dataclass
+class ReshapeEvent:
+    """Leader or member -> controller: a finished phase of a drop or restore, with measurements."""
+
+    kind: str
+    """``exchange`` (drop's KV moves done), ``restore_moves``, ``weights_pulled``."""
+    ranks: tuple[int, ...]
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class RestoreGroup:
+    """Controller -> group leader: split the group back into replicas."""
+
+    epoch: int
+
+
+@dataclass
+class SplitGroup:
+    """Leader -> each member: reload the dropped weights from the peers, then serve these
+    requests as a replica (their KV is in your base pool)."""
+
+    ranks: tuple[int, ...]
+    epoch: int
+    requests: list[ExportedRequest]
+
+
+@dataclass
+class Restored:
+    """Member -> controller: I am a replica again, serving these requests."""
+
+    rank: int
+    epoch: int
+    request_ids: list[str]

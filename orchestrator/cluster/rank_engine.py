@@ -18,6 +18,7 @@ from engines.kv_cache import KVPool
 from engines.mapping import LayerRange
 from engines.runner import StageRunner
 from engines.store import EngineStore
+from engines.weights import LayerWeights
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,18 @@ class MemoryPlan:
         return self.kv_pages * self.page_bytes
 
 
+@dataclass(frozen=True)
+class DropMeasure:
+    """What a drop did to memory, measured (resident sizes from the OS on CPU)."""
+
+    weights_freed: int
+    resident_fall: int
+    """Resident memory released by freeing the weights."""
+    kv_added: int
+    resident_rise: int
+    """Resident memory taken by committing the new KV pages."""
+
+
 class RankEngine:
     """The weights, KV pool and stage runners of one rank."""
 
@@ -54,7 +67,14 @@ class RankEngine:
         self.baseline_resident = resident_bytes() if device.type == "cpu" else 0
         self.weights, _ = store.load_rank(1, 0, device=device, dtype=dtype)
         self.plan = self._plan(device_memory, page_size, workspace_fraction)
-        self.kv = KVPool(self.cfg, self.plan.kv_pages, page_size, self.weights.dtype, device)
+        # Reserve room for the most KV this rank can ever get: its pool plus the weights it
+        # would free as the smallest stage of the store's largest split.
+        extra = (self.weights.resident_bytes() - self._min_kept_bytes()) // self.plan.page_bytes
+        self.kv = KVPool(self.cfg, self.plan.kv_pages, page_size, self.weights.dtype, device,
+                         max_pages=self.plan.kv_pages + extra)
+        self.held = LayerRange(0, self.cfg.num_hidden_layers)
+        """The layers whose weights are resident (all of them unless dropped)."""
+        self.last_drop: DropMeasure | None = None
         # Every role of every split the store holds, prepared up front.
         self.runners: dict[tuple[int, int], StageRunner] = {}
         for g in store.splits:
@@ -77,6 +97,64 @@ class RankEngine:
                 f"take {weight_bytes / 2**20:.0f} MiB and {workspace / 2**20:.0f} MiB is kept for "
                 f"activations; give at least {(weight_bytes + workspace) / 2**20 + 32:.0f} MiB")
         return MemoryPlan(device_memory, weight_bytes, workspace, kv_pages, page_bytes)
+
+    def stage_weight_bytes(self, layers: LayerRange) -> int:
+        """Bytes a rank keeps as the stage running ``layers``: its layers, plus the embedding
+        on the first stage and the final norm and head on the last (the tied head is the
+        embedding)."""
+        w, cfg = self.weights, self.cfg
+        first, last = layers.start == 0, layers.end == cfg.num_hidden_layers
+        per_layer = LayerWeights.buffer_numel(cfg) * w.dtype.itemsize
+        emb = cfg.vocab_size * cfg.hidden_size * w.dtype.itemsize
+        total = len(layers) * per_layer
+        if first or (last and cfg.tie_word_embeddings):
+            total += emb
+        if last:
+            total += cfg.hidden_size * w.dtype.itemsize + (0 if cfg.tie_word_embeddings else emb)
+        return total
+
+    def _min_kept_bytes(self) -> int:
+        sizes = [self.stage_weight_bytes(self.store.mapping(g).layer_range(s))
+                 for g in self.store.splits for s in range(g)]
+        return min(sizes)
+
+    def drop_to(self, layers: LayerRange) -> int:
+        """Keep only what stage ``layers`` needs; the freed bytes become KV pages at once.
+
+        Returns the number of pages the pool grew by.
+        """
+        if self.held != LayerRange(0, self.cfg.num_hidden_layers):
+            raise EngineError(f"rank already dropped to layers {self.held}")
+        w, cfg = self.weights, self.cfg
+        before = w.resident_bytes()
+        first, last = layers.start == 0, layers.end == cfg.num_hidden_layers
+        if not last:
+            w.final_norm = w.lm_head = None
+        if not first and not (last and cfg.tie_word_embeddings):
+            w.embedding = None
+            if not last:
+                w.lm_head = None
+        rss0 = resident_bytes()
+        w.drop_layers([i for i in list(w.layers) if i not in layers])  # also trims the heap
+        freed = before - w.resident_bytes()
+        rss1 = resident_bytes()
+        pages = freed // self.plan.page_bytes
+        self.kv.grow(pages)
+        self.held = layers
+        self.last_drop = DropMeasure(freed, rss0 - rss1, pages * self.plan.page_bytes, resident_bytes() - rss1)
+        logger.info("dropped to layers %s: %.1f MiB of weights freed (resident -%.1f MiB), KV pool +%d "
+                    "pages, +%.1f MiB (resident +%.1f MiB), %d pages in all", layers, freed / 2**20,
+                    self.last_drop.resident_fall / 2**20, pages, self.last_drop.kv_added / 2**20,
+                    self.last_drop.resident_rise / 2**20, self.kv.num_pages)
+        return pages
+
+    def release_extension(self) -> None:
+        """Give the KV pages gained by the drop back (they must be empty)."""
+        self.kv.shrink(self.plan.kv_pages)
+
+    def restored(self) -> None:
+        """All weights are resident again (loaded by the caller)."""
+        self.held = LayerRange(0, self.cfg.num_hidden_layers)
 
     def runner(self, layers: LayerRange) -> StageRunner:
         """The runner for a layer range of one of the store's splits."""

@@ -21,9 +21,14 @@ from engines.config import parse_dtype
 from orchestrator.block_manager import PoolSpec
 from orchestrator.cluster.controller import Controller
 from orchestrator.cluster.instance import InstanceDriver, StageWorker
+from orchestrator.cluster.kv_mover import KvMover
+from orchestrator.cluster.member import on_drop_group, on_split_group
 from orchestrator.cluster.messages import (TAG_CONTROL, TAG_HIDDEN, TAG_RESULT, TAG_STAGE, AbortRequest,
-                                           AddRequest, InstanceReport, RankFailed, RankInfo, Regroup,
-                                           RegroupDone, Shutdown, StageResult, StageStep)
+                                           AddRequest, DropGroup, ExchangeAbort, ExchangeBatch, ExchangeDone,
+                                           GroupFormed, InstanceReport, MemberReady, RankFailed, RankInfo,
+                                           Regroup, RegroupDone, ReshapeEvent, Restored, RestoreGroup, Shutdown, SplitGroup,
+                                           StageResult, StageStep)
+from orchestrator.cluster.reshape import Formation, Split
 from orchestrator.cluster.rank_engine import RankEngine
 from orchestrator.cluster.topology import Topology
 from orchestrator.scheduler import SchedulerConfig
@@ -87,6 +92,10 @@ class RankLoop:
         self.driver: InstanceDriver | None = None
         self.worker: StageWorker | None = None
         self.stop_reason: str | None = None
+        self.mover = KvMover(self.rank, engine.kv, transport)
+        self.formation: Formation | None = None
+        self.split: Split | None = None
+        self.early_ready: list[MemberReady] = []
         self._regroup_waiting: dict[int, Topology] = {}
         self._epoch = 0
         self._last_stats = 0.0
@@ -96,8 +105,8 @@ class RankLoop:
     def apply_topology(self, topology: Topology) -> None:
         """Take this rank's role in ``topology`` (instances must be idle)."""
         self.topology = topology
-        inst = topology.instance_of(self.rank)
-        ranks = topology.instances[inst]
+        ranks = topology.instances[topology.instance_of(self.rank)]
+        inst = ranks[0]  # an instance is known by its leader rank: stable across reshapes
         mapping = self.engine.store.mapping(len(ranks))
         ranges = [mapping.layer_range(s) for s in range(len(ranks))]
         stage = ranks.index(self.rank)
@@ -120,11 +129,17 @@ class RankLoop:
 
     # Delivery (local when the destination is this rank) --------------------------------------
     def to_leader(self, instance: int, msg: object) -> None:
-        leader = self.topology.leader(instance)
+        leader = instance  # instances are named by their leader rank
         if leader == self.rank:
             self._on_control(msg, self.rank)
         else:
             self.messenger.send_control(leader, msg)
+
+    def send_to_rank(self, rank: int, msg: object) -> None:
+        if rank == self.rank:
+            self._on_control(msg, self.rank)
+        else:
+            self.messenger.send_control(rank, msg)
 
     def to_controller(self, msg: object) -> None:
         if self.rank == 0:
@@ -139,6 +154,7 @@ class RankLoop:
             did = self._receive()
             if self.controller is not None:
                 did |= self.controller.poll()
+            did |= self._reshape_turn()
             if self.driver is not None:
                 did |= self.driver.step()
                 if self.driver.updates:
@@ -157,6 +173,20 @@ class RankLoop:
         if self.worker is not None or (self.driver is not None and self.driver.inflight):
             return 0.0003
         return 0.002
+
+    def _reshape_turn(self) -> bool:
+        """Advance KV moves (one layer per batch per turn) and the leader's reshape protocols."""
+        did = False
+        for epoch, batch, nbytes, seconds in self.mover.poll():
+            leader = self.role[0]
+            self.send_to_rank(leader, ExchangeDone(self.rank, epoch, batch, nbytes, seconds))
+            logger.debug("exchange batch %d: %d bytes in %.3f s", batch, nbytes, seconds)
+            did = True
+        if self.formation is not None and self.formation.poll():
+            self.formation = None
+        if self.split is not None:
+            self.split.poll()
+        return did or self.mover.busy
 
     def _periodic(self) -> None:
         now = time.monotonic()
@@ -207,8 +237,35 @@ class RankLoop:
             self.stop_reason = f"rank {msg.rank} failed: {msg.error}"
         elif isinstance(msg, Shutdown):
             self.stop_reason = msg.reason
-        else:
+        elif not self._on_reshape_message(msg):
             raise TypeError(f"unexpected control message {type(msg).__name__} from rank {src}")
+
+    def _on_reshape_message(self, msg: object) -> bool:
+        if isinstance(msg, DropGroup):
+            on_drop_group(self, msg)
+        elif isinstance(msg, MemberReady):
+            if self.formation is None:
+                self.early_ready.append(msg)  # a peer was faster than our own drop order
+            else:
+                self.formation.on_member_ready(msg)
+        elif isinstance(msg, ExchangeBatch):
+            self.mover.start(msg)
+        elif isinstance(msg, ExchangeAbort):
+            self.mover.abort(msg.epoch, msg.batch)
+        elif isinstance(msg, ExchangeDone):
+            if msg.batch == -1 and self.split is not None:
+                self.split.on_exchange_done(msg)
+            elif self.formation is not None:
+                self.formation.on_exchange_done(msg)
+        elif isinstance(msg, RestoreGroup):
+            self.split = Split(self, msg.epoch)
+        elif isinstance(msg, SplitGroup):
+            on_split_group(self, msg)
+        elif isinstance(msg, (GroupFormed, Restored, ReshapeEvent)):
+            self.controller.on_reshaped(msg)
+        else:
+            return False
+        return True
 
     # Regrouping (driven by rank 0) ------------------------------------------------------------
     def start_regroup(self, topology: Topology) -> None:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Topology:
-    """A partition of the ranks into instances; ``instances[i]`` lists instance i's ranks in
-    stage order (the first is the leader). Instance ids are indexes into ``instances``."""
+    """A partition of the ranks into instances, each listing its ranks in stage order.
+
+    An instance is named by its first rank, its leader: that name survives reshapes of
+    other instances."""
 
     instances: tuple[tuple[int, ...], ...]
 
@@ -47,11 +49,19 @@ class Topology:
                 return i
         raise KeyError(rank)
 
+    def ranks_of_rank(self, rank: int) -> tuple[int, ...]:
+        """The ranks of the instance ``rank`` belongs to."""
+        return self.instances[self.instance_of(rank)]
+
     def stage_of(self, rank: int) -> int:
         return self.instances[self.instance_of(rank)].index(rank)
 
-    def leader(self, instance: int) -> int:
-        return self.instances[instance][0]
+    def ranks_of(self, instance: int) -> tuple[int, ...]:
+        """The ranks of the instance led by rank ``instance``."""
+        for ranks in self.instances:
+            if ranks[0] == instance:
+                return ranks
+        raise KeyError(f"no instance is led by rank {instance}")
 
     def group_sizes(self) -> set[int]:
         return {len(ranks) for ranks in self.instances}

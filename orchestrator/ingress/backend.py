@@ -88,6 +88,8 @@ class ClusterState:
     instances: list[InstanceState]
     queued: int
     """Requests accepted by the controller that have no first token yet."""
+    events: list[dict] = field(default_factory=list)
+    """Recent drops, exchanges and restores with their measurements, oldest first."""
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -115,3 +117,9 @@ class IngressBackend(Protocol):
 
     def regroup(self, groups: str) -> None:
         """Change the grouping of idle ranks (``"0-1,2,3"``); raises ValueError if not possible now."""
+
+    def drop(self, ranks: list[int]) -> None:
+        """Fuse these replicas into a pipelined group (KunServe drop); ValueError if not possible."""
+
+    def restore(self, ranks: list[int] | None) -> list[tuple[int, ...]]:
+        """Split one group (or all) back into replicas; returns the groups split."""

@@ -19,12 +19,13 @@ from typing import Any
 
 from aiohttp import web
 
+from orchestrator.ingress.admin import add_admin_routes
+from orchestrator.ingress.http_util import BACKEND_KEY, read_json
 from orchestrator.ingress.backend import BackendUnavailable, IngressBackend, QueueFullError, TokenEvent
 from orchestrator.ingress.detokenizer import IncrementalDecoder
 from orchestrator.ingress.metrics import CONTENT_TYPE, IngressStats, RequestTiming, render_metrics
 from orchestrator.ingress.openai_protocol import (
     ApiError,
-    InvalidRequest,
     Kind,
     ParsedRequest,
     error_body,
@@ -40,12 +41,11 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 << 20
 """Larger request bodies are answered 413."""
 
-BACKEND_KEY = web.AppKey("backend", IngressBackend)
 STATS_KEY = web.AppKey("stats", IngressStats)
 
 
 def build_app(backend: IngressBackend, stats: IngressStats | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES) -> web.Application:
+              max_body_bytes: int = MAX_BODY_BYTES, admin_token: str | None = None) -> web.Application:
     """The aiohttp application serving ``backend``; ``stats`` is created when not given.
 
     Run it with ``handler_cancellation=True`` (as ``IngressServer`` does): a client that
@@ -60,8 +60,7 @@ def build_app(backend: IngressBackend, stats: IngressStats | None = None,
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/admin/state", _admin_state)
-    app.router.add_post("/admin/regroup", _admin_regroup)
+    add_admin_routes(app, admin_token)
     return app
 
 
@@ -87,14 +86,6 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return _error_response(request, 500, "internal server error")
 
 
-async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
-
-
 # ----------------------------------------------------------------------------- generation
 
 async def _completions(request: web.Request) -> web.StreamResponse:
@@ -108,7 +99,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, kind: Kind, request_id: str) -> web.StreamResponse:
     arrival = time.monotonic()  # before reading the body: TTFT counts from arrival
     backend = request.app[BACKEND_KEY]
-    body = await _read_json(request)
+    body = await read_json(request)
     parsed = parse_request(kind, body, backend, request_id, arrival_time=arrival)
     try:
         queue = backend.submit(parsed.request)
@@ -256,36 +247,15 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
-async def _admin_state(request: web.Request) -> web.Response:
-    try:
-        state = request.app[BACKEND_KEY].state()
-    except BackendUnavailable as exc:
-        raise ApiError(503, f"the cluster is not serving ({exc})") from None
-    return web.json_response(state.to_json())
-
-
-async def _admin_regroup(request: web.Request) -> web.Response:
-    body = await _read_json(request)
-    groups = body.get("groups") if isinstance(body, dict) else None
-    if not isinstance(groups, str) or not groups.strip():
-        raise InvalidRequest('the body must be {"groups": "<ranks, e.g. 0-1,2,3>"}')
-    try:
-        # A regroup waits for every rank to switch roles: keep the event loop serving meanwhile.
-        await asyncio.get_running_loop().run_in_executor(None, request.app[BACKEND_KEY].regroup, groups)
-    except ValueError as exc:
-        raise ApiError(409, str(exc)) from None
-    except BackendUnavailable as exc:
-        raise ApiError(503, f"the cluster is not serving ({exc})") from None
-    return web.json_response({"status": "ok", "groups": groups})
-
-
 # ----------------------------------------------------------------------------- the thread
 
 class IngressServer:
     """Serves ``build_app(backend)`` on ``host:port`` from a daemon thread with its own loop."""
 
     def __init__(self, backend: IngressBackend, host: str = "127.0.0.1", port: int = 8000,
-                 shutdown_timeout: float = 5.0) -> None:
+                 shutdown_timeout: float = 5.0,
+                 admin_token: str | None = None) -> None:
+        self.admin_token = admin_token
         self.backend = backend
         self.host = host
         self.stats = IngressStats()
@@ -353,7 +323,8 @@ class IngressServer:
         self._stop_event = asyncio.Event()
         # handler_cancellation: a client that disconnects cancels its handler, whose
         # cleanup aborts the request, so the cluster stops spending KV on it.
-        runner = web.AppRunner(build_app(self.backend, self.stats), handler_cancellation=True,
+        runner = web.AppRunner(build_app(self.backend, self.stats, admin_token=self.admin_token),
+                               handler_cancellation=True,
                                shutdown_timeout=self._shutdown_timeout)
         await runner.setup()
         try:

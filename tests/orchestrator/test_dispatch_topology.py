@@ -35,7 +35,7 @@ def test_least_loaded_counts_per_rank_then_free_memory():
 def test_topology_parsing():
     t = Topology.parse("0-1", 4)
     assert t.instances == ((0, 1), (2,), (3,))
-    assert t.leader(0) == 0 and t.stage_of(1) == 1 and t.instance_of(3) == 2
+    assert t.ranks_of(0) == (0, 1) and t.stage_of(1) == 1 and t.instance_of(3) == 2
     assert str(t) == "0-1,2,3"
     assert Topology.parse(None, 2).instances == ((0,), (1,))
     assert Topology.parse("2-3,0-1", 4).instances == ((0, 1), (2, 3))

@@ -1,0 +1,318 @@
+"""Reshaping instances, leader side: fusing replicas into a group (drop) and splitting it
+back (restore). Each is an explicit state machine driven by messages and the rank loop.
+
+Drop (``Formation``): every member exports its requests, drops the weights outside its
+stage and grows its KV pool; the new leader adopts all requests at once, so new work runs
+in pipeline mode immediately. Requests that already have KV ("stale") stay held while
+their pages of the layers their home no longer runs move to the layers' owners, in
+batches of a few requests, layer by layer; each batch's requests resume as soon as its
+moves land. A batch that times out falls back to recomputing its requests.
+
+Restore (``Split``): the leader stops launching work and drains; it places every request
+on one member, allocating its KV in that member's base pool region, and moves the pages
+there (the extension region empties); then each member gives the extension back, pulls
+the weights it dropped from the peers that kept them, and serves its requests as a replica.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+
+from engines.mapping import LayerRange
+from orchestrator.block_manager import PoolSpec
+from orchestrator.cluster.instance import InstanceDriver
+from orchestrator.cluster.messages import (ExchangeAbort, ExchangeBatch, ExchangeDone, ExportedRequest, GroupFormed,
+                                           KvMove, MemberReady, ReshapeEvent, SplitGroup)
+from orchestrator.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+EXCHANGE_BATCH_REQUESTS = 8
+"""Stale requests per exchange batch (the reference's choice): bounds the work in flight."""
+EXCHANGE_TIMEOUT_S = 30.0
+
+
+class FormationState(enum.IntEnum):
+    WAITING_MEMBERS = 0
+    EXCHANGING = 1
+    DONE = 2
+
+
+@dataclass
+class _PendingBatch:
+    batch: int
+    moves: list[KvMove]
+    requests: list[tuple[Request, int]]
+    """(request, index of its home pool)"""
+    waiting_for: set[int]
+    deadline: float
+
+
+@dataclass
+class Formation:
+    """The new leader's side of a drop."""
+
+    loop: "object"
+    ranks: tuple[int, ...]
+    ranges: list[LayerRange]
+    epoch: int
+    state: FormationState = FormationState.WAITING_MEMBERS
+    ready: dict[int, MemberReady] = field(default_factory=dict)
+    stale: list[tuple[Request, int]] = field(default_factory=list)
+    pending: dict[int, _PendingBatch] = field(default_factory=dict)
+    next_batch: int = 0
+    started: float = field(default_factory=time.monotonic)
+    bytes_moved: int = 0
+
+    def on_member_ready(self, msg: MemberReady) -> None:
+        self.ready[msg.rank] = msg
+        if len(self.ready) == len(self.ranks):
+            self._form()
+
+    def _form(self) -> None:
+        loop = self.loop
+        pools = [PoolSpec(r, self.ready[rank].kv_pages) for r, rank in zip(self.ranges, self.ranks)]
+        driver = InstanceDriver(self.ranks[0], self.ranks, self.ranges, pools, loop.engine, loop.messenger,
+                                loop.sched_config)
+        driver.base_pages = [self.ready[r].base_pages for r in self.ranks]
+        ids = []
+        for stage, rank in enumerate(self.ranks):
+            for er in self.ready[rank].requests:
+                pages = [p for row in er.block_table for p in row]
+                if pages:
+                    driver.scheduler.blocks.take(stage, pages)
+                req = driver.adopt(er, held=bool(pages))
+                if pages:
+                    self.stale.append((req, stage))
+                ids.append(er.request_id)
+        loop.driver = driver
+        in_prefill = sum(1 for req, _ in self.stale if req.num_computed_tokens < len(req.prompt_token_ids))
+        loop.to_controller(GroupFormed(self.ranks[0], self.ranks, ids, self.epoch, len(self.stale), in_prefill))
+        self.state = FormationState.EXCHANGING
+        logger.info("group %s formed: %d requests adopted, %d stale with KV to exchange",
+                    self.ranks, len(ids), len(self.stale))
+
+    def poll(self) -> bool:
+        """Launch the next batch when few are in flight; handle timeouts. True when done."""
+        if self.state != FormationState.EXCHANGING:
+            return self.state == FormationState.DONE
+        while self.stale and len(self.pending) < 2:
+            batch, self.stale = self.stale[:EXCHANGE_BATCH_REQUESTS], self.stale[EXCHANGE_BATCH_REQUESTS:]
+            self._launch(batch)
+        now = time.monotonic()
+        for b in [b for b in self.pending.values() if now > b.deadline]:
+            self._abort(b)
+        if not self.stale and not self.pending:
+            self.state = FormationState.DONE
+            seconds = time.monotonic() - self.started
+            logger.info("group %s: exchange done, %.1f MiB moved in %.3f s", self.ranks,
+                        self.bytes_moved / 2**20, seconds)
+            self.loop.to_controller(ReshapeEvent("exchange", self.ranks, {
+                "bytes": self.bytes_moved, "seconds": seconds, "batches": self.next_batch}))
+            self.loop.driver.scheduler.blocks.audit(self.loop.driver.requests.values())
+        return self.state == FormationState.DONE
+
+    def _launch(self, batch: list[tuple[Request, int]]) -> None:
+        driver = self.loop.driver
+        blocks = driver.scheduler.blocks
+        moves, kept = [], []
+        for req, home in batch:
+            try:
+                req_moves = self._plan_request(req, home, blocks)
+            except Exception as exc:  # the owners' pools are full: recompute this one instead
+                logger.warning("cannot exchange %s (%s): recomputing it", req.request_id, exc)
+                self._recompute(req, home, [])
+                continue
+            moves += req_moves
+            kept.append((req, home))
+        moves.sort(key=lambda m: m.layer)  # layer by layer, the same order on every member
+        b = _PendingBatch(self.next_batch, moves, kept, {r for m in moves for r in (m.src_rank, m.dst_rank)},
+                          time.monotonic() + EXCHANGE_TIMEOUT_S)
+        self.next_batch += 1
+        self.pending[b.batch] = b
+        if not b.waiting_for:
+            self._finish(b)
+            return
+        msg = ExchangeBatch(self.epoch, b.batch, moves)
+        for rank in sorted(b.waiting_for):
+            self.loop.send_to_rank(rank, msg)
+
+    def _plan_request(self, req: Request, home: int, blocks) -> list[KvMove]:
+        moves, allocated = [], []
+        try:
+            for layer, pages in enumerate(req.block_table):
+                owner = blocks.pool_of_layer(layer)
+                if owner == home or not pages:
+                    continue
+                dst = blocks.allocate_in(owner, len(pages))
+                allocated.append((owner, dst))
+                moves.append(KvMove(req.request_id, layer, self.ranks[home], pages, self.ranks[owner], dst))
+        except Exception:
+            for owner, dst in allocated:
+                blocks.release(owner, dst)
+            raise
+        return moves
+
+    def on_exchange_done(self, msg: ExchangeDone) -> None:
+        b = self.pending.get(msg.batch)
+        if b is None or msg.epoch != self.epoch:
+            return
+        b.waiting_for.discard(msg.rank)
+        self.bytes_moved += msg.bytes_moved if msg.rank in {m.dst_rank for m in b.moves} else 0
+        if not b.waiting_for:
+            self._finish(b)
+
+    def _finish(self, b: _PendingBatch) -> None:
+        driver = self.loop.driver
+        blocks = driver.scheduler.blocks
+        for m in b.moves:
+            req = driver.requests.get(m.request_id)
+            home = self.ranks.index(m.src_rank)
+            blocks.release(home, m.src_pages)
+            if req is not None:
+                req.block_table[m.layer] = m.dst_pages
+        for req, _home in b.requests:
+            driver.release_held(req)
+        del self.pending[b.batch]
+
+    def _abort(self, b: _PendingBatch) -> None:
+        logger.error("group %s: exchange batch %d timed out; recomputing its %d requests",
+                     self.ranks, b.batch, len(b.requests))
+        for rank in sorted(b.waiting_for):
+            self.loop.send_to_rank(rank, ExchangeAbort(self.epoch, b.batch))
+        for req, home in b.requests:
+            dst = [(self.ranks.index(m.dst_rank), m.dst_pages) for m in b.moves if m.request_id == req.request_id]
+            self._recompute(req, home, dst)
+        del self.pending[b.batch]
+
+    def _recompute(self, req: Request, home: int, extra: list[tuple[int, list[int]]]) -> None:
+        """Fallback: free the request's pages and queue it for recomputation (tokens kept)."""
+        driver = self.loop.driver
+        blocks = driver.scheduler.blocks
+        blocks.release(home, [p for row in req.block_table for p in row])
+        for pool, pages in extra:
+            blocks.release(pool, pages)
+        req.block_table = []
+        driver.scheduler.release(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        driver.scheduler.waiting.appendleft(req)
+        driver.release_held(req)
+
+
+class SplitState(enum.IntEnum):
+    DRAINING = 0
+    MOVING = 1
+    SPLITTING = 2
+
+
+@dataclass
+class Split:
+    """The leader's side of a restore."""
+
+    loop: "object"
+    epoch: int
+    state: SplitState = SplitState.DRAINING
+    assignment: dict[str, int] = field(default_factory=dict)
+    """request id -> member stage index it goes to."""
+    moves: list[KvMove] = field(default_factory=list)
+    waiting_for: set[int] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
+
+    def poll(self) -> None:
+        driver: InstanceDriver = self.loop.driver
+        if self.state == SplitState.DRAINING:
+            driver.paused = True
+            formation = self.loop.formation
+            if driver.inflight or driver.held or (formation is not None and formation.pending):
+                return
+            self._plan(driver)
+            self.state = SplitState.MOVING
+            self._send_moves()
+
+    def _plan(self, driver: InstanceDriver) -> None:
+        blocks = driver.scheduler.blocks
+        g = len(driver.ranks)
+        load = [0] * g
+        for req in sorted(driver.requests.values(), key=lambda r: r.arrival_time):
+            target = self._place(req, driver, blocks, load)
+            self.assignment[req.request_id] = target
+            load[target] += req.num_tokens
+
+    def _place(self, req: Request, driver: InstanceDriver, blocks, load: list[int]) -> int:
+        """Choose a member for ``req`` and plan its KV moves into that member's base region."""
+        g = len(driver.ranks)
+        if req.num_computed_tokens == 0:
+            return min(range(g), key=lambda m: load[m])
+        for m in sorted(range(g), key=lambda m: -blocks.allocators[m].num_free_below(driver.base_pages[m])):
+            moves = self._plan_moves(req, m, driver, blocks)
+            if moves is not None:
+                self.moves += moves
+                return m
+        logger.warning("restore: no member can hold %s's KV; it will be recomputed", req.request_id)
+        driver.scheduler.preempt(req)
+        return min(range(g), key=lambda m: load[m])
+
+    def _plan_moves(self, req: Request, m: int, driver: InstanceDriver, blocks) -> list[KvMove] | None:
+        base = driver.base_pages[m]
+        moves, allocated = [], []
+        for layer, pages in enumerate(req.block_table):
+            owner = blocks.pool_of_layer(layer)
+            if owner == m and all(p < base for p in pages):
+                continue
+            try:
+                dst = blocks.allocate_in(m, len(pages), below=base)
+            except Exception:
+                for mm, d in allocated:
+                    blocks.release(mm, d)
+                return None
+            allocated.append((m, dst))
+            moves.append(KvMove(req.request_id, layer, driver.ranks[owner], pages, driver.ranks[m], dst))
+        return moves
+
+    def _send_moves(self) -> None:
+        driver = self.loop.driver
+        self.moves.sort(key=lambda mv: mv.layer)
+        self.waiting_for = {r for mv in self.moves for r in (mv.src_rank, mv.dst_rank)}
+        if not self.waiting_for:
+            self._split()
+            return
+        msg = ExchangeBatch(self.epoch, -1, self.moves)
+        for rank in sorted(self.waiting_for):
+            self.loop.send_to_rank(rank, msg)
+        logger.info("restore of group %s: moving %d layer slices home", driver.ranks, len(self.moves))
+
+    def on_exchange_done(self, msg: ExchangeDone) -> None:
+        if msg.epoch != self.epoch or msg.batch != -1:
+            return
+        self.waiting_for.discard(msg.rank)
+        if not self.waiting_for and self.state == SplitState.MOVING:
+            self._split()
+
+    def _split(self) -> None:
+        driver: InstanceDriver = self.loop.driver
+        blocks = driver.scheduler.blocks
+        for mv in self.moves:
+            blocks.release(driver.ranks.index(mv.src_rank), mv.src_pages)
+            req = driver.requests[mv.request_id]
+            req.block_table[mv.layer] = mv.dst_pages
+        self.loop.to_controller(ReshapeEvent("restore_moves", driver.ranks, {
+            "slices": len(self.moves), "seconds": time.monotonic() - self.started}))
+        for m, alloc in enumerate(blocks.allocators):
+            used_above = alloc.num_pages - driver.base_pages[m] - (alloc.num_free - alloc.num_free_below(driver.base_pages[m]))
+            if used_above:
+                raise RuntimeError(f"restore: {used_above} pages of rank {driver.ranks[m]}'s extension still in use")
+        per_member: list[list[ExportedRequest]] = [[] for _ in driver.ranks]
+        for er in driver.export_requests(home=-1):
+            m = self.assignment[er.request_id]
+            er.home = driver.ranks[m]
+            per_member[m].append(er)
+        self.state = SplitState.SPLITTING
+        # The peers first: this rank's own split blocks in the weight exchange with them.
+        order = sorted(range(len(driver.ranks)), key=lambda m: driver.ranks[m] == self.loop.rank)
+        for m in order:
+            self.loop.send_to_rank(driver.ranks[m], SplitGroup(driver.ranks, self.epoch, per_member[m]))

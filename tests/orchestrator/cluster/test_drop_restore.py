@@ -1,0 +1,129 @@
+"""KunServe's central invariant under mpirun: greedy tokens are identical whether or not a
+drop happens mid-generation, whether or not a restore follows, across repeated cycles,
+including requests still in prefill at the drop; every KV page is accounted for after."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from perf.cluster_client import ServingCluster, complete, reference_completions, run
+from tests.mpi_util import requires_mpirun
+
+pytestmark = requires_mpirun
+
+# Long prompts with a small token budget keep some requests in prefill when the drop lands.
+PROMPTS = [f"Cycle request {i}: " + "some context words " * (2 + 3 * (i % 5)) for i in range(10)]
+MAX_TOKENS = [120 + 17 * (i % 4) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_store):
+    return reference_completions(tiny_store, PROMPTS, MAX_TOKENS)
+
+
+async def _generate(session, url):
+    bodies = [{"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+              for p, n in zip(PROMPTS, MAX_TOKENS)]
+    return await asyncio.gather(*(complete(session, url, b) for b in bodies))
+
+
+async def _post(session, url, path, body):
+    async with session.post(url + path, json=body) as r:
+        return r.status, await r.json()
+
+
+async def _cycle(url: str, group: list[int], restore: bool):
+    """Start the requests, drop while they run, optionally restore while they still run."""
+    async with aiohttp.ClientSession() as s:
+        gen = asyncio.create_task(_generate(s, url))
+        await asyncio.sleep(0.05)
+        drop = await _post(s, url, "/admin/drop", {"group": group})
+        restored = None
+        if restore:
+            await asyncio.sleep(0.1)
+            restored = await _post(s, url, "/admin/restore", {"group": group})
+        return await gen, drop, restored
+
+
+def _check(cluster, results, expected):
+    for r, want in zip(results, expected):
+        assert r.status == 200 and r.error is None, r
+        assert r.token_ids == want
+    state = cluster.wait_all_free(timeout=10)
+    assert all(r["kv_pages_used"] == 0 for r in state["ranks"]), state["ranks"]
+    return state
+
+
+@pytest.mark.parametrize("n,group", [(2, [0, 1]), (4, [0, 1, 2, 3])])
+def test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, n, group):
+    with ServingCluster(n, tiny_store, "--max-num-batched-tokens", "24") as cluster:
+        events = []
+        for cycle in range(2):
+            results, drop, restored = run(_cycle(cluster.url, group, restore=True))
+            assert drop[0] == 200, drop
+            assert restored[0] == 200 and restored[1]["restored"] == [group], restored
+            state = _check(cluster, results, expected)
+            assert all(r["role"] == "replica" for r in state["ranks"])
+            events = state["events"]
+        drops = [e for e in events if e["event"] == "drop"]
+        assert len(drops) == 2 and len([e for e in events if e["event"] == "restore"]) == 2
+        assert sum(e["stale"] for e in drops) > 0, "no request had KV at the drop: the test missed its moment"
+        # A drop that stays: the group keeps serving in pipeline mode, then a restore with nothing running.
+        results, drop, _ = run(_cycle(cluster.url, group, restore=False))
+        state = _check(cluster, results, expected)
+        assert [r["role"] for r in state["ranks"]] == ["group"] * n
+        weights = [r["weight_bytes"] for r in state["ranks"]]
+        assert max(weights) < sum(weights) / n * 1.5 and sum(weights) < n * state["ranks"][0]["kv_bytes"] * 10
+        assert run(_restore_all(cluster.url))[0] == 200
+        state = cluster.state()
+        assert all(r["role"] == "replica" for r in state["ranks"])
+
+
+async def _restore_all(url):
+    async with aiohttp.ClientSession() as s:
+        return await _post(s, url, "/admin/restore", {})
+
+
+def test_requests_in_prefill_at_the_drop_continue_identically(tiny_store, expected):
+    with ServingCluster(2, tiny_store, "--max-num-batched-tokens", "8") as cluster:
+        results, drop, _ = run(_cycle(cluster.url, [0, 1], restore=False))
+        _check(cluster, results, expected)
+        [event] = [e for e in cluster.state()["events"] if e["event"] == "drop"]
+        assert event["in_prefill"] > 0, event
+
+
+def test_memory_moves_from_weights_to_kv_and_back(tiny_store):
+    with ServingCluster(2, tiny_store) as cluster:
+        before = cluster.state()["ranks"]
+        assert run(_post_once(cluster.url, "/admin/drop", {"group": [0, 1]}))[0] == 200
+        during = cluster.state()["ranks"]
+        for b, d in zip(before, during):
+            freed = b["weight_bytes"] - d["weight_bytes"]
+            assert freed > 0
+            assert abs((d["kv_bytes"] - b["kv_bytes"]) - freed) < d["kv_bytes"] / d["kv_pages_total"]
+        assert run(_post_once(cluster.url, "/admin/restore", {}))[0] == 200
+        after = cluster.state()["ranks"]
+        assert [(r["weight_bytes"], r["kv_bytes"]) for r in after] == [(r["weight_bytes"], r["kv_bytes"]) for r in before]
+
+
+async def _post_once(url, path, body):
+    async with aiohttp.ClientSession() as s:
+        return await _post(s, url, path, body)
+
+
+@pytest.mark.parametrize("path,body,status,words", [
+    ("/admin/drop", {"group": [0, 7]}, 409, "unknown ranks"),
+    ("/admin/drop", {"group": [0]}, 409, "at least 2"),
+    ("/admin/drop", {"group": "0-1"}, 400, "group"),
+    ("/admin/restore", {}, 409, "nothing is dropped"),
+    ("/admin/restore", {"group": [0, 1]}, 409, "do not form a group"),
+])
+def test_bad_admin_requests_leave_the_state_unchanged(tiny_store, path, body, status, words):
+    with ServingCluster(2, tiny_store) as cluster:
+        before = [(r["role"], r["weight_bytes"]) for r in cluster.state()["ranks"]]
+        code, data = run(_post_once(cluster.url, path, body))
+        assert code == status and words in data["error"]["message"], data
+        assert [(r["role"], r["weight_bytes"]) for r in cluster.state()["ranks"]] == before
