@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from orchestrator.config import parse_bytes, resolve_device
+from orchestrator.kunserve.policy import POLICY_DESCRIPTIONS
 
 logger = logging.getLogger(__name__)
-
-POLICIES = {"vllm": "KV-centric baseline: admit while KV fits, FCFS queue, recompute preemption"}
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,8 @@ class ServeConfig:
     """When set, POST /admin/* need ``Authorization: Bearer <token>``."""
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown --policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.policy not in POLICY_DESCRIPTIONS:
+            raise ValueError(f"unknown --policy {self.policy!r}; known: {', '.join(POLICY_DESCRIPTIONS)}")
         if self.max_queued_requests < 1:
             raise ValueError("--max-queued-requests must be >= 1")
 
@@ -57,8 +56,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-dir", type=Path, required=True, help="engine store (build_scripts.build_engines)")
     p.add_argument("--groups", default=None,
                    help="initial pipelined groups, e.g. 0-1,2-3 (ranks not named serve as replicas)")
-    p.add_argument("--policy", default="vllm", choices=sorted(POLICIES),
-                   help="memory-overload policy: " + "; ".join(f"{k}: {v}" for k, v in POLICIES.items()))
+    p.add_argument("--policy", default="vllm", choices=sorted(POLICY_DESCRIPTIONS),
+                   help="memory-overload policy: " + "; ".join(f"{k}: {v}" for k, v in POLICY_DESCRIPTIONS.items()))
     p.add_argument("--dispatch", default="least_loaded", help="dispatch policy: least_loaded or round_robin")
     p.add_argument("--host", default="127.0.0.1", help="ingress bind address (default: loopback only)")
     p.add_argument("--http-port", type=int, default=8000, help="ingress port (default: 8000; 0 picks one)")

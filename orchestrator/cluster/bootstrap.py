@@ -14,11 +14,14 @@ from engines.config import parse_dtype
 from engines.errors import EngineError
 from engines.store import EngineStore
 from engines.tokenizer import Tokenizer
+from engines.weights import LayerWeights
 from orchestrator.cluster.controller import Controller
 from orchestrator.cluster.rank_engine import RankEngine
 from orchestrator.cluster.rank_loop import RankLoop
 from orchestrator.cluster.topology import Topology
 from orchestrator.dispatch import make_dispatch_policy
+from orchestrator.kunserve.planner import ModelMemory
+from orchestrator.kunserve.policy import make_policy
 from orchestrator.scheduler import SchedulerConfig
 from orchestrator.serve import ServeConfig, config_from_args, default_device_memory, rank_device
 from orchestrator.transport import make_transport
@@ -74,7 +77,7 @@ def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
             try:
                 ingress = _start_controller(loop, cfg, engine)
             except (OSError, ValueError, EngineError) as exc:
-                err = f"ingress: {exc}"
+                err = f"controller: {exc}"
         _agree(comm, err)
         for info in comm.allgather(loop.rank_info()):
             if loop.controller is not None:
@@ -94,11 +97,16 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
     from orchestrator.ingress.server import IngressServer
 
     store = engine.store
+    cfg_m = store.config
+    mem = ModelMemory(num_layers=cfg_m.num_hidden_layers,
+                      kv_bytes_per_token=cfg_m.kv_bytes_per_token_per_layer(engine.weights.dtype) * cfg_m.num_hidden_layers,
+                      layer_weight_bytes=LayerWeights.buffer_numel(cfg_m) * engine.weights.dtype.itemsize,
+                      kv_pool_bytes=engine.plan.kv_bytes, splits=tuple(store.splits))
     controller = Controller(
         loop.topology, cfg.model_name or store.path.resolve().name, Tokenizer(store.tokenizer_dir),
         store.config.max_position_embeddings, cfg.max_queued_requests, make_dispatch_policy(cfg.dispatch),
         send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=store.splits,
-        num_layers=store.config.num_hidden_layers)
+        num_layers=store.config.num_hidden_layers, reshape_policy=make_policy(cfg.policy, mem))
     loop.controller = controller
     ingress = IngressServer(controller, cfg.host, cfg.http_port, admin_token=cfg.admin_token)
     ingress.start()

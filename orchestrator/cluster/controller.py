@@ -21,6 +21,7 @@ from orchestrator.cluster.messages import (AbortRequest, AddRequest, DropGroup, 
                                            RankInfo, RestoreGroup, TokenUpdate)
 from orchestrator.cluster.topology import Topology
 from orchestrator.dispatch import DispatchPolicy, InstanceLoad
+from orchestrator.kunserve.policy import NeverReshape, ReshapePolicy
 from orchestrator.ingress.backend import (BackendUnavailable, ClusterState, GenerateRequest, InstanceState,
                                           QueueFullError, RankState, TokenEvent)
 
@@ -41,7 +42,7 @@ class Controller:
     def __init__(self, topology: Topology, model_name: str, tokenizer: Tokenizer, max_model_len: int,
                  max_queued: int, policy: DispatchPolicy, send_to_leader: Callable[[int, object], None],
                  start_regroup: Callable[[Topology], None], splits: list[int] | None = None,
-                 num_layers: int = 0) -> None:
+                 num_layers: int = 0, reshape_policy: ReshapePolicy | None = None) -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -69,6 +70,8 @@ class Controller:
         self._deferred: list[GenerateRequest] = []
         self.events: list[dict] = []
         """Drops and restores, newest last (shown in /admin/state)."""
+        self.reshape_policy = reshape_policy or NeverReshape()
+        self._last_decision = 0.0
 
     # Ingress side (any thread) -----------------------------------------------------------
     def submit(self, req: GenerateRequest) -> asyncio.Queue:
@@ -105,7 +108,10 @@ class Controller:
     # Drop and restore (manual, or from the kunserve policy) -----------------------------------
     def drop(self, ranks: list[int], wait_s: float = 60.0) -> None:
         """Fuse the replicas on ``ranks`` (stage order) into one group; returns once it serves."""
-        ranks = tuple(int(r) for r in ranks)
+        ranks = self._begin_drop(tuple(int(r) for r in ranks))
+        self._wait_reshaped(ranks, wait_s)
+
+    def _begin_drop(self, ranks: tuple[int, ...]) -> tuple[int, ...]:
         with self._lock:
             world = sum(len(g) for g in self.topology.instances)
             unknown = [r for r in ranks if not 0 <= r < world]
@@ -125,10 +131,16 @@ class Controller:
             for r in ranks:
                 self._reshaping[r] = ("drop", ranks, self._epoch)
         self._inbox.put(("drop", ranks))
-        self._wait_reshaped(ranks, wait_s)
+        return ranks
 
     def restore(self, ranks: list[int] | None = None, wait_s: float = 60.0) -> list[tuple[int, ...]]:
         """Split one group (``ranks``) or every group back into replicas; returns those split."""
+        groups = self._begin_restore(ranks)
+        for g in groups:
+            self._wait_reshaped(g, wait_s)
+        return groups
+
+    def _begin_restore(self, ranks: list[int] | None) -> list[tuple[int, ...]]:
         with self._lock:
             groups = [g for g in self.topology.instances if len(g) > 1]
             if ranks is not None:
@@ -146,9 +158,37 @@ class Controller:
                 self._restored[g[0]] = set()
         for g in groups:
             self._inbox.put(("restore", g))
-        for g in groups:
-            self._wait_reshaped(g, wait_s)
         return groups
+
+    def plan(self) -> dict:
+        """What the reshape policy would do now, without doing it (``GET /admin/plan``)."""
+        with self._lock:
+            topology = self.topology
+        plan = self.reshape_policy.plan(topology)
+        body = {"policy": self.reshape_policy.name, "topology": str(topology)}
+        return {**body, **(plan.to_json() if plan is not None else {"groups": [], "reason": "this policy never drops"})}
+
+    def _decide(self) -> None:
+        """Let the reshape policy see the load; start what it decides (main loop, not blocking)."""
+        now = time.monotonic()
+        if now - self._last_decision < 0.1:
+            return
+        self._last_decision = now
+        with self._lock:
+            stats, topology, busy = dict(self._stats), self.topology, bool(self._reshaping)
+        self.reshape_policy.observe(stats, now)
+        if busy or not self._ready:
+            return
+        for action in self.reshape_policy.decide(topology, now):
+            try:
+                if action.kind == "drop":
+                    self._begin_drop(action.ranks)
+                else:
+                    self._begin_restore(list(action.ranks))
+                logger.info("policy %s: %s %s", self.reshape_policy.name, action.kind, list(action.ranks))
+            except ValueError as exc:
+                logger.warning("policy %s could not %s %s: %s", self.reshape_policy.name, action.kind,
+                               list(action.ranks), exc)
 
     def _wait_reshaped(self, ranks: tuple[int, ...], wait_s: float) -> None:
         with self._reshaped:
@@ -184,6 +224,7 @@ class Controller:
                 self.events.append({"event": "restore", "ranks": list(group), "time": time.time()})
             for r in done:
                 self._reshaping.pop(r, None)
+                self.reshape_policy.forget(r)
             self._stats = {k: v for k, v in self._stats.items() if k in {g[0] for g in self.topology.instances}}
         with self._reshaped:
             self._reshaped.notify_all()
@@ -231,6 +272,7 @@ class Controller:
     def poll(self) -> bool:
         """Dispatch the ingress's commands; True if there were any."""
         did = False
+        self._decide()
         if self._deferred and not self._reshaping:
             deferred, self._deferred = self._deferred, []
             for req in deferred:

@@ -88,9 +88,17 @@ class InstanceDriver:
 
     def report(self) -> InstanceReport:
         """Token updates since the last report, and the instance's load."""
-        usage = self.scheduler.blocks.usage()
+        blocks, sched = self.scheduler.blocks, self.scheduler
+        usage = blocks.usage()
         pools = [PoolUsage(r, used, total) for r, (used, total) in zip(self.ranks, usage)]
-        stats = InstanceStats(self.instance, len(self.scheduler.waiting), len(self.scheduler.running), pools)
+        # Token figures for the load monitor: a stage's pool holds only its layers' pages.
+        per_token = [(len(spec.layers), blocks.page_size) for spec in blocks.specs]
+        free = min((total - used) // n * ps for (used, total), (n, ps) in zip(usage, per_token))
+        capacity = blocks.token_capacity()
+        queued = sum(r.num_tokens for r in sched.waiting)
+        demand = sum(r.num_tokens + 1 for r in sched.running) + queued
+        stats = InstanceStats(self.instance, len(sched.waiting), len(sched.running), pools, capacity, demand,
+                              capacity - free, queued, free)
         updates, self.updates = self.updates, []
         return InstanceReport(stats, updates)
 

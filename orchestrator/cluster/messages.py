@@ -62,6 +62,14 @@ class InstanceStats:
     waiting: int
     running: int
     pools: list[PoolUsage]
+    capacity_tokens: int = 0
+    """Tokens its KV pools hold (a group's: what every stage can hold)."""
+    demand_tokens: int = 0
+    """Tokens its running and waiting requests hold or need now."""
+    used_tokens: int = 0
+    queued_tokens: int = 0
+    """Tokens of the requests waiting for admission."""
+    free_tokens: int = 0
 
     @property
     def free_fraction(self) -> float:

@@ -1,4 +1,5 @@
-"""Operator endpoints: ``/admin/state``, ``/admin/regroup``, ``/admin/drop``, ``/admin/restore``.
+"""Operator endpoints: ``/admin/state``, ``/admin/plan``, ``/admin/regroup``, ``/admin/drop``,
+``/admin/restore``.
 
 The POST endpoints change the cluster; with ``--admin-token`` set they need the header
 ``Authorization: Bearer TOKEN``. Operations that wait for every rank run in a worker
@@ -23,6 +24,7 @@ TOKEN_KEY = web.AppKey("admin_token", str)
 def add_admin_routes(app: web.Application, admin_token: str | None) -> None:
     app[TOKEN_KEY] = admin_token or ""
     app.router.add_get("/admin/state", _state)
+    app.router.add_get("/admin/plan", _plan)
     app.router.add_post("/admin/regroup", _regroup)
     app.router.add_post("/admin/drop", _drop)
     app.router.add_post("/admin/restore", _restore)
@@ -52,6 +54,11 @@ async def _state(request: web.Request) -> web.Response:
     except BackendUnavailable as exc:
         raise ApiError(503, f"the cluster is not serving ({exc})") from None
     return web.json_response(state.to_json())
+
+
+async def _plan(request: web.Request) -> web.Response:
+    """What the reshape policy would do now, without doing it."""
+    return web.json_response(await _run(request, request.app[BACKEND_KEY].plan))
 
 
 async def _regroup(request: web.Request) -> web.Response:

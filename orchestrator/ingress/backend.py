@@ -123,3 +123,6 @@ class IngressBackend(Protocol):
 
     def restore(self, ranks: list[int] | None) -> list[tuple[int, ...]]:
         """Split one group (or all) back into replicas; returns the groups split."""
+
+    def plan(self) -> dict[str, Any]:
+        """What the reshape policy would do now, without doing it."""

@@ -1,0 +1,119 @@
+"""Reshape policies: when to fuse replicas into groups and when to split them again.
+
+A policy reads the leaders' load reports and returns actions; the controller carries
+them out with the same drop and restore mechanism the admin endpoints use. ``vllm``
+never reshapes (the KV-centric baseline); ``kunserve`` drops when instances vote
+overload (the load monitor) along the drop planner's plan, and restores a group when its
+demand has been low and not rising for a while (hysteresis).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from orchestrator.cluster.messages import InstanceStats
+from orchestrator.cluster.topology import Topology
+from orchestrator.kunserve.load_monitor import LoadMonitor, LoadSample, MonitorConfig
+from orchestrator.kunserve.planner import DropPlan, InstanceSnapshot, ModelMemory, allowed_group_sizes, plan_drop
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    """``drop`` or ``restore``."""
+    ranks: tuple[int, ...]
+
+
+class ReshapePolicy(ABC):
+    """Decides drops and restores from load; knows nothing of how they are done."""
+
+    name: str
+    description: str
+
+    def observe(self, stats: dict[int, InstanceStats], now: float) -> None:
+        """Record the latest load of every instance."""
+
+    @abstractmethod
+    def decide(self, topology: Topology, now: float) -> list[Action]:
+        """Actions to start now (the controller calls this only when nothing is reshaping)."""
+
+    def plan(self, topology: Topology) -> DropPlan | None:
+        """What a drop would do now (for ``GET /admin/plan``), or None if the policy never drops."""
+        return None
+
+    def forget(self, instance: int) -> None:
+        """An instance went away (fused into a group, or a group split)."""
+
+
+class NeverReshape(ReshapePolicy):
+    name = "vllm"
+    description = "KV-centric baseline: admit while KV fits, FCFS queue, recompute preemption; never reshapes"
+
+    def decide(self, topology: Topology, now: float) -> list[Action]:
+        return []
+
+
+class KunServePolicy(ReshapePolicy):
+    name = "kunserve"
+    description = ("parameter-centric: on KV overload fuse replicas into pipelined groups that drop "
+                   "weights for KV; restore when the burst has passed")
+
+    def __init__(self, mem: ModelMemory, monitor: MonitorConfig | None = None,
+                 min_group_age_s: float = 2.0) -> None:
+        self.mem = mem
+        self.monitor = LoadMonitor(monitor)
+        self.min_group_age_s = min_group_age_s
+        self._born: dict[int, float] = {}
+
+    def observe(self, stats: dict[int, InstanceStats], now: float) -> None:
+        for inst, s in stats.items():
+            if s.capacity_tokens <= 0:
+                continue
+            self.monitor.add(LoadSample(inst, now, s.capacity_tokens, s.demand_tokens, s.used_tokens,
+                                        s.queued_tokens, s.free_tokens, s.waiting))
+
+    def _snapshot(self, topology: Topology) -> list[InstanceSnapshot]:
+        latest = self.monitor.snapshot()
+        out = []
+        for ranks in topology.instances:
+            s = latest.get(ranks[0])
+            if s is not None:
+                out.append(InstanceSnapshot(ranks[0], ranks, s.capacity_tokens, s.demand_tokens, s.queued_tokens,
+                                            min(s.free_tokens, s.capacity_tokens),
+                                            self.monitor.votes_overload(ranks[0])))
+        return out
+
+    def plan(self, topology: Topology) -> DropPlan:
+        return plan_drop(self._snapshot(topology), self.mem)
+
+    def decide(self, topology: Topology, now: float) -> list[Action]:
+        plan = self.plan(topology)
+        if not plan.empty:
+            for group in plan.groups:
+                self._born[group[0]] = now
+            return [Action("drop", tuple(group)) for group in plan.groups]
+        actions = []
+        for ranks in topology.instances:
+            young = now - self._born.get(ranks[0], 0.0) < self.min_group_age_s
+            if len(ranks) > 1 and not young and self.monitor.wants_restore(ranks[0]):
+                actions.append(Action("restore", ranks))
+        return actions
+
+    def forget(self, instance: int) -> None:
+        self.monitor.forget(instance)
+
+
+def make_policy(name: str, mem: ModelMemory | None) -> ReshapePolicy:
+    if name == "vllm":
+        return NeverReshape()
+    if name == "kunserve":
+        if mem is None:
+            raise ValueError("the kunserve policy needs the model's memory figures")
+        allowed_group_sizes(mem)  # a store without a pipeline split cannot drop: say so at start
+        return KunServePolicy(mem)
+    raise ValueError(f"unknown policy {name!r}; known: kunserve, vllm")
+
+
+POLICY_DESCRIPTIONS = {NeverReshape.name: NeverReshape.description, KunServePolicy.name: KunServePolicy.description}
+
