@@ -39,6 +39,9 @@ class SchedulerConfig:
 class ScheduledChunk:
     request: Request
     num_tokens: int
+    start: int | None = None
+    """First position of the chunk; None means the request's computed tokens. A pipeline
+    leader sets it when one request has chunks in several micro-batches in flight."""
 
 
 @dataclass
@@ -53,7 +56,8 @@ class SchedulerOutput:
         out = []
         for c in self.chunks:
             r = c.request
-            start, end = r.num_computed_tokens, r.num_computed_tokens + c.num_tokens
+            start = r.num_computed_tokens if c.start is None else c.start
+            end = start + c.num_tokens
             out.append(SeqChunk(
                 seq_id=r.seq_id, num_computed=start, num_tokens=c.num_tokens,
                 block_table=r.block_table, token_ids=r.all_token_ids[start:end],
@@ -105,15 +109,16 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, busy: set[int] | frozenset[int] = frozenset(),
-                 max_seqs: int | None = None) -> SchedulerOutput:
+                 max_seqs: int | None = None, token_budget: int | None = None) -> SchedulerOutput:
         """Pick this step's chunks.
 
         ``busy`` holds the seq ids of requests in a micro-batch still in flight: they are
         neither scheduled nor preempted. ``max_seqs`` caps the requests in this step (a
-        pipeline leader splits the work into several micro-batches).
+        pipeline leader splits the work into several micro-batches); ``token_budget``
+        replaces the configured one (a leader forming several micro-batches at once).
         """
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
+        budget = token_budget or self.config.max_num_batched_tokens
         limit = max_seqs or self.config.max_num_seqs
         for req in list(self.running):
             if budget == 0 or len(out.chunks) >= limit:

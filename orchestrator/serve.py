@@ -44,6 +44,9 @@ class ServeConfig:
     threads: int = 1
     admin_token: str | None = None
     """When set, POST /admin/* need ``Authorization: Bearer <token>``."""
+    cost_model: Path | None = None
+    """Fitted step-cost model (``python -m perf.profile_cost``): groups then form their
+    micro-batches jointly (lookahead), balanced by estimated time."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_DESCRIPTIONS:
@@ -73,6 +76,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype (default: store's on CPU, bf16 on CUDA)")
     p.add_argument("--model-name", default=None, help="model name in the API (default: the store's folder name)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank (default: 1)")
+    p.add_argument("--cost-model", type=Path, default=None,
+                   help="cost model from python -m perf.profile_cost; enables lookahead micro-batches in groups")
     p.add_argument("--admin-token", default=None,
                    help="require 'Authorization: Bearer TOKEN' on POST /admin/* (drop, restore, regroup)")
 
@@ -84,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_queued_requests=args.max_queued_requests, page_size=args.page_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         transport=args.transport, device=args.device, dtype=args.dtype, model_name=args.model_name,
-        threads=args.threads, admin_token=args.admin_token)
+        threads=args.threads, admin_token=args.admin_token, cost_model=args.cost_model)
 
 
 def rank_device(name: str, rank: int) -> torch.device:

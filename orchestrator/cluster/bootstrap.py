@@ -20,6 +20,7 @@ from orchestrator.cluster.rank_engine import RankEngine
 from orchestrator.cluster.rank_loop import RankLoop
 from orchestrator.cluster.topology import Topology
 from orchestrator.dispatch import make_dispatch_policy
+from orchestrator.kunserve.cost_model import CostModel
 from orchestrator.kunserve.planner import ModelMemory
 from orchestrator.kunserve.policy import make_policy
 from orchestrator.scheduler import SchedulerConfig
@@ -42,7 +43,7 @@ def _agree(comm: MPI.Comm, error: str | None) -> None:
         raise StartupError(err if rank == 0 or err.startswith("rank") else f"rank {rank}: {err}")
 
 
-def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology]:
+def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology, CostModel | None]:
     store = EngineStore(cfg.engine_dir)
     world = comm.Get_size()
     topology = Topology.parse(cfg.groups, world)
@@ -51,27 +52,28 @@ def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology]:
     device = rank_device(cfg.device, comm.Get_rank())
     memory = cfg.device_memory or default_device_memory(device)
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else (None if device.type == "cpu" else torch.bfloat16)
+    cost = CostModel.load(cfg.cost_model) if cfg.cost_model else None
     engine = RankEngine(store, device, dtype, memory, cfg.page_size)
-    return engine, topology
+    return engine, topology, cost
 
 
 def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
     rank = comm.Get_rank()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    engine = topology = loop = ingress = None
+    engine = topology = loop = ingress = cost = None
     try:
         err = None
         try:
             cfg = config_from_args(args)
-            engine, topology = _build(comm, cfg)
+            engine, topology, cost = _build(comm, cfg)
         except (EngineError, ValueError, OSError) as exc:
             err = str(exc)
         _agree(comm, err)
         kv_pages = comm.allgather(engine.plan.kv_pages)
         sched = SchedulerConfig(cfg.max_num_batched_tokens, cfg.max_num_seqs)
         loop = RankLoop(comm, engine, topology, kv_pages, sched, make_transport(cfg.transport, comm),
-                        engine.plan.device_memory)
+                        engine.plan.device_memory, cost)
         err = None
         if rank == 0:
             try:

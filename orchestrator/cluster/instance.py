@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections import Counter
 from dataclasses import replace
 
 from engines.errors import RequestError
@@ -21,7 +22,9 @@ from orchestrator.cluster.messages import (AddRequest, ExportedRequest, Instance
                                            PoolUsage, StageResult, StageStep, TokenUpdate)
 from orchestrator.cluster.rank_engine import RankEngine
 from orchestrator.request import Request
-from orchestrator.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from orchestrator.kunserve.cost_model import CostModel
+from orchestrator.kunserve.lookahead import WorkItem, form_microbatches
+from orchestrator.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +39,12 @@ class InstanceDriver:
     """Scheduler and micro-batch pipeline of one instance, run by its leader rank."""
 
     def __init__(self, instance: int, ranks: tuple[int, ...], ranges: list[LayerRange], pools: list[PoolSpec],
-                 engine: RankEngine, sender, sched_config: SchedulerConfig) -> None:
+                 engine: RankEngine, sender, sched_config: SchedulerConfig,
+                 cost_model: CostModel | None = None) -> None:
         self.instance = instance
+        self.cost_model = cost_model
+        """When set (and the instance is a group), micro-batches are formed jointly by lookahead."""
+        self.token_budget = sched_config.max_num_batched_tokens
         self.ranks = ranks
         self.ranges = ranges
         self.sender = sender
@@ -47,7 +54,8 @@ class InstanceDriver:
         self.requests: dict[str, Request] = {}
         self.sent: dict[str, int] = {}
         self.inflight: dict[int, SchedulerOutput] = {}
-        self.busy: set[int] = set()
+        self.busy: Counter[int] = Counter()
+        """Seq id -> micro-batches in flight that hold it (a split prefill can be in several)."""
         self.pending_aborts: set[str] = set()
         self.held: set[int] = set()
         """Seq ids whose KV is being moved (stale after a drop): not schedulable yet."""
@@ -145,10 +153,12 @@ class InstanceDriver:
     # Steps ---------------------------------------------------------------------------
     def step(self) -> bool:
         """Launch what can run now; True if anything was launched."""
+        if self.cost_model is not None and len(self.ranks) > 1:
+            return self._step_lookahead()
         launched = False
         while not self.paused and len(self.inflight) < len(self.ranks):
             active = len(self.scheduler.running) + len(self.scheduler.waiting) - len(self.held)
-            sched = self.scheduler.schedule(self.busy | self.held,
+            sched = self.scheduler.schedule(set(self.busy) | self.held,
                                             max_seqs=max(1, math.ceil(active / len(self.ranks))))
             for req in sched.preempted:
                 if req.status.finished:
@@ -162,6 +172,37 @@ class InstanceDriver:
             self._launch(sched)
         return launched
 
+    def _step_lookahead(self) -> bool:
+        """Form the free pipeline slots' micro-batches jointly, balanced by the cost model.
+
+        The scheduler picks and allocates the work of all free slots at once (one token
+        budget per slot); ``form_microbatches`` splits it into micro-batches of near-equal
+        estimated time, splitting long prefills across them at cost-optimal points.
+        """
+        slots = len(self.ranks) - len(self.inflight)
+        if self.paused or slots == 0:
+            return False
+        sched = self.scheduler.schedule(set(self.busy) | self.held, token_budget=slots * self.token_budget)
+        for req in sched.preempted:
+            if req.status.finished:
+                self._emit(req)
+        if not sched.chunks:
+            return False
+        by_seq = {c.request.seq_id: c for c in sched.chunks}
+        items = [WorkItem(c.request.seq_id, c.request.num_computed_tokens, c.num_tokens,
+                          c.request.num_computed_tokens >= len(c.request.prompt_token_ids))
+                 for c in sched.chunks]
+        stage_layers = max(len(r) for r in self.ranges)
+        offset = {seq: by_seq[seq].request.num_computed_tokens for seq in by_seq}
+        for planned in form_microbatches(items, slots, self.cost_model, self.token_budget, stage_layers):
+            mb = SchedulerOutput()
+            for p in planned:
+                mb.chunks.append(ScheduledChunk(by_seq[p.seq_id].request, p.num_tokens, offset[p.seq_id]))
+                offset[p.seq_id] += p.num_tokens
+            self._launch(mb)
+        # Tokens the plan left for later keep their pages; they are scheduled again next round.
+        return True
+
     def _launch(self, sched: SchedulerOutput) -> None:
         mb = next(self._mb_ids)
         step = sched.to_step()
@@ -172,11 +213,12 @@ class InstanceDriver:
                         out.hidden.shape[0], out.hidden.shape[1], str(out.hidden.dtype).removeprefix("torch."))
         self.sender.send_stage(self.ranks[1], nxt, out.hidden)
         self.inflight[mb] = sched
-        self.busy.update(c.request.seq_id for c in sched.chunks)
+        self.busy.update(c.request.seq_id for c in sched.chunks)  # Counter: one count per micro-batch
 
     def on_result(self, msg: StageResult) -> None:
         sched = self.inflight.pop(msg.microbatch)
-        self.busy.difference_update(c.request.seq_id for c in sched.chunks)
+        self.busy.subtract(c.request.seq_id for c in sched.chunks)
+        self.busy = +self.busy  # drop the zero counts
         if msg.error:
             raise RuntimeError(f"instance {self.instance}: a later stage failed: {msg.error}")
         self._finish_step(sched, StepOutput(sampled_seq_ids=msg.seq_ids, tokens=msg.tokens))

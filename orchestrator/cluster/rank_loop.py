@@ -31,6 +31,7 @@ from orchestrator.cluster.messages import (TAG_CONTROL, TAG_HIDDEN, TAG_RESULT, 
 from orchestrator.cluster.reshape import Formation, Split
 from orchestrator.cluster.rank_engine import RankEngine
 from orchestrator.cluster.topology import Topology
+from orchestrator.kunserve.cost_model import CostModel
 from orchestrator.scheduler import SchedulerConfig
 from orchestrator.transport import Transport
 
@@ -78,7 +79,8 @@ class RankLoop:
     """One rank: its role in the current topology, and rank 0's controller."""
 
     def __init__(self, comm: MPI.Comm, engine: RankEngine, topology: Topology, kv_pages: list[int],
-                 sched_config: SchedulerConfig, transport: Transport, device_memory: int) -> None:
+                 sched_config: SchedulerConfig, transport: Transport, device_memory: int,
+                 cost_model: CostModel | None = None) -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.world = comm.Get_size()
@@ -86,6 +88,7 @@ class RankLoop:
         self.kv_pages = kv_pages
         self.sched_config = sched_config
         self.device_memory = device_memory
+        self.cost_model = cost_model
         self.messenger = Messenger(comm, transport)
         self.transport = transport
         self.controller: Controller | None = None
@@ -114,7 +117,8 @@ class RankLoop:
         self.driver, self.worker = None, None
         if stage == 0:
             pools = [PoolSpec(r, self.kv_pages[rank]) for r, rank in zip(ranges, ranks)]
-            self.driver = InstanceDriver(inst, ranks, ranges, pools, self.engine, self.messenger, self.sched_config)
+            self.driver = InstanceDriver(inst, ranks, ranges, pools, self.engine, self.messenger, self.sched_config,
+                                         self.cost_model)
         else:
             self.worker = StageWorker(inst, ranks, stage, ranges, self.engine, self.messenger)
         logger.info("rank %d: instance %d, stage %d of %d, layers %s", self.rank, inst, stage, len(ranks),

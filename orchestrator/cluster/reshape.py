@@ -76,7 +76,7 @@ class Formation:
         loop = self.loop
         pools = [PoolSpec(r, self.ready[rank].kv_pages) for r, rank in zip(self.ranges, self.ranks)]
         driver = InstanceDriver(self.ranks[0], self.ranks, self.ranges, pools, loop.engine, loop.messenger,
-                                loop.sched_config)
+                                loop.sched_config, loop.cost_model)
         driver.base_pages = [self.ready[r].base_pages for r in self.ranks]
         ids = []
         for stage, rank in enumerate(self.ranks):

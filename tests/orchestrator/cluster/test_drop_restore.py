@@ -24,6 +24,20 @@ def expected(tiny_store):
     return reference_completions(tiny_store, PROMPTS, MAX_TOKENS)
 
 
+@pytest.fixture(scope="module")
+def cost_model(tiny_store, tmp_path_factory):
+    """A cost model fitted on this host (quick profile of the tiny model)."""
+    import subprocess
+    import sys
+
+    from perf.mpi_launch import REPO_ROOT
+    out = tmp_path_factory.mktemp("cost") / "cost_model.json"
+    res = subprocess.run([sys.executable, "-m", "perf.profile_cost", "--engine-dir", str(tiny_store), "--quick",
+                          "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
 async def _generate(session, url):
     bodies = [{"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
               for p, n in zip(PROMPTS, MAX_TOKENS)]
@@ -57,9 +71,11 @@ def _check(cluster, results, expected):
     return state
 
 
-@pytest.mark.parametrize("n,group", [(2, [0, 1]), (4, [0, 1, 2, 3])])
-def test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, n, group):
-    with ServingCluster(n, tiny_store, "--max-num-batched-tokens", "24") as cluster:
+@pytest.mark.parametrize("n,group,lookahead", [(2, [0, 1], False), (4, [0, 1, 2, 3], False),
+                                               (2, [0, 1], True)])
+def test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, cost_model, n, group, lookahead):
+    extra = ["--cost-model", str(cost_model)] if lookahead else []
+    with ServingCluster(n, tiny_store, "--max-num-batched-tokens", "24", *extra) as cluster:
         events = []
         for cycle in range(2):
             results, drop, restored = run(_cycle(cluster.url, group, restore=True))
