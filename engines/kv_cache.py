@@ -32,12 +32,14 @@ class KVPool:
                  device: torch.device | str, max_pages: int | None = None) -> None:
         if page_size <= 0 or num_pages <= 0:
             raise ValueError("page_size and num_pages must be positive")
-        max_pages = max(max_pages or num_pages, num_pages)
+        device = torch.device(device)
+        # Only the CPU reserves beyond its pages: a CUDA pool would need the driver's
+        # virtual-memory API to reserve without allocating, which is not built yet.
+        max_pages = max(max_pages or num_pages, num_pages) if device.type == "cpu" else num_pages
         self.page_size = page_size
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_size = cfg.head_size
         shape = (max_pages, 2, page_size, self.num_kv_heads, self.head_size)
-        device = torch.device(device)
         self._mapping: mmap.mmap | None = None
         if device.type == "cpu" and max_pages > num_pages:
             self._mapping = mmap.mmap(-1, max_pages * self.page_bytes_of(shape, dtype))
@@ -80,6 +82,10 @@ class KVPool:
 
     def grow(self, extra_pages: int) -> None:
         """Commit ``extra_pages`` more pages at the tail of the reserved range."""
+        if self.data.device.type != "cpu" and extra_pages:
+            raise NotImplementedError(
+                "growing a CUDA KV pool in place needs the CUDA virtual-memory path "
+                "(cuMemAddressReserve/cuMemMap), which is not built yet")
         if extra_pages < 0 or self.num_pages + extra_pages > self.max_pages:
             raise ValueError(f"cannot grow {self.num_pages} pages by {extra_pages}: "
                              f"{self.max_pages} are reserved")
@@ -108,11 +114,3 @@ class KVPool:
         v = self.flat.index_select(0, flat_idx + self.page_size)
         shape = (*k_slots.shape, self.num_kv_heads, self.head_size)
         return k.view(shape), v.view(shape)
-
-    def read_pages(self, pages: list[int]) -> torch.Tensor:
-        """Copy whole pages out (for moving KV between ranks): one contiguous buffer."""
-        return self.data[torch.as_tensor(pages, device=self.data.device)]
-
-    def write_pages(self, pages: list[int], content: torch.Tensor) -> None:
-        """Overwrite whole pages with content read by ``read_pages``."""
-        self.data[torch.as_tensor(pages, device=self.data.device)] = content

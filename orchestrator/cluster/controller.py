@@ -70,6 +70,7 @@ class Controller:
         self._deferred: list[GenerateRequest] = []
         self.events: list[dict] = []
         """Drops and restores, newest last (shown in /admin/state)."""
+        self.counters: dict[str, float] = {}
         self.reshape_policy = reshape_policy or NeverReshape()
         self._last_decision = 0.0
 
@@ -200,17 +201,15 @@ class Controller:
         from orchestrator.cluster.messages import GroupFormed, ReshapeEvent
         with self._lock:
             if isinstance(msg, ReshapeEvent):
-                self.events.append({"event": msg.kind, "ranks": list(msg.ranks), "time": time.time(),
-                                    **msg.detail})
+                self._record({"event": msg.kind, "ranks": list(msg.ranks), "time": time.time(), **msg.detail})
                 return
             if isinstance(msg, GroupFormed):
                 groups = [g for g in self.topology.instances if g[0] not in msg.ranks]
                 self.topology = Topology(tuple(sorted(groups + [msg.ranks])))
                 self._move_streams(msg.request_ids, msg.instance)
                 done = msg.ranks
-                self.events.append({"event": "drop", "ranks": list(msg.ranks), "time": time.time(),
-                                    "requests": len(msg.request_ids), "stale": msg.stale,
-                                    "in_prefill": msg.in_prefill})
+                self._record({"event": "drop", "ranks": list(msg.ranks), "time": time.time(),
+                              "requests": len(msg.request_ids), "stale": msg.stale, "in_prefill": msg.in_prefill})
             else:
                 kind, group, _epoch = self._reshaping[msg.rank]
                 self._move_streams(msg.request_ids, msg.rank)
@@ -221,7 +220,7 @@ class Controller:
                 groups = [g for g in self.topology.instances if g != group]
                 self.topology = Topology(tuple(sorted(groups + [(r,) for r in group])))
                 done = group
-                self.events.append({"event": "restore", "ranks": list(group), "time": time.time()})
+                self._record({"event": "restore", "ranks": list(group), "time": time.time()})
             for r in done:
                 self._reshaping.pop(r, None)
                 self.reshape_policy.forget(r)
@@ -229,6 +228,20 @@ class Controller:
         with self._reshaped:
             self._reshaped.notify_all()
         logger.info("topology is now %s", self.topology)
+
+    def _record(self, event: dict) -> None:
+        """Keep an event (last 100) and add it to the running totals (caller holds the lock)."""
+        logger.info("reshape event: %s", event)
+        self.events = self.events[-99:] + [event]
+        kind, c = event["event"], self.counters
+        if kind in ("drop", "restore"):
+            c[kind + "s"] = c.get(kind + "s", 0) + 1
+        elif kind == "exchange":
+            c["exchange_bytes"] = c.get("exchange_bytes", 0) + event["bytes"]
+            c["exchange_seconds"] = c.get("exchange_seconds", 0.0) + event["seconds"]
+        elif kind == "weights_pulled":
+            c["weight_bytes"] = c.get("weight_bytes", 0) + event["bytes"]
+            c["weight_seconds"] = c.get("weight_seconds", 0.0) + event["seconds"]
 
     def _move_streams(self, request_ids: list[str], instance: int) -> None:
         for rid in request_ids:
@@ -242,8 +255,8 @@ class Controller:
                                        self._stats[r[0]].running if r[0] in self._stats else 0)
                          for r in self.topology.instances]
             queued = sum(1 for s in self._streams.values() if not s.first_token)
-            events = list(self.events[-100:])
-        return ClusterState(ranks, instances, queued, events)
+            events, counters = list(self.events), dict(self.counters)
+        return ClusterState(ranks, instances, queued, events, counters)
 
     def _rank_state(self, info: RankInfo) -> RankState:
         used = 0

@@ -2,9 +2,10 @@
 
 Every member gets the same ordered list of moves from the leader and performs those it is
 part of, in list order, so the sends of one rank and the receives of its peer match up.
-Page runs that are consecutive on both sides travel as one transfer straight from pool
-memory into pool memory (no scratch buffer). Moves are posted one layer per turn of the
-rank loop, so pipeline steps run in between.
+A layer's pages between two ranks travel as one message: straight from pool memory into
+pool memory when they are one run on both sides, else gathered into one buffer and
+scattered on arrival. Layers are posted a bounded number of bytes per turn of the rank
+loop, so pipeline steps run in between.
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from engines.kv_cache import KVPool
 from orchestrator.cluster.messages import TAG_KV, ExchangeBatch, KvMove
 from orchestrator.transport import Handle, Transport
 
 logger = logging.getLogger(__name__)
+
+BYTES_PER_TURN = 32 << 20
+"""Whole layers are posted until this many bytes per turn of the rank loop: large enough
+that the transfers run near the link's speed, small enough that a pipeline step runs
+between two turns."""
 
 
 def coalesce(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
@@ -64,17 +72,19 @@ class KvMover:
         self._batches.append(_Batch(msg.epoch, msg.batch, deque(by_layer[k] for k in sorted(by_layer))))
 
     def poll(self) -> list[tuple[int, int, int, float]]:
-        """Post the next layer of each batch, test transfers; return finished
-        ``(epoch, batch, bytes, seconds)``."""
+        """Post the next layers of the oldest batch, test transfers; return finished
+        ``(epoch, batch, bytes received, seconds)``."""
         done = []
         # Post from the oldest batch that still has layers to post: every rank then posts
         # all of batch k before batch k+1, so each pair of ranks sees one order (NCCL needs it).
         posting = next((b for b in self._batches if b.layers), None)
-        if posting is not None:
-            for move in posting.layers.popleft():
-                posting.bytes_moved += self._post(move, posting.handles)
+        posted = 0
+        while posting is not None and posting.layers and posted < BYTES_PER_TURN:
+            n = self._post_layer(posting.layers.popleft(), posting.handles)
+            posting.bytes_moved += n
+            posted += n
         for b in list(self._batches):
-            b.handles = [h for h in b.handles if not h.test()]
+            b.handles = [h for h in b.handles if not self._land(h)]
             if not b.layers and not b.handles:
                 self._batches.remove(b)
                 done.append((b.epoch, b.batch, b.bytes_moved, time.monotonic() - b.started))
@@ -82,19 +92,56 @@ class KvMover:
 
     def abort(self, epoch: int, batch: int) -> None:
         for b in [b for b in self._batches if (b.epoch, b.batch) == (epoch, batch)]:
-            for h in b.handles:
-                h.wait()  # a posted transfer cannot be taken back safely; let it land
+            for h, _scatter in b.handles:
+                h.wait()  # a posted transfer cannot be taken back safely; let it land (unused)
             self._batches.remove(b)
 
-    def _post(self, move: KvMove, handles: list[Handle]) -> int:
+    def _post_layer(self, moves: list[KvMove], handles: list) -> int:
+        """Post one layer's moves (one transfer per peer, whatever the page layout); returns
+        the bytes this rank receives.
+
+        A layer's pages going from one rank to another form one message. When they are one
+        consecutive run on both sides the message goes straight from pool to pool;
+        otherwise the sender gathers them into one buffer and the receiver scatters them
+        after arrival (scratch bounded by one layer of one batch).
+        """
+        by_pair: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        for m in moves:
+            src, dst = by_pair.setdefault((m.src_rank, m.dst_rank), ([], []))
+            src.extend(m.src_pages)
+            dst.extend(m.dst_pages)
         nbytes = 0
-        data = self.kv.data
-        for s, d, n in coalesce(move.src_pages, move.dst_pages):
-            nbytes += n * self.kv.page_bytes
-            if move.src_rank == move.dst_rank:
-                data[d:d + n] = data[s:s + n].clone()  # local: from the extension to the base region
-            elif move.src_rank == self.rank:
-                handles.append(self.transport.isend(data[s:s + n], move.dst_rank, TAG_KV))
+        data, dev = self.kv.data, self.kv.data.device
+        for (src_rank, dst_rank), (src, dst) in by_pair.items():
+            if dst_rank == self.rank:
+                nbytes += len(src) * self.kv.page_bytes  # count what arrives here (and local copies)
+            runs = coalesce(src, dst)
+            if src_rank == dst_rank:
+                data.index_copy_(0, torch.as_tensor(dst, device=dev),
+                                 data.index_select(0, torch.as_tensor(src, device=dev)))
+            elif len(runs) == 1:
+                s, d, n = runs[0]
+                buf = data[s:s + n] if src_rank == self.rank else data[d:d + n]
+                handles.append((self._transfer(buf, src_rank, dst_rank), None))
+            elif src_rank == self.rank:  # index_select: 5x faster than advanced indexing here
+                packed = data.index_select(0, torch.as_tensor(src, device=dev))
+                handles.append((self._transfer(packed, src_rank, dst_rank), None))
             else:
-                handles.append(self.transport.irecv(data[d:d + n], move.src_rank, TAG_KV))
+                buf = torch.empty((len(dst), *data.shape[1:]), dtype=data.dtype, device=dev)
+                handles.append((self._transfer(buf, src_rank, dst_rank), (dst, buf)))
         return nbytes
+
+    def _transfer(self, buf: torch.Tensor, src_rank: int, dst_rank: int) -> Handle:
+        if src_rank == self.rank:
+            return self.transport.isend(buf, dst_rank, TAG_KV)
+        return self.transport.irecv(buf, src_rank, TAG_KV)
+
+    def _land(self, pending: tuple) -> bool:
+        """True once a transfer is done; a received scratch buffer is scattered into its pages."""
+        handle, scatter = pending
+        if not handle.test():
+            return False
+        if scatter is not None:
+            dst, buf = scatter
+            self.kv.data.index_copy_(0, torch.as_tensor(dst, device=buf.device), buf)
+        return True

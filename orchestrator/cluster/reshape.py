@@ -49,6 +49,8 @@ class _PendingBatch:
     """(request, index of its home pool)"""
     waiting_for: set[int]
     deadline: float
+    member_seconds: float = 0.0
+    """The slowest member's time from receiving the batch to its last transfer landing."""
 
 
 @dataclass
@@ -65,7 +67,10 @@ class Formation:
     pending: dict[int, _PendingBatch] = field(default_factory=dict)
     next_batch: int = 0
     started: float = field(default_factory=time.monotonic)
+    exchange_started: float = 0.0
     bytes_moved: int = 0
+    batch_log: list[tuple[int, float]] = field(default_factory=list)
+    """(bytes, slowest member's seconds) per finished batch."""
 
     def on_member_ready(self, msg: MemberReady) -> None:
         self.ready[msg.rank] = msg
@@ -92,6 +97,7 @@ class Formation:
         in_prefill = sum(1 for req, _ in self.stale if req.num_computed_tokens < len(req.prompt_token_ids))
         loop.to_controller(GroupFormed(self.ranks[0], self.ranks, ids, self.epoch, len(self.stale), in_prefill))
         self.state = FormationState.EXCHANGING
+        self.exchange_started = time.monotonic()
         logger.info("group %s formed: %d requests adopted, %d stale with KV to exchange",
                     self.ranks, len(ids), len(self.stale))
 
@@ -107,11 +113,14 @@ class Formation:
             self._abort(b)
         if not self.stale and not self.pending:
             self.state = FormationState.DONE
-            seconds = time.monotonic() - self.started
-            logger.info("group %s: exchange done, %.1f MiB moved in %.3f s", self.ranks,
-                        self.bytes_moved / 2**20, seconds)
+            now = time.monotonic()
+            seconds = now - self.exchange_started
+            logger.info("group %s: exchange done, %.1f MiB moved in %.3f s (%.3f s since the drop order)",
+                        self.ranks, self.bytes_moved / 2**20, seconds, now - self.started)
             self.loop.to_controller(ReshapeEvent("exchange", self.ranks, {
-                "bytes": self.bytes_moved, "seconds": seconds, "batches": self.next_batch}))
+                "bytes": self.bytes_moved, "seconds": seconds, "batches": self.next_batch,
+                "since_drop_order_s": now - self.started,
+                "batch_bytes": [b for b, _ in self.batch_log], "batch_seconds": [t for _, t in self.batch_log]}))
             self.loop.driver.scheduler.blocks.audit(self.loop.driver.requests.values())
         return self.state == FormationState.DONE
 
@@ -161,7 +170,11 @@ class Formation:
         if b is None or msg.epoch != self.epoch:
             return
         b.waiting_for.discard(msg.rank)
-        self.bytes_moved += msg.bytes_moved if msg.rank in {m.dst_rank for m in b.moves} else 0
+        self.bytes_moved += msg.bytes_moved
+        b.member_seconds = max(b.member_seconds, msg.seconds)
+        logger.info("exchange batch %d: rank %d received %.1f MiB in %.3f s (batch launched %.3f s ago)",
+                    msg.batch, msg.rank, msg.bytes_moved / 2**20, msg.seconds,
+                    time.monotonic() - b.deadline + EXCHANGE_TIMEOUT_S)
         if not b.waiting_for:
             self._finish(b)
 
@@ -176,6 +189,8 @@ class Formation:
                 req.block_table[m.layer] = m.dst_pages
         for req, _home in b.requests:
             driver.release_held(req)
+        self.batch_log.append((sum(len(m.src_pages) for m in b.moves) * self.loop.engine.kv.page_bytes,
+                               b.member_seconds))
         del self.pending[b.batch]
 
     def _abort(self, b: _PendingBatch) -> None:

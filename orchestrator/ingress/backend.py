@@ -90,6 +90,8 @@ class ClusterState:
     """Requests accepted by the controller that have no first token yet."""
     events: list[dict] = field(default_factory=list)
     """Recent drops, exchanges and restores with their measurements, oldest first."""
+    counters: dict[str, float] = field(default_factory=dict)
+    """Running totals since start: drops, restores, exchange bytes/seconds, weight bytes/seconds."""
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict

@@ -143,6 +143,25 @@ def _cluster_gauges(lines: list[str], state: ClusterState) -> None:
             [({"instance": str(i.instance)}, i.waiting) for i in instances])
     _family(lines, "kunserve_num_requests_running", "gauge", "Requests running, per serving instance.",
             [({"instance": str(i.instance)}, i.running) for i in instances])
+    _family(lines, "kunserve_weight_bytes", "gauge", "Resident weight bytes, per rank.",
+            [({"rank": str(r.rank)}, r.weight_bytes) for r in ranks])
+    for name, (help_text, value) in sorted(_reshape_counters(state).items()):
+        _family(lines, name, "counter", help_text, [({}, value)])
+
+
+def _reshape_counters(state: ClusterState) -> dict[str, tuple[str, float]]:
+    c = state.counters
+    return {
+        "kunserve_drops_total": ("Drops (replicas fused into a group).", c.get("drops", 0)),
+        "kunserve_restores_total": ("Restores (groups split into replicas).", c.get("restores", 0)),
+        "kunserve_exchange_bytes_total": ("KV bytes moved by live exchanges after drops.",
+                                          c.get("exchange_bytes", 0)),
+        "kunserve_exchange_seconds_total": ("Time spent in live KV exchanges.", c.get("exchange_seconds", 0.0)),
+        "kunserve_restore_weight_bytes_total": ("Weight bytes pulled back from peers on restores.",
+                                                c.get("weight_bytes", 0)),
+        "kunserve_restore_weight_seconds_total": ("Time spent pulling weights back (per rank, summed).",
+                                                  c.get("weight_seconds", 0.0)),
+    }
 
 
 def _family(lines: list[str], name: str, kind: str, help_text: str,

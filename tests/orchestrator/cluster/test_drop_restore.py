@@ -123,6 +123,50 @@ def test_memory_moves_from_weights_to_kv_and_back(tiny_store):
         assert run(_post_once(cluster.url, "/admin/restore", {}))[0] == 200
         after = cluster.state()["ranks"]
         assert [(r["weight_bytes"], r["kv_bytes"]) for r in after] == [(r["weight_bytes"], r["kv_bytes"]) for r in before]
+        metrics = run(_get_text(cluster.url + "/metrics"))
+        assert "kunserve_drops_total 1" in metrics and "kunserve_restores_total 1" in metrics
+        assert "kunserve_restore_weight_bytes_total" in metrics
+
+
+async def _get_text(url):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            return await r.text()
+
+
+def test_a_rank_dying_during_a_drop_does_not_hang_the_job(tiny_store):
+    import os
+    import signal
+    import time
+
+    cluster = ServingCluster(2, tiny_store, "--max-num-batched-tokens", "24")
+    cluster.start()
+    pids = cluster.rank_pids()
+
+    async def go():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+            gen = asyncio.gather(*(complete(s, cluster.url, {"prompt": p, "max_tokens": n, "ignore_eos": True,
+                                                             "temperature": 0, "stream": True})
+                                   for p, n in zip(PROMPTS, MAX_TOKENS)), return_exceptions=True)
+            task = asyncio.ensure_future(gen)
+            await asyncio.sleep(0.05)
+            drop = asyncio.ensure_future(_post(s, cluster.url, "/admin/drop", {"group": [0, 1]}))
+            await asyncio.sleep(0.01)
+            os.kill(pids[1], signal.SIGKILL)
+            results = await task
+            await asyncio.gather(drop, return_exceptions=True)
+            return results
+    t0 = time.monotonic()
+    results = run(go())
+    code = cluster.proc.wait(timeout=30)
+    assert code != 0 and time.monotonic() - t0 < 30
+    # Each request either completed with every token, or ended with an error: none hangs.
+    for r, n in zip(results, MAX_TOKENS):
+        assert isinstance(r, Exception) or r.error is not None or len(r.token_ids) == n
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") for p in pids):
+        assert time.monotonic() < deadline, "a rank outlived the job"
+        time.sleep(0.05)
 
 
 async def _post_once(url, path, body):

@@ -1,0 +1,169 @@
+"""KunServe's mechanism, measured: drop latency, exchange and restore against the
+transport's raw bandwidth, and pipeline efficiency with and without lookahead.
+
+    python -m perf.bench_kunserve --engine-dir stores/smollm2 [--cost-model FILE]
+
+Part 1 (mpirun -n 2, 768 MiB per rank): requests with long prompts fill both replicas'
+KV; once they decode, ``POST /admin/drop`` fuses the ranks (latency: the call's return,
+i.e. until the group serves and the new KV is usable), the exchange of the stale KV runs
+live (its bytes and seconds come from ``/admin/state`` events), then ``POST
+/admin/restore`` pulls the dropped weights back. In the same run, raw mpi4py moves the same bytes
+between the two ranks (``perf.raw_exchange``: both ways at once, as the exchange does;
+``perf.bench_transport``: one way, for the weights); the table gives exchange throughput
+/ raw bandwidth and restore time / (weight bytes / raw bandwidth).
+Part 2: output throughput of one pp=2 group with and without ``--cost-model`` on a
+prefill-heavy mix, as a fraction of two replicas on the same mix (pipeline efficiency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from engines.store import EngineStore
+from perf.bench_cluster import Mix, cluster_throughput
+from perf.cluster_client import ServingCluster, complete
+from perf.mpi_launch import REPO_ROOT, mpirun_command
+
+
+async def _post(s: aiohttp.ClientSession, url: str, path: str, body: dict) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    async with s.post(url + path, json=body) as r:
+        data = await r.json()
+        if r.status != 200:
+            raise RuntimeError(f"{path}: {r.status} {data}")
+    return time.perf_counter() - t0, data
+
+
+async def _cycle(url: str, mix: Mix, settle_s: float) -> dict:
+    """Fill the KV, drop while decoding, restore while decoding; return the measurements."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as s:
+        gen = asyncio.gather(*(complete(s, url, {"prompt": p, "max_tokens": n, "temperature": 0,
+                                                 "ignore_eos": True}) for p, n in zip(mix.prompts, mix.max_tokens)))
+        task = asyncio.ensure_future(gen)
+        await asyncio.sleep(settle_s)
+        async with s.get(url + "/admin/state") as r:
+            used = sum(x["kv_pages_used"] for x in (await r.json())["ranks"])
+        drop_s, _ = await _post(s, url, "/admin/drop", {"group": [0, 1]})
+        await asyncio.sleep(1.0)
+        restore_s, _ = await _post(s, url, "/admin/restore", {})
+        results = await task
+        async with s.get(url + "/admin/state") as r:
+            events = (await r.json())["events"]
+    if any(r.status != 200 for r in results):
+        raise RuntimeError("benchmark requests failed")
+    return {"drop_s": drop_s, "restore_s": restore_s, "kv_pages_used_at_drop": used, "events": events}
+
+
+def raw_exchange(nbytes: int) -> float:
+    """Aggregate GiB/s of two ranks swapping ``nbytes`` each way with raw mpi4py (perf.raw_exchange)."""
+    cmd = mpirun_command(2) + [sys.executable, "-m", "perf.raw_exchange", "--bytes", str(nbytes)]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300).stdout
+    m = re.search(r"([\d.]+) GiB/s", out)
+    if not m:
+        raise RuntimeError(f"could not read perf.raw_exchange's output:\n{out}")
+    return float(m.group(1))
+
+
+def raw_bandwidth(sizes: str) -> dict[str, float]:
+    """GiB/s of raw mpi4py per message size, from perf.bench_transport (2 ranks, this host)."""
+    cmd = mpirun_command(2) + [sys.executable, "-m", "perf.bench_transport", "--sizes", sizes]
+    out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300).stdout
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"\|\s*(\S+ \S+)\s*\|\s*[\d.]+\s*\|\s*[\d.]+\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)", line)
+        if m:
+            rows[m.group(1)] = float(m.group(2))
+    if not rows:
+        raise RuntimeError(f"could not read perf.bench_transport's table:\n{out}")
+    return rows
+
+
+def part1(store: Path, memory: str, requests: int, seed: int) -> dict:
+    vocab = EngineStore(store).config.vocab_size
+    mix = Mix.make(vocab, requests, seed, prompt_range=(400, 600), output_range=(150, 200))
+    with ServingCluster(2, store, device_memory=memory) as cluster:
+        m = asyncio.run(_cycle(cluster.url, mix, settle_s=8.0))
+    ex = [e for e in m["events"] if e["event"] == "exchange"][-1]
+    pulls = [e for e in m["events"] if e["event"] == "weights_pulled"]
+    m["exchange_bytes"], m["exchange_s"] = ex["bytes"], ex["seconds"]
+    # The first batch runs before any adopted request resumes: the transfer rate alone.
+    m["batch0_bytes"], m["batch0_s"] = ex["batch_bytes"][0], ex["batch_seconds"][0]
+    m["weight_bytes"] = max(e["bytes"] for e in pulls)
+    m["weights_s"] = max(e["seconds"] for e in pulls)
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m perf.bench_kunserve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine-dir", type=Path, default=Path("stores/smollm2"))
+    p.add_argument("--cost-model", type=Path, default=None,
+                   help="fitted cost model (default: ENGINE_DIR/cost_model.json, profiled if missing)")
+    p.add_argument("--device-memory", default="768MiB")
+    p.add_argument("--requests", type=int, default=12)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--skip-pipeline", action="store_true", help="part 1 only")
+    args = p.parse_args(argv)
+    cost = args.cost_model or args.engine_dir / "cost_model.json"
+    if not cost.is_file():
+        subprocess.run([sys.executable, "-m", "perf.profile_cost", "--engine-dir", str(args.engine_dir),
+                        "--out", str(cost)], check=True, cwd=REPO_ROOT)
+    runs = [part1(args.engine_dir, args.device_memory, args.requests, seed) for seed in range(args.reps)]
+    med = {k: statistics.median(r[k] for r in runs) for k in
+           ("drop_s", "restore_s", "exchange_bytes", "exchange_s", "batch0_bytes", "batch0_s",
+            "weight_bytes", "weights_s")}
+    raw_w = raw_bandwidth("16MiB")["16 MiB"]              # a layer buffer of SmolLM2 is 13.5 MiB
+    raw_x = raw_exchange(int(med["batch0_bytes"] // 2))   # the same bytes, both ways at once
+    live = med["exchange_bytes"] / med["exchange_s"] / 2**30
+    batch0 = med["batch0_bytes"] / med["batch0_s"] / 2**30
+    ideal_w = med["weight_bytes"] / (raw_w * 2**30)
+    print(f"\nmedians of {args.reps} runs; raw mpi4py in the same run: {raw_x:.2f} GiB/s for two ranks swapping "
+          f"the first batch's bytes (perf.raw_exchange), {raw_w:.2f} GiB/s one way at 16 MiB "
+          f"(perf.bench_transport)\n")
+    print("| measure | value | against raw bandwidth |\n|---|---:|---:|")
+    print(f"| drop latency (decision to group serving) | {med['drop_s'] * 1000:.0f} ms | |")
+    print(f"| KV exchange, first batch (before requests resume) | {med['batch0_bytes'] / 2**20:.1f} MiB in "
+          f"{med['batch0_s'] * 1000:.0f} ms = {batch0:.2f} GiB/s | {batch0 / raw_x:.0%} of raw |")
+    print(f"| KV exchange, whole (live: resumed requests compute between its turns) | "
+          f"{med['exchange_bytes'] / 2**20:.1f} MiB in {med['exchange_s'] * 1000:.0f} ms = {live:.2f} GiB/s | "
+          f"{live / raw_x:.0%} of raw |")
+    print(f"| weights pulled back per rank | {med['weight_bytes'] / 2**20:.1f} MiB in {med['weights_s'] * 1000:.0f} ms"
+          f" | {med['weights_s'] / ideal_w:.2f}x bytes/bandwidth |")
+    print(f"| restore latency (decision to replicas serving) | {med['restore_s'] * 1000:.0f} ms | |")
+    result = {"runs": runs, "raw_exchange_gib_s": raw_x, "raw_16mib_gib_s": raw_w, "medians": med}
+    if not args.skip_pipeline:
+        result["pipeline"] = part2(args.engine_dir, args.device_memory, cost, args.reps)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def part2(store: Path, memory: str, cost: Path, reps: int) -> dict:
+    """Pipeline efficiency: a pp=2 group against two replicas, with and without lookahead."""
+    vocab = EngineStore(store).config.vocab_size
+    mix = Mix.make(vocab, 24, 7, prompt_range=(64, 700), output_range=(16, 48))
+    rows = {"replicas": [], "group": [], "group + lookahead": []}
+    for _ in range(reps):
+        rows["replicas"].append(cluster_throughput(store, 2, [], mix, memory)[0])
+        rows["group"].append(cluster_throughput(store, 2, ["--groups", "0-1"], mix, memory)[0])
+        rows["group + lookahead"].append(cluster_throughput(store, 2, ["--groups", "0-1", "--cost-model", str(cost)],
+                                                           mix, memory)[0])
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    print("\n| 2 ranks, prefill-heavy mix | output tok/s | pipeline efficiency |\n|---|---:|---:|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.1f} | {v / med['replicas']:.2f} |")
+    return med
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
