@@ -186,7 +186,9 @@ class Controller:
                     self._begin_drop(action.ranks)
                 else:
                     self._begin_restore(list(action.ranks))
-                logger.info("policy %s: %s %s", self.reshape_policy.name, action.kind, list(action.ranks))
+                with self._lock:
+                    self._record({"event": "decision", "action": action.kind, "ranks": list(action.ranks),
+                                  "time": time.time(), **action.detail})
             except ValueError as exc:
                 logger.warning("policy %s could not %s %s: %s", self.reshape_policy.name, action.kind,
                                list(action.ranks), exc)

@@ -10,7 +10,7 @@ demand has been low and not rising for a while (hysteresis).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orchestrator.cluster.messages import InstanceStats
 from orchestrator.cluster.topology import Topology
@@ -23,6 +23,8 @@ class Action:
     kind: str
     """``drop`` or ``restore``."""
     ranks: tuple[int, ...]
+    detail: dict = field(default_factory=dict)
+    """Why: the plan's deficit and reason for a drop, the level and trend for a restore."""
 
 
 class ReshapePolicy(ABC):
@@ -92,12 +94,14 @@ class KunServePolicy(ReshapePolicy):
         if not plan.empty:
             for group in plan.groups:
                 self._born[group[0]] = now
-            return [Action("drop", tuple(group)) for group in plan.groups]
+            why = {"deficit_tokens": plan.deficit_tokens, "added_tokens": plan.added_tokens, "reason": plan.reason}
+            return [Action("drop", tuple(group), why) for group in plan.groups]
         actions = []
         for ranks in topology.instances:
             young = now - self._born.get(ranks[0], 0.0) < self.min_group_age_s
             if len(ranks) > 1 and not young and self.monitor.wants_restore(ranks[0]):
-                actions.append(Action("restore", ranks))
+                actions.append(Action("restore", ranks, {"level": round(self.monitor.level(ranks[0]), 4),
+                                                         "trend_per_s": self.monitor.trend(ranks[0])}))
         return actions
 
     def forget(self, instance: int) -> None:
