@@ -38,6 +38,7 @@ bench: $(STORE)/config.json
 	$(BIN)/python -m perf.bench_engine --engine-dir $(STORE)
 	$(BIN)/python -m perf.bench_cluster --engine-dir $(STORE)
 	$(MPIRUN) -n 2 $(BIN)/python -m perf.bench_transport
+	$(BIN)/python -m perf.bench_kunserve --engine-dir $(STORE)
 
 clean-venv:
 	rm -rf $(VENV)

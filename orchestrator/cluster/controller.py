@@ -23,7 +23,7 @@ from orchestrator.cluster.topology import Topology
 from orchestrator.dispatch import DispatchPolicy, InstanceLoad
 from orchestrator.kunserve.policy import NeverReshape, ReshapePolicy
 from orchestrator.ingress.backend import (BackendUnavailable, ClusterState, GenerateRequest, InstanceState,
-                                          QueueFullError, RankState, TokenEvent)
+                                          QueueFullError, RankState)
 
 logger = logging.getLogger(__name__)
 
@@ -353,9 +353,8 @@ class Controller:
                 stream.first_token = True
             if u.finished:
                 del self._streams[u.request_id]
-        event = TokenEvent(u.request_id, u.token_ids, u.finished, u.finish_reason, u.error)
         try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, event)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, u)
         except RuntimeError:
             pass  # the ingress loop is closed: nobody is listening any more
 

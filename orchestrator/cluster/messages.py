@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from engines.sampling import SamplingParams
 from engines.step import SeqChunk
 from orchestrator.cluster.topology import Topology
+from orchestrator.ingress.backend import TokenEvent
 
 # MPI tags. Control messages are matched by tag; payloads use their own tags.
 TAG_CONTROL = 1      # controller <-> ranks: requests, aborts, updates, stats, regroup, shutdown
@@ -36,15 +37,8 @@ class AbortRequest:
     request_id: str
 
 
-@dataclass
-class TokenUpdate:
-    """New tokens of one request (the last update has ``finished``)."""
-
-    request_id: str
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None
-    error: str | None = None
+TokenUpdate = TokenEvent
+"""New tokens of one request, leader -> controller: the very event the ingress streams."""
 
 
 @dataclass

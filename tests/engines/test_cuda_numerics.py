@@ -9,27 +9,14 @@ import pytest
 import torch
 
 from build_scripts.sources.tiny import TinySpec
-from engines.sampling import SamplingParams
 from orchestrator.config import EngineConfig
 from orchestrator.llm_engine import LLMEngine
 from tests.conftest import build_tiny_store
+from tests.engines.test_numerics_hf import run_with_logits
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 transformers = pytest.importorskip("transformers")
-
-
-def greedy_with_logits(engine: LLMEngine, ids: list[int], n: int):
-    req = engine.make_request(ids, SamplingParams(max_tokens=n, ignore_eos=True))
-    engine.add_request(req)
-    logits = []
-    while engine.scheduler.has_work():
-        sched = engine.scheduler.schedule()
-        out = engine.executor.execute(sched.to_step())
-        if out.logits is not None:
-            logits.append(out.logits[0].cpu())
-        engine.scheduler.update(sched, out)
-    return req.output_token_ids, torch.stack(logits)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -41,7 +28,7 @@ def test_cuda_fp32_matches_transformers(tmp_path, arch, pp_size):
     engine = LLMEngine(EngineConfig(engine_dir=store, device="cuda", dtype="float32", pp_size=pp_size,
                                     max_num_batched_tokens=6, page_size=4))
     ids = engine.tokenizer.encode("CUDA numerics, checked against the reference implementation.")
-    ours, our_logits = greedy_with_logits(engine, ids, 12)
+    ours, our_logits = run_with_logits(engine, ids, 12)
     with torch.no_grad():
         ref = model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=12, do_sample=False,
                              eos_token_id=None, output_logits=True, return_dict_in_generate=True)
@@ -55,8 +42,8 @@ def test_cuda_bf16_close_to_fp32(tmp_path):
     fp32 = LLMEngine(EngineConfig(engine_dir=store, device="cuda", dtype="float32"))
     bf16 = LLMEngine(EngineConfig(engine_dir=store, device="cuda", dtype="bfloat16"))
     ids = fp32.tokenizer.encode("bf16 on the GPU")
-    _, ref = greedy_with_logits(fp32, ids, 1)
-    _, got = greedy_with_logits(bf16, ids, 1)
+    _, ref = run_with_logits(fp32, ids, 1)
+    _, got = run_with_logits(bf16, ids, 1)
     # bf16 keeps 8 bits of mantissa: compare the distributions, not the last digits.
     assert torch.nn.functional.cosine_similarity(ref, got).min() > 0.99
     assert bf16.kv.data.dtype == torch.bfloat16

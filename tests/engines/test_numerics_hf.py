@@ -32,7 +32,7 @@ def run_with_logits(engine: LLMEngine, prompt_ids: list[int], max_tokens: int):
         sched = engine.scheduler.schedule()
         out = engine.executor.execute(sched.to_step())
         if out.logits is not None:
-            logits.append(out.logits[0])
+            logits.append(out.logits[0].cpu())
         engine.scheduler.update(sched, out)
     return req.output_token_ids, torch.stack(logits)
 
