@@ -102,6 +102,40 @@ class KVPool:
                 self._mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
         self.num_pages = num_pages
 
+    @property
+    def reserved(self) -> bool:
+        """Whether the pool sits in a reserved range it can grow into and lend out."""
+        return self._mapping is not None
+
+    def detach_tail(self, num_pages: int) -> torch.Tensor:
+        """Shrink to ``num_pages`` but keep the tail's memory committed, and return it as a
+        flat tensor of the pool's dtype: restored weights move into it, so the memory the
+        drop turned into KV turns back into weights without a trip through the OS."""
+        if self._mapping is None or not 0 < num_pages <= self.num_pages:
+            raise ValueError(f"cannot detach the tail above page {num_pages} of this pool")
+        per_page = self.data[0].numel()
+        tail = self.data.view(-1)[num_pages * per_page:self.num_pages * per_page]
+        self.num_pages = num_pages
+        return tail
+
+    def release(self, region: torch.Tensor) -> None:
+        """Hand a part of the reserved range (a flat view of it, unused) back to the OS."""
+        if self._mapping is None or region.numel() == 0:
+            return
+        base = self.data.data_ptr()
+        start = -(-(region.data_ptr() - base) // _OS_PAGE) * _OS_PAGE
+        end = (region.data_ptr() - base + region.numel() * region.element_size()) // _OS_PAGE * _OS_PAGE
+        if end > start:
+            self._mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lives in this pool's reserved range above its committed pages."""
+        if self._mapping is None:
+            return False
+        start = self.data.data_ptr() + self.num_pages * self.page_bytes
+        end = self.data.data_ptr() + self.max_pages * self.page_bytes
+        return start <= tensor.data_ptr() < end
+
     def write(self, k_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K and V rows ``[n, kv_heads, head]`` at the given K slots (V is a page later)."""
         self.flat.index_copy_(0, k_slots, k)

@@ -9,7 +9,7 @@ from orchestrator.block_manager import PoolSpec
 from orchestrator.cluster.instance import InstanceDriver, StageWorker
 from orchestrator.cluster.messages import DropGroup, MemberReady, ReshapeEvent, Restored, SplitGroup
 from orchestrator.cluster.reshape import Formation
-from orchestrator.cluster.weight_pull import exchange_weights
+from orchestrator.cluster.weight_pull import RegionAllocator, exchange_weights
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,13 @@ def on_split_group(loop, msg: SplitGroup) -> None:
     stage = msg.ranks.index(loop.rank)
     ranges = group_ranges(loop, msg.ranks)
     engine = loop.engine
-    engine.release_extension()
-    nbytes, seconds = exchange_weights(engine.weights, msg.ranks, ranges, stage, loop.transport)
+    # The KV extension's memory (empty now) receives the weights: committed, so no page faults.
+    memory = RegionAllocator(engine.kv.detach_tail(engine.plan.kv_pages) if engine.kv.reserved else None)
+    if not engine.kv.reserved:
+        engine.release_extension()
+    nbytes, seconds = exchange_weights(engine.weights, msg.ranks, ranges, stage, loop.transport, memory)
+    if memory.rest() is not None:
+        engine.kv.release(memory.rest())
     engine.restored()
     logger.info("restored %.1f MiB of weights from peers in %.3f s (%.2f GiB/s)", nbytes / 2**20, seconds,
                 nbytes / max(seconds, 1e-9) / 2**30)

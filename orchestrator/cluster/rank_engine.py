@@ -136,6 +136,7 @@ class RankEngine:
                 w.lm_head = None
         rss0 = resident_bytes()
         w.drop_layers([i for i in list(w.layers) if i not in layers])  # also trims the heap
+        self._evict_from_pool_tail()
         freed = before - w.resident_bytes()
         rss1 = resident_bytes()
         pages = freed // self.plan.page_bytes
@@ -147,6 +148,20 @@ class RankEngine:
                     self.last_drop.resident_fall / 2**20, pages, self.last_drop.kv_added / 2**20,
                     self.last_drop.resident_rise / 2**20, self.kv.num_pages)
         return pages
+
+    def _evict_from_pool_tail(self) -> None:
+        """Copy out kept weights that a restore placed in the KV pool's tail: the pool is
+        about to grow over it. (A drop to the same stage keeps none there.)"""
+        w = self.weights
+        for i, layer in list(w.layers.items()):
+            if self.kv.holds(layer.flat):
+                w.layers[i] = LayerWeights(self.cfg, layer.flat.clone())
+        for name in ("embedding", "final_norm", "lm_head"):
+            t = getattr(w, name)
+            if t is not None and self.kv.holds(t):
+                setattr(w, name, t.clone())
+        if self.cfg.tie_word_embeddings and w.lm_head is not None and w.embedding is not None:
+            w.lm_head = w.embedding
 
     def release_extension(self) -> None:
         """Give the KV pages gained by the drop back (they must be empty)."""

@@ -26,10 +26,40 @@ def _owner(layer: int, ranges: list[LayerRange]) -> int:
     return next(i for i, r in enumerate(ranges) if layer in r)
 
 
+class RegionAllocator:
+    """Hands out aligned pieces of one flat, already committed region (a bump allocator);
+    falls back to fresh memory once the region is used up."""
+
+    _ALIGN = 64
+
+    def __init__(self, region: torch.Tensor | None) -> None:
+        self.region = region
+        self.used = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        r = self.region
+        if r is not None and r.dtype == dtype and self.used + numel <= r.numel():
+            out = r[self.used:self.used + numel].view(shape)
+            self.used = -(-(self.used + numel) // self._ALIGN) * self._ALIGN
+            return out
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def rest(self) -> torch.Tensor | None:
+        """The part of the region nobody took."""
+        return None if self.region is None else self.region[min(self.used, self.region.numel()):]
+
+
 def exchange_weights(weights: ModelWeights, ranks: tuple[int, ...], ranges: list[LayerRange], me: int,
-                     transport: Transport) -> tuple[int, float]:
-    """Make every weight resident on every member again; returns (bytes received, seconds)."""
+                     transport: Transport, memory: RegionAllocator | None = None) -> tuple[int, float]:
+    """Make every weight resident on every member again; returns (bytes received, seconds).
+
+    Received buffers come from ``memory`` (the KV extension's committed tail) while it lasts.
+    """
     cfg = weights.cfg
+    memory = memory or RegionAllocator(None)
     t0 = time.monotonic()
     handles, incoming = [], {}
     for layer in range(cfg.num_hidden_layers):
@@ -39,11 +69,12 @@ def exchange_weights(weights: ModelWeights, ranks: tuple[int, ...], ranges: list
                 if s != me:
                     handles.append(transport.isend(weights.layers[layer].flat, rank, TAG_WEIGHTS))
         else:
-            buf = LayerWeights.empty(cfg, weights.dtype, weights.device)
+            flat = memory.take((LayerWeights.buffer_numel(cfg),), weights.dtype, weights.device)
+            buf = LayerWeights(cfg, flat)
             handles.append(transport.irecv(buf.flat, ranks[owner], TAG_WEIGHTS))
             incoming[layer] = buf
     received = sum(b.nbytes for b in incoming.values())
-    received += _exchange_head(weights, ranks, me, transport, handles)
+    received += _exchange_head(weights, ranks, me, transport, handles, memory)
     for h in handles:
         h.wait()
     weights.layers.update(incoming)
@@ -60,7 +91,7 @@ def _lacks(name: str, stage: int, g: int, tied: bool) -> bool:
 
 
 def _exchange_head(weights: ModelWeights, ranks: tuple[int, ...], me: int, transport: Transport,
-                   handles: list) -> int:
+                   handles: list, memory: RegionAllocator) -> int:
     """Embedding from the first stage; final norm (and an untied head) from the last."""
     cfg = weights.cfg
     g, last, tied = len(ranks), len(ranks) - 1, cfg.tie_word_embeddings
@@ -76,7 +107,7 @@ def _exchange_head(weights: ModelWeights, ranks: tuple[int, ...], me: int, trans
             if owner == me:
                 handles.append(transport.isend(getattr(weights, name), rank, TAG_WEIGHTS))
             elif s == me:
-                buf = torch.empty(tshape, dtype=weights.dtype, device=weights.device)
+                buf = memory.take(tshape, weights.dtype, weights.device)
                 handles.append(transport.irecv(buf, ranks[owner], TAG_WEIGHTS))
                 setattr(weights, name, buf)
                 received += buf.numel() * buf.element_size()
