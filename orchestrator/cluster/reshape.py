@@ -262,6 +262,7 @@ class Split:
         """Choose a member for ``req`` and plan its KV moves into that member's base region."""
         g = len(driver.ranks)
         if req.num_computed_tokens == 0:
+            blocks.free(req)  # pages reserved for a chunk that never ran (lookahead left it)
             return min(range(g), key=lambda m: load[m])
         for m in sorted(range(g), key=lambda m: -blocks.allocators[m].num_free_below(driver.base_pages[m])):
             moves = self._plan_moves(req, m, driver, blocks)
