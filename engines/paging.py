@@ -20,7 +20,7 @@ class OutOfPages(Exception):
 
 
 class PageAllocator:
-    """Free list over page ids ``0 .. num_pages-1``; pages can be added when the pool grows."""
+    """Free list over page ids ``0 .. num_pages-1``."""
 
     def __init__(self, num_pages: int) -> None:
         if num_pages < 0:
@@ -67,18 +67,3 @@ class PageAllocator:
 
     def num_free_below(self, limit: int) -> int:
         return sum(1 for p in self._free if p < limit)
-
-    def shrink(self, new_num_pages: int) -> None:
-        """Drop page ids ``new_num_pages ..``; they must all be free."""
-        tail = [p for p in self._free if p >= new_num_pages]
-        if len(tail) != self._num_pages - new_num_pages:
-            raise OutOfPages(f"cannot shrink to {new_num_pages} pages: some above are in use")
-        self._free = deque(p for p in self._free if p < new_num_pages)
-        self._num_pages = new_num_pages
-
-    def grow(self, new_num_pages: int) -> None:
-        """Add page ids ``num_pages .. new_num_pages-1`` (the pool was extended)."""
-        if new_num_pages < self._num_pages:
-            raise ValueError(f"cannot grow from {self._num_pages} to {new_num_pages} pages")
-        self._free.extend(range(self._num_pages, new_num_pages))
-        self._num_pages = new_num_pages

@@ -58,7 +58,6 @@ class Controller:
         self._ranks: dict[int, RankInfo] = {}
         self._ready = False
         self._reason_down = "the cluster is starting"
-        self._regrouping = threading.Event()
         self._regrouped = threading.Event()
         self._splits = splits or [1]
         self._num_layers = num_layers
@@ -366,8 +365,3 @@ class Controller:
             ids = list(self._streams)
         for rid in ids:
             self._deliver(TokenUpdate(rid, [], True, "abort", reason))
-
-    @property
-    def num_in_flight(self) -> int:
-        with self._lock:
-            return len(self._streams)
