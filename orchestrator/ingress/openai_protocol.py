@@ -19,6 +19,7 @@ import jinja2
 from engines.errors import RequestError, StoreError
 from engines.sampling import SamplingParams
 from orchestrator.ingress.backend import GenerateRequest, IngressBackend
+from orchestrator.ingress.stop_strings import MAX_STOP_STRINGS
 
 Kind = Literal["completion", "chat"]
 
@@ -80,6 +81,8 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     """``stream_options.include_usage``: send a usage chunk before ``[DONE]``."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: the answer ends before the first one (it is not sent)."""
 
 
 def parse_request(kind: Kind, body: Any, backend: IngressBackend, request_id: str,
@@ -111,7 +114,7 @@ def parse_request(kind: Kind, body: Any, backend: IngressBackend, request_id: st
         raise InvalidRequest("stream_options must be an object")
     include_usage = stream and _opt_bool(options or {}, "include_usage", False)
     return ParsedRequest(kind=kind, request=req, model=backend.model_name, stream=stream,
-                         include_usage=include_usage)
+                         include_usage=include_usage, stop=_stop_strings(body.get("stop")))
 
 
 def _check_model(model: Any, served: str) -> None:
@@ -190,8 +193,18 @@ def _check_unsupported(body: dict[str, Any]) -> None:
     n = body.get("n")
     if n is not None and n != 1:
         raise InvalidRequest("only n=1 is supported")
-    if body.get("stop"):
-        raise InvalidRequest("stop strings are not supported; use stop_token_ids")
+
+
+def _stop_strings(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidRequest("stop must be a non-empty string or a list of non-empty strings")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+    return tuple(stop)
 
 
 def _sampling(body: dict[str, Any], max_tokens: int, vocab_size: int) -> SamplingParams:

@@ -23,6 +23,7 @@ from orchestrator.ingress.admin import add_admin_routes
 from orchestrator.ingress.http_util import BACKEND_KEY, read_json
 from orchestrator.ingress.backend import BackendUnavailable, IngressBackend, QueueFullError, TokenEvent
 from orchestrator.ingress.detokenizer import IncrementalDecoder
+from orchestrator.ingress.stop_strings import StopStringMatcher
 from orchestrator.ingress.metrics import CONTENT_TYPE, IngressStats, RequestTiming, render_metrics
 from orchestrator.ingress.openai_protocol import (
     ApiError,
@@ -135,6 +136,7 @@ class _Answer:
         self.stats = request.app[STATS_KEY]
         self.timing = RequestTiming(arrival_time=parsed.request.arrival_time)
         self.decoder = IncrementalDecoder(self.backend.tokenizer)
+        self.stops = StopStringMatcher(parsed.stop)
         self.done = False
 
     @property
@@ -152,16 +154,30 @@ class _Answer:
 
     async def collect(self) -> web.Response:
         """Wait for the whole answer; a cluster error becomes a 500."""
+        parts: list[str] = []
         token_ids: list[int] = []
         while True:
             event = await self.next_event()
-            token_ids.extend(event.token_ids)
             if event.error is not None:
                 raise ApiError(500, f"the request failed in the cluster: {event.error}")
-            if event.finished:
+            token_ids.extend(event.token_ids)
+            text, finish_reason = self._text_of(event)
+            parts.append(text)
+            if finish_reason is not None:
                 break
-        text = self.backend.tokenizer.decode(token_ids)
-        return web.json_response(full_response(self.parsed, text, token_ids, event.finish_reason))
+        return web.json_response(full_response(self.parsed, "".join(parts), token_ids, finish_reason))
+
+    def _text_of(self, event: TokenEvent) -> tuple[str, str | None]:
+        """New text of an event (held back while it may start a stop string) and the
+        finish reason once the answer is over: the cluster's, or ``stop`` when a stop
+        string ended it, in which case the request is aborted in the cluster."""
+        text = self.stops.push(self.decoder.push(event.token_ids) if event.token_ids else "")
+        if self.stops.stopped:
+            self.close(reason="stop")
+            return text, "stop"
+        if not event.finished:
+            return text, None
+        return text + self.stops.push(self.decoder.flush()) + self.stops.flush(), event.finish_reason
 
     async def stream(self) -> web.StreamResponse:
         """Send Server-Sent Events: one chunk per event, the finish chunk, then ``[DONE]``."""
@@ -183,19 +199,17 @@ class _Answer:
         return resp
 
     async def _stream_event(self, resp: web.StreamResponse) -> bool:
-        """Send one event's chunks; True once the stream is over."""
+        """Send one event's chunk; True once the stream is over."""
         event = await self.next_event()
         if event.error is not None:
             self.stats.on_error(error_type(500))
             await self.send(resp, error_body(500, f"the request failed in the cluster: {event.error}"))
             return True
-        if event.token_ids:
-            text = self.decoder.push(event.token_ids)
-            await self.send(resp, stream_chunk(self.parsed, text, event.token_ids))
-        if not event.finished:
+        text, finish_reason = self._text_of(event)
+        if text or event.token_ids or finish_reason is not None:
+            await self.send(resp, stream_chunk(self.parsed, text, event.token_ids, finish_reason=finish_reason))
+        if finish_reason is None:
             return False
-        rest = self.decoder.flush()
-        await self.send(resp, stream_chunk(self.parsed, rest, [], finish_reason=event.finish_reason))
         if self.parsed.include_usage:
             await self.send(resp, usage_chunk(self.parsed, len(self.decoder.token_ids)))
         await resp.write(b"data: [DONE]\n\n")
@@ -205,12 +219,12 @@ class _Answer:
     async def send(resp: web.StreamResponse, body: dict[str, Any]) -> None:
         await resp.write(f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode())
 
-    def close(self) -> None:
-        """Abort the request in the cluster unless its last event came."""
+    def close(self, reason: str = "abort") -> None:
+        """Abort the request in the cluster unless its last event came (``reason``: why)."""
         if self.done:
             return
         self.done = True
-        self.stats.on_finish(self.timing, "abort")
+        self.stats.on_finish(self.timing, reason)
         try:
             self.backend.abort(self.request_id)
         except Exception:  # noqa: BLE001 - the client is gone either way; keep serving

@@ -344,3 +344,29 @@ def test_internal_errors_do_not_stop_the_server(server, backend, monkeypatch):
     _wait_for(lambda: len(backend.aborts) == 1)  # the cluster must not keep generating for it
     monkeypatch.undo()
     _assert_serving(server)
+
+
+# ----------------------------------------------------------------------------- stop strings
+
+def test_stop_string_ends_answer_and_aborts_in_cluster(server, backend):
+    body = {"prompt": "hello world", "max_tokens": 20, "stop": ["xx", "ow"]}
+    r = call(_url(server, "/v1/completions"), "POST", body)
+    assert r.status == 200, r.body
+    choice = r.body["choices"][0]
+    assert choice["text"] == "dlr" and choice["finish_reason"] == "stop"
+    assert backend.aborts == [r.body["id"]]  # the cluster stops generating for it
+
+
+def test_stop_string_streamed_never_shows_part_of_it(server, backend):
+    body = {"prompt": "hello world", "max_tokens": 20, "stop": "ow", "stream": True}
+    status, events = sse(_url(server, "/v1/completions"), body)
+    assert status == 200 and events[-1] == "[DONE]"
+    texts = [c["choices"][0]["text"] for c in events[:-1]]
+    assert "".join(texts) == "dlr" and events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert all("o" not in t for t in texts)  # the held-back 'o' was part of the stop string
+
+
+def test_stop_string_not_matched_keeps_whole_text(server):
+    body = {"prompt": "hello world", "max_tokens": 20, "stop": ["oz"]}
+    r = call(_url(server, "/v1/completions"), "POST", body)
+    assert r.body["choices"][0]["text"] == "dlrow olleh"
