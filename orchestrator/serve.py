@@ -16,6 +16,7 @@ import torch
 
 from orchestrator.config import parse_bytes, resolve_device
 from orchestrator.kunserve.policy import POLICY_DESCRIPTIONS
+from orchestrator.triton.server import DEFAULT_REPOSITORY, MODEL_DIRS, TritonConfig
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ class ServeConfig:
     policy: str = "vllm"
     dispatch: str = "least_loaded"
     host: str = "127.0.0.1"
-    http_port: int = 8000
+    http_port: int | None = None
+    """Ingress port; default 8000, or 8080 with ``triton`` (Triton takes 8000-8002)."""
     device_memory: int | None = None
     """Per-rank memory for weights and KV; default 1 GiB on CPU, 90% of the GPU's on CUDA."""
     max_queued_requests: int = 256
@@ -47,12 +49,23 @@ class ServeConfig:
     cost_model: Path | None = None
     """Fitted step-cost model (``python -m perf.profile_cost``): groups then form their
     micro-batches jointly (lookahead), balanced by estimated time."""
+    triton: TritonConfig | None = None
+    """Also serve through a Triton Inference Server started on the controller's host."""
+
+    @property
+    def ingress_port(self) -> int:
+        if self.http_port is not None:
+            return self.http_port
+        return 8080 if self.triton is not None else 8000
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_DESCRIPTIONS:
             raise ValueError(f"unknown --policy {self.policy!r}; known: {', '.join(POLICY_DESCRIPTIONS)}")
         if self.max_queued_requests < 1:
             raise ValueError("--max-queued-requests must be >= 1")
+        t = self.triton
+        if t is not None and self.ingress_port in (t.http_port, t.grpc_port, t.metrics_port):
+            raise ValueError(f"--http-port {self.ingress_port} is also one of Triton's ports; pick another")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -63,7 +76,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="memory-overload policy: " + "; ".join(f"{k}: {v}" for k, v in POLICY_DESCRIPTIONS.items()))
     p.add_argument("--dispatch", default="least_loaded", help="dispatch policy: least_loaded or round_robin")
     p.add_argument("--host", default="127.0.0.1", help="ingress bind address (default: loopback only)")
-    p.add_argument("--http-port", type=int, default=8000, help="ingress port (default: 8000; 0 picks one)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="ingress (OpenAI API, /metrics, /admin) port (default: 8000, or 8080 with --triton; 0 picks one)")
     p.add_argument("--device-memory", type=parse_bytes, default=None,
                    help="memory per rank for weights + KV, e.g. 768MiB (default: 1GiB on CPU, 90%% of the GPU)")
     p.add_argument("--max-queued-requests", type=int, default=256,
@@ -80,6 +94,36 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="cost model from python -m perf.profile_cost; enables lookahead micro-batches in groups")
     p.add_argument("--admin-token", default=None,
                    help="require 'Authorization: Bearer TOKEN' on POST /admin/* (drop, restore, regroup)")
+    _add_triton_args(p)
+
+
+def _add_triton_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Triton Inference Server front end")
+    g.add_argument("--triton", action="store_true",
+                   help="also serve through tritonserver (the one in PATH, else nvidia-pytriton's) "
+                        "with triton_repo/; its model is ready only while every rank is up")
+    g.add_argument("--triton-host", default="127.0.0.1", help="Triton bind address (default: loopback only)")
+    g.add_argument("--triton-http-port", type=int, default=8000, help="Triton HTTP port (default: 8000)")
+    g.add_argument("--triton-grpc-port", type=int, default=8001, help="Triton gRPC port (default: 8001)")
+    g.add_argument("--triton-metrics-port", type=int, default=8002,
+                   help="Triton metrics port, with the cluster's kunserve_* metrics (default: 8002)")
+    g.add_argument("--triton-model-names", default=",".join(MODEL_DIRS),
+                   help="models to serve: kunserve (decoupled: gRPC streaming, /generate_stream), "
+                        "kunserve_unary (HTTP /infer and /generate, gRPC infer), and aliases as NAME=MODEL, "
+                        "e.g. ensemble=kunserve for TensorRT-LLM clients (default: %(default)s)")
+    g.add_argument("--triton-repo", type=Path, default=DEFAULT_REPOSITORY,
+                   help="model repository holding kunserve/ (default: this checkout's triton_repo)")
+    g.add_argument("--tritonserver", type=Path, default=None,
+                   help="tritonserver binary to run (default: PATH, then the nvidia-pytriton wheel's)")
+
+
+def _triton_config(args: argparse.Namespace) -> TritonConfig | None:
+    if not args.triton:
+        return None
+    names = tuple(n.strip() for n in args.triton_model_names.split(",") if n.strip())
+    return TritonConfig(host=args.triton_host, http_port=args.triton_http_port, grpc_port=args.triton_grpc_port,
+                        metrics_port=args.triton_metrics_port, model_names=names,
+                        repository=args.triton_repo, binary=args.tritonserver)
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -89,7 +133,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_queued_requests=args.max_queued_requests, page_size=args.page_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         transport=args.transport, device=args.device, dtype=args.dtype, model_name=args.model_name,
-        threads=args.threads, admin_token=args.admin_token, cost_model=args.cost_model)
+        threads=args.threads, admin_token=args.admin_token, cost_model=args.cost_model,
+        triton=_triton_config(args))
 
 
 def rank_device(name: str, rank: int) -> torch.device:

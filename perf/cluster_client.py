@@ -160,13 +160,14 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def reference_completions(store: Path, prompts: list[str], max_tokens: list[int]) -> list[list[int]]:
+def reference_completions(store: Path, prompts: list[str], max_tokens: list[int],
+                          ignore_eos: bool = True) -> list[list[int]]:
     """Greedy token ids from ``python -m orchestrator generate`` (the single-process engine)."""
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         for p, n in zip(prompts, max_tokens):
             f.write(json.dumps({"prompt": p, "max_tokens": n}) + "\n")
     res = subprocess.run([sys.executable, "-m", "orchestrator", "generate", "--engine-dir", str(store),
-                          "--prompts-file", f.name, "--json", "--ignore-eos"],
+                          "--prompts-file", f.name, "--json", *(["--ignore-eos"] if ignore_eos else [])],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     os.unlink(f.name)
     assert res.returncode == 0, res.stderr

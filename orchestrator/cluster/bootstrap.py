@@ -26,6 +26,7 @@ from orchestrator.kunserve.policy import make_policy
 from orchestrator.scheduler import SchedulerConfig
 from orchestrator.serve import ServeConfig, config_from_args, default_device_memory, rank_device
 from orchestrator.transport import make_transport
+from orchestrator.triton.server import TritonError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
     rank = comm.Get_rank()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    engine = topology = loop = ingress = cost = None
+    if args.log_level.upper() != "DEBUG":  # one line per request (and per metrics scrape) is noise
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    engine = topology = loop = ingress = cost = triton = None
     try:
         err = None
         try:
@@ -78,8 +81,11 @@ def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
         if rank == 0:
             try:
                 ingress = _start_controller(loop, cfg, engine)
+                triton = _start_triton(cfg, ingress, loop.controller)
             except (OSError, ValueError, EngineError) as exc:
                 err = f"controller: {exc}"
+            except TritonError as exc:
+                err = f"triton: {exc}"
         _agree(comm, err)
         for info in comm.allgather(loop.rank_info()):
             if loop.controller is not None:
@@ -87,12 +93,26 @@ def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
     except StartupError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        for part in (triton, ingress):
+            if part is not None:
+                part.stop()
         return 2
     if loop.controller is not None:
         loop.controller.set_ready(True)
         logger.info("serving %s on http://%s:%d with %d ranks as %s", loop.controller.model_name,
                     cfg.host, ingress.port, comm.Get_size(), topology)
-    return _serve(comm, loop, ingress)
+    return _serve(comm, loop, [p for p in (triton, ingress) if p is not None])
+
+
+def _start_triton(cfg: ServeConfig, ingress, controller: Controller):
+    """Start tritonserver in front of the ingress (rank 0, main thread), or None without --triton."""
+    if cfg.triton is None:
+        return None
+    from orchestrator.triton.frontend import TritonFrontend
+
+    frontend = TritonFrontend(cfg.triton, ingress.url, controller.healthy)
+    frontend.start()
+    return frontend
 
 
 def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
@@ -110,26 +130,27 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
         send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=store.splits,
         num_layers=store.config.num_hidden_layers, reshape_policy=make_policy(cfg.policy, mem))
     loop.controller = controller
-    ingress = IngressServer(controller, cfg.host, cfg.http_port, admin_token=cfg.admin_token)
+    ingress = IngressServer(controller, cfg.host, cfg.ingress_port, admin_token=cfg.admin_token)
     ingress.start()
     return ingress
 
 
-def _serve(comm: MPI.Comm, loop: RankLoop, ingress) -> int:
+def _serve(comm: MPI.Comm, loop: RankLoop, frontends: list) -> int:
+    """Run the rank's loop; ``frontends`` (Triton, then the ingress) stop with it, in order."""
     loop.install_signal_handlers()
     comm.Barrier()
     try:
         loop.run()
     except Exception as exc:  # a bug or a device failure: fail requests, then take the job down
         loop.report_failure(exc)
-        if ingress is not None:
-            ingress.stop()
+        for part in frontends:
+            part.stop()
         traceback.print_exc()
         comm.Abort(1)
     failed = (loop.stop_reason or "").startswith("rank ")
     loop.shutdown()
-    if ingress is not None:
-        ingress.stop()
+    for part in frontends:
+        part.stop()
     logger.info("stopped: %s", loop.stop_reason)
     if failed:
         comm.Abort(1)

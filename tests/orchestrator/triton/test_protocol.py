@@ -1,0 +1,120 @@
+"""TensorRT-LLM tensors -> completion requests, and the ingress's SSE -> responses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from orchestrator.triton.protocol import (
+    IngressStreamError,
+    InputError,
+    StreamAssembler,
+    TritonGenerateRequest,
+    ingress_error_message,
+    output_arrays,
+    parse_inputs,
+)
+
+
+def tensors(**kw):
+    base = {"text_input": np.array([[b"hello"]], dtype=object), "max_tokens": np.array([[5]], np.int32)}
+    base.update(kw)
+    return base
+
+
+def test_minimal_request_is_greedy_and_always_streamed_to_the_ingress():
+    req = parse_inputs(tensors())
+    assert req == TritonGenerateRequest(prompt="hello", max_tokens=5)
+    assert req.completion_body() == {"prompt": "hello", "max_tokens": 5, "stream": True, "temperature": 0.0}
+
+
+def test_all_optional_inputs_map_onto_the_completion_body():
+    req = parse_inputs(tensors(stream=np.array([[True]]), exclude_input_in_output=np.array([[True]]),
+                               temperature=np.array([[0.7]], np.float32), top_k=np.array([[40]], np.int32),
+                               top_p=np.array([[0.9]], np.float32), random_seed=np.array([[7]], np.uint64),
+                               end_id=np.array([[2]], np.int32), pad_id=np.array([[0]], np.int32),
+                               stop_words=np.array([[b"\n\n", b"END", b""]], dtype=object)))
+    assert req.stream and req.exclude_input_in_output
+    body = req.completion_body()
+    assert body["temperature"] == pytest.approx(0.7) and body["top_k"] == 40
+    assert body["top_p"] == pytest.approx(0.9) and body["seed"] == 7
+    assert body["stop_token_ids"] == [2] and body["stop"] == ["\n\n", "END"]
+
+
+@pytest.mark.parametrize("extra,temperature", [
+    ({"top_k": np.array([[1]], np.int32)}, 0.0),    # top_k=1 is greedy
+    ({"top_k": np.array([[50]], np.int32)}, 1.0),   # sampling asked for: TensorRT-LLM's default temperature
+    ({"top_p": np.array([[0.5]], np.float32)}, 1.0),
+])
+def test_sampling_defaults_follow_tensorrt_llm(extra, temperature):
+    assert parse_inputs(tensors(**extra)).completion_body()["temperature"] == temperature
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"text_input": None}, "text_input is required"),
+    ({"max_tokens": None}, "max_tokens is required"),
+    ({"max_tokens": np.array([[0]], np.int32)}, "max_tokens must be at least 1, got 0"),
+    ({"max_tokens": np.array([[-3]], np.int32)}, "at least 1, got -3"),
+    ({"max_tokens": np.array([[1, 2]], np.int32)}, "max_tokens must hold one value, got shape [1, 2]"),
+    ({"text_input": np.array([[b"a", b"b"]], dtype=object)}, "text_input must hold one prompt, got shape [1, 2]"),
+    ({"text_input": np.array([[b"ab\xffcd"]], dtype=object)}, "not valid UTF-8: byte 0xff at offset 2"),
+    ({"text_input": np.array([[b""]], dtype=object)}, "text_input is empty"),
+    ({"temperature": np.array([[np.nan]], np.float32)}, "temperature must be a finite number"),
+    ({"stop_words": np.array([[b"\xc3"]], dtype=object)}, "stop_words holds a word that is not valid UTF-8"),
+])
+def test_bad_inputs_name_the_tensor(change, message):
+    t = tensors()
+    for k, v in change.items():
+        if v is None:
+            t.pop(k)
+        else:
+            t[k] = v
+    with pytest.raises(InputError, match=__import__("re").escape(message)):
+        parse_inputs(t)
+
+
+def sse(*events) -> bytes:
+    return b"".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode() for e in events)
+
+
+def chunk(text, ids, finish=None):
+    return {"choices": [{"index": 0, "text": text, "token_ids": ids, "finish_reason": finish}]}
+
+
+def test_streamed_chunks_are_relayed_one_per_event_even_when_split_across_reads():
+    asm = StreamAssembler(TritonGenerateRequest(prompt="p", max_tokens=3, stream=True))
+    raw = sse(chunk(" a", [1]), chunk(" b", [2]), chunk("", [], "length"), "[DONE]")
+    out = []
+    for i in range(0, len(raw), 7):  # arbitrary network reads
+        out += asm.feed(raw[i:i + 7])
+    assert [(c.text, c.token_ids, c.final) for c in out] == [(" a", [1], False), (" b", [2], False), ("", [], True)]
+    assert out[-1].finish_reason == "length" and asm.done
+
+
+@pytest.mark.parametrize("exclude,text", [(True, " a b"), (False, "p a b")])
+def test_unstreamed_answer_is_one_final_chunk_with_or_without_the_prompt(exclude, text):
+    asm = StreamAssembler(TritonGenerateRequest(prompt="p", max_tokens=2, exclude_input_in_output=exclude))
+    out = asm.feed(sse(chunk(" a", [1]), chunk(" b", [2], "length"), "[DONE]"))
+    assert len(out) == 1 and out[0].final and out[0].text == text and out[0].token_ids == [1, 2]
+
+
+def test_error_event_mid_stream_raises_with_the_ingress_message():
+    asm = StreamAssembler(TritonGenerateRequest(prompt="p", max_tokens=2, stream=True))
+    with pytest.raises(IngressStreamError, match="the request failed in the cluster: rank 1 died"):
+        asm.feed(sse(chunk(" a", [1]), {"error": {"message": "the request failed in the cluster: rank 1 died"}}))
+
+
+def test_output_arrays_have_the_batch_dimension():
+    from orchestrator.triton.protocol import Chunk
+    out = output_arrays(Chunk("é", [5, 6]))
+    assert out["text_output"].shape == (1, 1) and out["text_output"][0, 0] == "é".encode()
+    assert out["output_ids"].dtype == np.int32 and out["output_ids"].tolist() == [[5, 6]]
+    assert output_arrays(Chunk("", [], final=True))["output_ids"].shape == (1, 0)
+
+
+def test_ingress_error_message_reads_the_openai_error_body():
+    body = json.dumps({"error": {"message": "prompt too long", "type": "BadRequestError", "code": 400}}).encode()
+    assert ingress_error_message(400, body) == "prompt too long"
+    assert ingress_error_message(502, b"<html>bad gateway</html>") == "<html>bad gateway</html>"

@@ -1,0 +1,77 @@
+"""Finding and setting up tritonserver, and the --triton options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytest
+
+from orchestrator.serve import add_serve_args, config_from_args
+from orchestrator.triton.server import (DEFAULT_REPOSITORY, TritonConfig, TritonError, find_tritonserver,
+                                        prepare_repository)
+
+
+def test_served_names_map_aliases_onto_model_directories():
+    cfg = TritonConfig(model_names=("kunserve", "kunserve_unary", "ensemble=kunserve"))
+    assert cfg.served() == {"kunserve": "kunserve", "kunserve_unary": "kunserve_unary", "ensemble": "kunserve"}
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"model_names": ()}, "at least one"),
+    ({"model_names": ("a/b",)}, "not a valid model name"),
+    ({"model_names": ("kunserve", "kunserve")}, "twice"),
+    ({"http_port": 9000, "grpc_port": 9000}, "must differ"),
+])
+def test_bad_triton_options(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TritonConfig(**kw)
+
+
+def test_repository_links_each_name_and_rejects_unknown_models(tmp_path):
+    cfg = TritonConfig(model_names=("kunserve", "ensemble=kunserve_unary"))
+    repo = prepare_repository(cfg, tmp_path)
+    assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "kunserve"]
+    assert (repo / "ensemble" / "config.pbtxt").read_text().count("decoupled: false") == 1
+    assert (repo / "kunserve" / "config.pbtxt").read_text().count("decoupled: true") == 1
+    with pytest.raises(TritonError, match="nope is not a model of the repository"):
+        prepare_repository(TritonConfig(model_names=("x=nope",)), tmp_path / "other")
+
+
+def test_unary_model_is_the_same_code():
+    assert (DEFAULT_REPOSITORY / "kunserve_unary/1/model.py").resolve() == \
+           (DEFAULT_REPOSITORY / "kunserve/1/model.py").resolve()
+
+
+def test_bundled_server_gets_the_stub_for_this_python_and_its_libraries(tmp_path, monkeypatch):
+    pytest.importorskip("pytriton")
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no tritonserver in PATH
+    install = find_tritonserver(work_dir=tmp_path)
+    assert install.binary.name == "tritonserver" and os.access(install.binary, os.X_OK)
+    stub = install.backend_dir / "python" / "triton_python_backend_stub"
+    assert stub.is_file() and not stub.is_symlink()  # a copy: the stub resolves its backend dir
+    assert (install.backend_dir / "python" / "libtriton_python.so").exists()
+    assert install.env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+    assert "nvidia_pytriton.libs" in install.env["LD_LIBRARY_PATH"]
+
+
+def test_missing_binary_is_named():
+    with pytest.raises(TritonError, match="does-not-exist does not exist"):
+        find_tritonserver(binary=__import__("pathlib").Path("/does-not-exist"))
+
+
+def _parse(*argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--log-level", default="info")
+    add_serve_args(p)
+    return config_from_args(p.parse_args(["--engine-dir", "x", *argv]))
+
+
+def test_ingress_moves_off_tritons_default_ports():
+    assert _parse().ingress_port == 8000 and _parse().triton is None
+    cfg = _parse("--triton")
+    assert cfg.ingress_port == 8080 and cfg.triton.http_port == 8000
+    assert cfg.triton.served() == {"kunserve": "kunserve", "kunserve_unary": "kunserve_unary"}
+    with pytest.raises(ValueError, match="--http-port 8001 is also one of Triton's ports"):
+        _parse("--triton", "--http-port", "8001")

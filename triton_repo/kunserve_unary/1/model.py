@@ -1,0 +1,1 @@
+../../kunserve/1/model.py
