@@ -29,7 +29,7 @@ class KVPool:
     """Device memory for KV pages. Which page belongs to whom is tracked elsewhere."""
 
     def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype,
-                 device: torch.device | str, max_pages: int | None = None) -> None:
+                 device: torch.device | str, max_pages: int | None = None, lazy: bool = False) -> None:
         if page_size <= 0 or num_pages <= 0:
             raise ValueError("page_size and num_pages must be positive")
         device = torch.device(device)
@@ -41,8 +41,12 @@ class KVPool:
         self.head_size = cfg.head_size
         shape = (max_pages, 2, page_size, self.num_kv_heads, self.head_size)
         self._mapping: mmap.mmap | None = None
-        if device.type == "cpu" and max_pages > num_pages:
-            self._mapping = mmap.mmap(-1, max_pages * self.page_bytes_of(shape, dtype))
+        self.lazy = lazy and device.type == "cpu"
+        """Pages become resident when first written, not when committed (the oracle's
+        unbounded pool: only the KV in use takes memory)."""
+        if device.type == "cpu" and (max_pages > num_pages or self.lazy):
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            self._mapping = mmap.mmap(-1, max_pages * self.page_bytes_of(shape, dtype), flags=flags)
             self.data = torch.frombuffer(self._mapping, dtype=dtype).view(shape)
         else:
             # Zeroed, not empty: padded attention reads masked slots, and 0 * NaN would poison it.
@@ -77,7 +81,9 @@ class KVPool:
 
     def _commit(self, new_num_pages: int) -> None:
         # Zeroing touches the pages: the memory is really taken now, not at first use.
-        self.data[self.num_pages:new_num_pages].zero_()
+        # A lazy pool's fresh anonymous pages are zero already and stay untouched.
+        if not self.lazy:
+            self.data[self.num_pages:new_num_pages].zero_()
         self.num_pages = new_num_pages
 
     def grow(self, extra_pages: int) -> None:

@@ -20,6 +20,9 @@ from orchestrator.config import EngineConfig
 from orchestrator.executor import PipelineExecutor
 from orchestrator.request import Request
 from orchestrator.scheduler import Scheduler, SchedulerConfig
+from orchestrator.swap import DEFAULT_SWAP_SPACE, HostSwapSpace
+
+PREEMPTION_MODES = ("recompute", "swap")
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,13 @@ class Completion:
 class LLMEngine:
     """Loads a store's split, sizes the KV pool, and runs requests to completion."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, preemption_mode: str = "recompute",
+                 swap_space_bytes: int = DEFAULT_SWAP_SPACE) -> None:
+        """``preemption_mode``: ``recompute`` drops a preempted request's KV; ``swap`` keeps
+        it in ``swap_space_bytes`` of host memory (``self.swap_space``) until it returns."""
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"unknown preemption_mode {preemption_mode!r}; "
+                             f"expected one of {', '.join(PREEMPTION_MODES)}")
         self.config = config
         self.store = EngineStore(config.engine_dir)
         self.model = self.store.config
@@ -53,10 +62,11 @@ class LLMEngine:
                              f"pages, fewer than one per layer ({self.model.num_hidden_layers})")
         self.kv = KVPool(self.model, num_pages, config.page_size, dtype, device)
         self.executor = PipelineExecutor(self.store, config.pp_size, self.kv, device, dtype)
+        self.swap_space = HostSwapSpace(self.kv, swap_space_bytes) if preemption_mode == "swap" else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
             BlockManager.single(num_pages, config.page_size, self.model.num_hidden_layers),
-            eos_token_ids=self.model.eos_token_ids)
+            eos_token_ids=self.model.eos_token_ids, swapper=self.swap_space)
         self._ids = itertools.count()
         logger.info("engine ready: %s, pp=%d, %s %s, %d KV pages of %d tokens",
                     self.store.path, config.pp_size, device, dtype, num_pages, config.page_size)

@@ -18,7 +18,8 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
-    """Its KV was dropped to make room; it waits to be recomputed."""
+    """Its KV was dropped to make room; it waits to be recomputed (or, if ``Request.swapped``,
+    its KV waits in host memory to be swapped back in)."""
     FINISHED_STOPPED = 10
     FINISHED_LENGTH = 11
     FINISHED_ABORTED = 12
@@ -52,6 +53,10 @@ class Request:
     block_table: list[list[int]] = field(default_factory=list)
     """Per layer, the KV pages of this request (owned by the block manager)."""
     num_preemptions: int = 0
+    swapped: bool = False
+    """Its KV is in the host swap space (pages freed, ``num_computed_tokens`` kept)."""
+    num_swaps: int = 0
+    """Preemptions that swapped the KV out instead of dropping it."""
     error: str | None = None
 
     @property

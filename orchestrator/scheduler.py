@@ -4,19 +4,24 @@ Every step: running requests first (decodes and unfinished prefill chunks), then
 requests in FCFS order while their KV fits. A request's computed tokens catch up with its
 tokens by chunks, so chunked prefill and decode are one mechanism. When a running request
 cannot grow, the newest running request is preempted: its KV is dropped and it is
-recomputed later.
+recomputed later, or, with a ``swapper`` (swap preemption, see ``orchestrator.swap``), its
+KV goes to host memory and is swapped back in when it is rescheduled.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engines.errors import RequestError
 from engines.step import SeqChunk, StepInput, StepOutput
 from orchestrator.block_manager import BlockManager
 from orchestrator.request import Request, RequestStatus
+
+if TYPE_CHECKING:  # the scheduler never touches tensors; only the protocol's type is used
+    from orchestrator.swap import Swapper
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +34,16 @@ class SchedulerConfig:
     """Token budget of a step (prefill chunk tokens plus one per decode)."""
     max_num_seqs: int = 64
     """Most requests running at once."""
+    preemption_mode: str = "recompute"
+    """What preemption does with a request's KV: ``recompute`` (drop it) or ``swap`` (to host
+    memory and back; needs the instance's KV on one rank)."""
+    swap_space_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be recompute or swap, got {self.preemption_mode!r}")
 
 
 @dataclass
@@ -70,12 +81,19 @@ class Scheduler:
     """Decides each step's chunks; owns the waiting and running queues of one instance."""
 
     def __init__(self, config: SchedulerConfig, blocks: BlockManager,
-                 eos_token_ids: tuple[int, ...] = ()) -> None:
+                 eos_token_ids: tuple[int, ...] = (), swapper: Swapper | None = None) -> None:
+        """``swapper``: preempt by swapping KV to host memory; None preempts by recompute."""
+        if swapper is not None and len(blocks.specs) != 1:
+            from orchestrator.swap import ONE_RANK_ONLY
+            raise NotImplementedError(ONE_RANK_ONLY.format(len(blocks.specs)))
         self.config = config
         self.blocks = blocks
+        self.swapper = swapper
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.counts: Counter[str] = Counter()
+        """Events since the instance's last report (preemptions, swaps), for the cluster's totals."""
 
     def add(self, req: Request) -> None:
         """Queue a request, refusing one that could never fit this instance's KV pool."""
@@ -95,15 +113,25 @@ class Scheduler:
             self.waiting.append(req)
 
     def release(self, req: Request) -> None:
-        """Let go of a request handed to another instance (its pages go with it)."""
+        """Let go of a request handed to another instance (its pages go with it).
+
+        A swapped request's KV cannot follow it (it is in this instance's host memory):
+        it is dropped, and the request leaves to be recomputed.
+        """
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
+        if req.swapped:
+            self._discard_swap(req)
+            req.num_computed_tokens = 0
 
     def preempt(self, req: Request) -> None:
-        """Drop a running request's KV; it is recomputed later (a fallback, e.g. for a failed move)."""
-        self._preempt(req)
+        """Drop a running request's KV; it is recomputed later (a fallback, e.g. for a failed move).
+
+        Never swaps: the KV may be stale after a failed move.
+        """
+        self._preempt(req, swap=False)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -135,6 +163,9 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.blocks.allocate(req, n):
                 break  # FCFS: the head of the queue waits for pages, nobody overtakes it
+            if req.swapped:  # pages for its computed tokens too: bring their KV back first
+                self.swapper.swap_in(req)
+                req.swapped = False
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -160,14 +191,22 @@ class Scheduler:
                 return False
         return True
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, swap: bool = True) -> None:
         self.running.remove(req)
+        # Swap out before freeing: the pages still hold the KV. A full swap space recomputes.
+        req.swapped = swap and self.swapper is not None and self.swapper.swap_out(req)
         self.blocks.free(req)
         req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.counts["preemptions"] += 1
+        if req.swapped:
+            req.num_swaps += 1
+            self.counts["swaps"] += 1
+        else:
+            req.num_computed_tokens = 0
         self.waiting.appendleft(req)
-        logger.debug("preempted %s (recompute of %d tokens)", req.request_id, req.num_tokens)
+        logger.debug("preempted %s (%s of %d tokens)", req.request_id,
+                     "swap" if req.swapped else "recompute", req.num_computed_tokens or req.num_tokens)
 
     def update(self, sched: SchedulerOutput, result: StepOutput) -> list[Request]:
         """Apply a step's result; return the requests that finished."""
@@ -206,5 +245,11 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         self.blocks.free(req)
+        if req.swapped:
+            self._discard_swap(req)
         req.status = status
         req.error = error
+
+    def _discard_swap(self, req: Request) -> None:
+        self.swapper.discard(req)
+        req.swapped = False

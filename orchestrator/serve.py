@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.config import parse_bytes, resolve_device
-from orchestrator.kunserve.policy import POLICY_DESCRIPTIONS
+from orchestrator.policies import POLICIES, get_policy
 from orchestrator.triton.server import DEFAULT_REPOSITORY, MODEL_DIRS, TritonConfig
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class ServeConfig:
     threads: int = 1
     admin_token: str | None = None
     """When set, POST /admin/* need ``Authorization: Bearer <token>``."""
+    swap_space: int = 4 << 30
+    """Host memory per rank for swapped-out KV (``--policy swap``)."""
     cost_model: Path | None = None
     """Fitted step-cost model (``python -m perf.profile_cost``): groups then form their
     micro-batches jointly (lookahead), balanced by estimated time."""
@@ -59,8 +61,9 @@ class ServeConfig:
         return 8080 if self.triton is not None else 8000
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_DESCRIPTIONS:
-            raise ValueError(f"unknown --policy {self.policy!r}; known: {', '.join(POLICY_DESCRIPTIONS)}")
+        policy = get_policy(self.policy)
+        if policy.preemption == "swap" and self.groups:
+            raise ValueError("--policy swap needs each instance's KV on one rank: it cannot start with --groups")
         if self.max_queued_requests < 1:
             raise ValueError("--max-queued-requests must be >= 1")
         t = self.triton
@@ -72,8 +75,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-dir", type=Path, required=True, help="engine store (build_scripts.build_engines)")
     p.add_argument("--groups", default=None,
                    help="initial pipelined groups, e.g. 0-1,2-3 (ranks not named serve as replicas)")
-    p.add_argument("--policy", default="vllm", choices=sorted(POLICY_DESCRIPTIONS),
-                   help="memory-overload policy: " + "; ".join(f"{k}: {v}" for k, v in POLICY_DESCRIPTIONS.items()))
+    p.add_argument("--policy", default="vllm", choices=list(POLICIES),
+                   help="memory-overload policy: " + "; ".join(f"{k}: {v.description}" for k, v in POLICIES.items()))
+    p.add_argument("--swap-space", type=parse_bytes, default=4 << 30,
+                   help="host memory per rank for swapped-out KV with --policy swap (default: 4GiB)")
     p.add_argument("--dispatch", default="least_loaded", help="dispatch policy: least_loaded or round_robin")
     p.add_argument("--host", default="127.0.0.1", help="ingress bind address (default: loopback only)")
     p.add_argument("--http-port", type=int, default=None,
@@ -133,7 +138,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_queued_requests=args.max_queued_requests, page_size=args.page_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         transport=args.transport, device=args.device, dtype=args.dtype, model_name=args.model_name,
-        threads=args.threads, admin_token=args.admin_token, cost_model=args.cost_model,
+        threads=args.threads, admin_token=args.admin_token, cost_model=args.cost_model, swap_space=args.swap_space,
         triton=_triton_config(args))
 
 

@@ -23,6 +23,7 @@ from orchestrator.dispatch import make_dispatch_policy
 from orchestrator.kunserve.cost_model import CostModel
 from orchestrator.kunserve.planner import ModelMemory
 from orchestrator.kunserve.policy import make_policy
+from orchestrator.policies import get_policy
 from orchestrator.scheduler import SchedulerConfig
 from orchestrator.serve import ServeConfig, config_from_args, default_device_memory, rank_device
 from orchestrator.transport import make_transport
@@ -54,7 +55,13 @@ def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology, Cost
     memory = cfg.device_memory or default_device_memory(device)
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else (None if device.type == "cpu" else torch.bfloat16)
     cost = CostModel.load(cfg.cost_model) if cfg.cost_model else None
-    engine = RankEngine(store, device, dtype, memory, cfg.page_size)
+    kv_pages = None
+    if get_policy(cfg.policy).unlimited_kv:  # the oracle: room for max_num_seqs full contexts
+        if device.type != "cpu":
+            raise ValueError("--policy oracle needs a CPU pool (pages resident only when used)")
+        ctx = store.config.max_position_embeddings
+        kv_pages = cfg.max_num_seqs * -(-ctx // cfg.page_size) * store.config.num_hidden_layers
+    engine = RankEngine(store, device, dtype, memory, cfg.page_size, kv_pages=kv_pages)
     return engine, topology, cost
 
 
@@ -74,7 +81,9 @@ def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
             err = str(exc)
         _agree(comm, err)
         kv_pages = comm.allgather(engine.plan.kv_pages)
-        sched = SchedulerConfig(cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        policy = get_policy(cfg.policy)
+        sched = SchedulerConfig(cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                preemption_mode=policy.preemption, swap_space_bytes=cfg.swap_space)
         loop = RankLoop(comm, engine, topology, kv_pages, sched, make_transport(cfg.transport, comm),
                         engine.plan.device_memory, cost)
         err = None
@@ -128,7 +137,7 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
         loop.topology, cfg.model_name or store.path.resolve().name, Tokenizer(store.tokenizer_dir),
         store.config.max_position_embeddings, cfg.max_queued_requests, make_dispatch_policy(cfg.dispatch),
         send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=store.splits,
-        num_layers=store.config.num_hidden_layers, reshape_policy=make_policy(cfg.policy, mem))
+        num_layers=store.config.num_hidden_layers, reshape_policy=make_policy(get_policy(cfg.policy).reshape, mem))
     loop.controller = controller
     ingress = IngressServer(controller, cfg.host, cfg.ingress_port, admin_token=cfg.admin_token)
     ingress.start()

@@ -340,6 +340,8 @@ class Controller:
     def on_report(self, report: InstanceReport) -> None:
         with self._lock:
             self._stats[report.stats.instance] = report.stats
+            for kind, n in report.stats.counts.items():
+                self.counters[kind] = self.counters.get(kind, 0) + n
         for update in report.updates:
             self._deliver(update)
 

@@ -29,6 +29,15 @@ from orchestrator.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, S
 logger = logging.getLogger(__name__)
 
 
+def _swap_space(cfg: SchedulerConfig, engine: RankEngine, pools: list[PoolSpec]):
+    """Host swap space for swap preemption; a pipelined group (KV on several ranks) recomputes."""
+    if cfg.preemption_mode != "swap" or len(pools) != 1:
+        return None
+    from orchestrator.swap import HostSwapSpace
+
+    return HostSwapSpace(engine.kv, cfg.swap_space_bytes)
+
+
 def stage_chunks(chunks: list[SeqChunk], first_layer: int, with_tokens: bool) -> list[SeqChunk]:
     """Chunks carrying the block-table rows of layers ``first_layer`` onwards."""
     return [replace(c, block_table=c.block_table[first_layer:],
@@ -49,8 +58,9 @@ class InstanceDriver:
         self.ranges = ranges
         self.sender = sender
         self.runner = engine.runner(ranges[0])
+        self.swap_space = _swap_space(sched_config, engine, pools)
         self.scheduler = Scheduler(sched_config, BlockManager(engine.kv.page_size, pools),
-                                   eos_token_ids=engine.cfg.eos_token_ids)
+                                   eos_token_ids=engine.cfg.eos_token_ids, swapper=self.swap_space)
         self.requests: dict[str, Request] = {}
         self.sent: dict[str, int] = {}
         self.inflight: dict[int, SchedulerOutput] = {}
@@ -106,7 +116,8 @@ class InstanceDriver:
         queued = sum(r.num_tokens for r in sched.waiting)
         demand = sum(r.num_tokens + 1 for r in sched.running) + queued
         stats = InstanceStats(self.instance, len(sched.waiting), len(sched.running), pools, capacity, demand,
-                              capacity - free, queued, free)
+                              capacity - free, queued, free, dict(sched.counts))
+        sched.counts.clear()
         updates, self.updates = self.updates, []
         return InstanceReport(stats, updates)
 

@@ -64,6 +64,8 @@ class InstanceStats:
     queued_tokens: int = 0
     """Tokens of the requests waiting for admission."""
     free_tokens: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    """Events since the previous report: preemptions, swaps, migrations."""
 
     @property
     def free_fraction(self) -> float:

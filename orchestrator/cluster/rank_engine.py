@@ -61,17 +61,23 @@ class RankEngine:
     """The weights, KV pool and stage runners of one rank."""
 
     def __init__(self, store: EngineStore, device: torch.device, dtype: torch.dtype | None,
-                 device_memory: int, page_size: int, workspace_fraction: float = 0.05) -> None:
+                 device_memory: int, page_size: int, workspace_fraction: float = 0.05,
+                 kv_pages: int | None = None) -> None:
+        """``kv_pages`` overrides the budget's pool (the oracle): a lazy pool whose pages take
+        memory only once written."""
         self.store = store
         self.cfg = store.config
         self.baseline_resident = resident_bytes() if device.type == "cpu" else 0
         self.weights, _ = store.load_rank(1, 0, device=device, dtype=dtype)
         self.plan = self._plan(device_memory, page_size, workspace_fraction)
+        if kv_pages is not None:
+            self.plan = MemoryPlan(device_memory, self.plan.weight_bytes, self.plan.workspace_bytes,
+                                   kv_pages, self.plan.page_bytes)
         # Reserve room for the most KV this rank can ever get: its pool plus the weights it
         # would free as the smallest stage of the store's largest split.
         extra = (self.weights.resident_bytes() - self._min_kept_bytes()) // self.plan.page_bytes
         self.kv = KVPool(self.cfg, self.plan.kv_pages, page_size, self.weights.dtype, device,
-                         max_pages=self.plan.kv_pages + extra)
+                         max_pages=self.plan.kv_pages + extra, lazy=kv_pages is not None)
         self.held = LayerRange(0, self.cfg.num_hidden_layers)
         """The layers whose weights are resident (all of them unless dropped)."""
         self.last_drop: DropMeasure | None = None

@@ -161,6 +161,12 @@ def _reshape_counters(state: ClusterState) -> dict[str, tuple[str, float]]:
                                                 c.get("weight_bytes", 0)),
         "kunserve_restore_weight_seconds_total": ("Time spent pulling weights back (per rank, summed).",
                                                   c.get("weight_seconds", 0.0)),
+        "kunserve_preemptions_total": ("Running requests preempted to make room for others.",
+                                       c.get("preemptions", 0)),
+        "kunserve_swaps_total": ("Preemptions whose KV went to host memory (--policy swap).", c.get("swaps", 0)),
+        "kunserve_migrations_total": ("Requests migrated live between replicas (--policy llumnix).",
+                                      c.get("migrations", 0)),
+        "kunserve_migration_bytes_total": ("KV bytes moved by migrations.", c.get("migration_bytes", 0)),
     }
 
 

@@ -108,16 +108,13 @@ class KunServePolicy(ReshapePolicy):
         self.monitor.forget(instance)
 
 
-def make_policy(name: str, mem: ModelMemory | None) -> ReshapePolicy:
-    if name == "vllm":
+def make_policy(reshape: str, mem: ModelMemory | None) -> ReshapePolicy:
+    """The reshape policy of a serving policy (``orchestrator.policies``): never or kunserve."""
+    if reshape == "never":
         return NeverReshape()
-    if name == "kunserve":
+    if reshape == "kunserve":
         if mem is None:
             raise ValueError("the kunserve policy needs the model's memory figures")
         allowed_group_sizes(mem)  # a store without a pipeline split cannot drop: say so at start
         return KunServePolicy(mem)
-    raise ValueError(f"unknown policy {name!r}; known: kunserve, vllm")
-
-
-POLICY_DESCRIPTIONS = {NeverReshape.name: NeverReshape.description, KunServePolicy.name: KunServePolicy.description}
-
+    raise ValueError(f"unknown reshape policy {reshape!r}; known: never, kunserve")

@@ -1,0 +1,338 @@
+"""perf_analyzer and genai-perf against the cluster behind Triton, and the Triton hop's cost.
+
+    python -m perf.triton_bench --out runs/triton [--engine-dir stores/smollm2] [--ranks 2]
+    python -m perf.triton_bench --out runs/triton --attach   # a cluster already serving on the default ports
+
+1. Installs genai-perf and perf_analyzer (from the ``tritonclient==2.51.0`` manylinux1 wheel,
+   whose ``perf_analyzer`` runs on older glibc) into their own environment
+   (``--tools-venv``), with ``libb64.so.0d`` and ``libcudart.so.12`` taken from the
+   ``nvidia-pytriton`` wheel's bundled libraries.
+2. Starts the cluster with ``--triton`` (unless ``--attach``).
+3. genai-perf: a concurrency sweep, streaming over gRPC with the store's own tokenizer.
+4. perf_analyzer: a request-intervals file cut from a real trace's busiest window
+   (``../shared/traces``), the same prompts; TTFT and inter-token latency are computed from
+   its profile export.
+5. The Triton hop: identical requests sent alternately to the ingress (``/v1/completions``,
+   streamed) and through Triton (gRPC stream), TTFT of each measured by the client; the
+   median of the paired differences is the hop's cost.
+
+Everything raw is kept under ``--out``; ``summary.md`` and ``summary.json`` hold the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import time
+import venv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from perf.mpi_launch import REPO_ROOT
+
+TOOLS = ["genai-perf==0.0.16", "tritonclient[http,grpc]==2.51.0"]
+DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_code.csv"
+
+
+# ----------------------------------------------------------------------------- the tools
+
+@dataclass(frozen=True)
+class Tools:
+    genai_perf: Path
+    perf_analyzer: Path
+    env: dict[str, str]
+
+
+def install_tools(venv_dir: Path) -> Tools:
+    """The tools' environment (created on first use) and the libraries perf_analyzer needs."""
+    bin_dir = venv_dir / "bin"
+    if not (bin_dir / "genai-perf").is_file() or not (bin_dir / "perf_analyzer").is_file():
+        print(f"installing {', '.join(TOOLS)} into {venv_dir} ...", flush=True)
+        venv.create(venv_dir, with_pip=True)
+        subprocess.run([str(bin_dir / "pip"), "install", "-q", *TOOLS], check=True)
+    libs = _perf_analyzer_libs(venv_dir / "pa-libs")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+               LD_LIBRARY_PATH=os.pathsep.join(p for p in (str(libs), os.environ.get("LD_LIBRARY_PATH")) if p))
+    return Tools(bin_dir / "genai-perf", bin_dir / "perf_analyzer", env)
+
+
+def _perf_analyzer_libs(lib_dir: Path) -> Path:
+    """Links named as perf_analyzer asks for them, to the copies bundled in nvidia-pytriton."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise SystemExit("error: nvidia-pytriton is not installed (pip install -e '.[triton]')")
+    bundled = Path(spec.origin).parents[1] / "nvidia_pytriton.libs"
+    lib_dir.mkdir(parents=True, exist_ok=True)
+    for soname, pattern in (("libb64.so.0d", "libb64-*.so.0d"), ("libcudart.so.12", "libcudart-*.so.12*")):
+        found = sorted(bundled.glob(pattern))
+        if not found:
+            raise SystemExit(f"error: {bundled} has no {pattern}; perf_analyzer cannot run")
+        link = lib_dir / soname
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(found[0])
+    return lib_dir
+
+
+# ----------------------------------------------------------------------------- genai-perf sweep
+
+@dataclass
+class LoadResult:
+    """One load point: TTFT and inter-token latency (ms) and throughput."""
+
+    load: str
+    requests: int
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    output_tok_s: float
+    request_s: float
+
+
+def genai_perf_point(tools: Tools, args: argparse.Namespace, concurrency: int, out: Path) -> LoadResult:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [str(tools.genai_perf), "profile", "-m", args.model, "--endpoint-type", "kserve",
+           "--backend", "tensorrtllm", "-u", args.grpc, "--streaming", "--tokenizer", str(args.tokenizer),
+           "--synthetic-input-tokens-mean", str(args.input_tokens), "--synthetic-input-tokens-stddev", "0",
+           "--output-tokens-mean", str(args.output_tokens),
+           "--concurrency", str(concurrency), "--num-prompts", str(args.num_prompts),
+           "--measurement-interval", str(args.measurement_ms), "--random-seed", str(args.seed),
+           "--artifact-dir", str(out)]
+    _run(cmd, tools.env, out / "genai-perf.log")
+    stats = json.loads(next(out.rglob("profile_export_genai_perf.json")).read_text())
+    return LoadResult(
+        f"concurrency {concurrency}", int(stats["request_count"]["avg"]),
+        stats["time_to_first_token"]["p50"], stats["time_to_first_token"]["p99"],
+        stats["inter_token_latency"]["p50"], stats["inter_token_latency"]["p99"],
+        stats["output_token_throughput"]["avg"], stats["request_throughput"]["avg"])
+
+
+def _run(cmd: list[str], env: dict[str, str], log: Path) -> None:
+    print("  $ " + " ".join(cmd[:2] + ["..."]), f"(log: {log})", flush=True)
+    with open(log, "w") as f:
+        res = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent)
+    if res.returncode != 0:
+        raise SystemExit(f"error: {cmd[0]} failed with status {res.returncode}; see {log}")
+
+
+# ----------------------------------------------------------------------------- trace intervals
+
+def trace_intervals(trace: Path, count: int, rate: float) -> list[int]:
+    """Inter-arrival gaps (µs) of ``count`` consecutive requests of a trace, from the start
+    of its busiest minute, time-scaled so that their mean rate is ``rate`` req/s (the bursts
+    keep their shape: the coefficient of variation does not change)."""
+    from perf.traces import busiest_window, load_trace
+
+    t = load_trace(trace)
+    start, _ = busiest_window(t, 60.0)
+    arrivals = [r.arrival_s for r in t.requests if r.arrival_s >= start][:count + 1]
+    if len(arrivals) < 2 or arrivals[-1] == arrivals[0]:
+        raise SystemExit(f"error: {trace} has too few requests after its busiest minute")
+    mean_gap = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
+    scale = 1.0 / (rate * mean_gap)  # multiply gaps by this to get the asked rate
+    return [max(1, int((b - a) * scale * 1e6)) for a, b in zip(arrivals, arrivals[1:])]
+
+
+def perf_analyzer_intervals(tools: Tools, args: argparse.Namespace, inputs: Path, out: Path) -> LoadResult:
+    """perf_analyzer replaying the trace's gaps with genai-perf's prompts; stats from its export."""
+    gaps = trace_intervals(args.trace, args.trace_requests, args.trace_rate)
+    intervals = out / "request_intervals.txt"
+    out.mkdir(parents=True, exist_ok=True)
+    intervals.write_text("\n".join(map(str, gaps)) + "\n")
+    export = out / "profile_export.json"
+    cmd = [str(tools.perf_analyzer), "-m", args.model, "--async", "-i", "grpc", "--streaming",
+           "-u", args.grpc, "--service-kind", "triton", "--shape", "max_tokens:1", "--shape", "text_input:1",
+           "--request-intervals", str(intervals), "--input-data", str(inputs),
+           "--measurement-mode", "count_windows", "--measurement-request-count", str(len(gaps)),
+           "--stability-percentage", "999", "--profile-export-file", str(export)]
+    _run(cmd, tools.env, out / "perf_analyzer.log")
+    return _stats_from_export(export, f"{args.trace.stem} gaps @ {args.trace_rate:g} req/s")
+
+
+def _stats_from_export(export: Path, label: str) -> LoadResult:
+    requests = [r for e in json.loads(export.read_text())["experiments"] for r in e["requests"]
+                if r.get("response_timestamps")]
+    ttft = [(r["response_timestamps"][0] - r["timestamp"]) / 1e6 for r in requests]
+    itl = [(r["response_timestamps"][-1] - r["response_timestamps"][0]) / 1e6 / (len(r["response_timestamps"]) - 1)
+           for r in requests if len(r["response_timestamps"]) > 1]
+    tokens = sum(len(r["response_timestamps"]) for r in requests)
+    span = (max(r["response_timestamps"][-1] for r in requests) - min(r["timestamp"] for r in requests)) / 1e9
+    return LoadResult(label, len(requests), _pct(ttft, 50), _pct(ttft, 99), _pct(itl, 50), _pct(itl, 99),
+                      tokens / span, len(requests) / span)
+
+
+def _pct(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------- the Triton hop
+
+@dataclass
+class HopResult:
+    pairs: int
+    ingress_ttft_p50_ms: float
+    triton_ttft_p50_ms: float
+    paired_diff_p50_ms: float
+    paired_diff_p90_ms: float
+
+
+def triton_hop(args: argparse.Namespace) -> HopResult:
+    """Same prompt, one at a time, alternately direct and through Triton (ABBA order)."""
+    import tritonclient.grpc as grpcclient
+
+    from perf.triton_client import generate_inputs
+
+    client = grpcclient.InferenceServerClient(args.grpc)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    loop = asyncio.new_event_loop()
+    session = loop.run_until_complete(_session())
+    direct, through = [], []
+    try:
+        for i in range(args.hop_pairs):
+            prompt = f"Request {i}: say something."
+            order = (0, 1) if i % 2 == 0 else (1, 0)
+            for which in order:
+                if which == 0:
+                    direct.append(loop.run_until_complete(_ingress_ttft(session, args.ingress, prompt)))
+                else:
+                    through.append(_triton_ttft(client, answers, args.model, prompt, generate_inputs, grpcclient))
+    finally:
+        client.stop_stream()
+        loop.run_until_complete(session.close())
+        loop.close()
+    diffs = sorted(t - d for d, t in zip(direct, through))
+    return HopResult(len(diffs), statistics.median(direct) * 1e3, statistics.median(through) * 1e3,
+                     statistics.median(diffs) * 1e3, diffs[int(0.9 * (len(diffs) - 1))] * 1e3)
+
+
+async def _session():
+    import aiohttp
+
+    return aiohttp.ClientSession()
+
+
+async def _ingress_ttft(session, url: str, prompt: str) -> float:
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        async for line in resp.content:
+            if line.startswith(b"data: {") and b'"token_ids": [' in line and b'"token_ids": []' not in line:
+                first = time.perf_counter()
+                break
+        await resp.read()
+    return first - t0
+
+
+def _triton_ttft(client, answers: queue.Queue, model: str, prompt: str, generate_inputs, grpcclient) -> float:
+    t0 = time.perf_counter()
+    client.async_stream_infer(model, generate_inputs(grpcclient, prompt, 2, True), enable_empty_final_response=True)
+    first = None
+    while True:
+        result, error = answers.get(timeout=60)
+        if error is not None:
+            raise SystemExit(f"error: a Triton request failed: {error}")
+        if first is None:
+            first = time.perf_counter()
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            return first - t0
+
+
+# ----------------------------------------------------------------------------- report
+
+def summary_markdown(points: list[LoadResult], hop: HopResult | None, settings: dict) -> str:
+    lines = [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}", "",
+             "| load | requests | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | output tok/s | req/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in points:
+        lines.append(f"| {p.load} | {p.requests} | {p.ttft_p50_ms:.1f} | {p.ttft_p99_ms:.1f} | {p.itl_p50_ms:.1f} | "
+                     f"{p.itl_p99_ms:.1f} | {p.output_tok_s:.1f} | {p.request_s:.2f} |")
+    if hop is not None:
+        lines += ["", f"Triton hop ({hop.pairs} paired requests, one at a time): TTFT p50 direct "
+                      f"{hop.ingress_ttft_p50_ms:.2f} ms, through Triton {hop.triton_ttft_p50_ms:.2f} ms; "
+                      f"paired difference p50 {hop.paired_diff_p50_ms:.2f} ms, p90 {hop.paired_diff_p90_ms:.2f} ms"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m perf.triton_bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="directory for raw outputs and the summary")
+    p.add_argument("--engine-dir", type=Path, default=REPO_ROOT / "stores" / "smollm2", help="store to serve")
+    p.add_argument("--ranks", type=int, default=2, help="ranks of the cluster started here (default: 2)")
+    p.add_argument("--device-memory", default="1GiB", help="per-rank memory (default: 1GiB)")
+    p.add_argument("--attach", action="store_true",
+                   help="use a cluster already serving: Triton on --grpc, ingress on --ingress")
+    p.add_argument("--grpc", default="localhost:8001", help="Triton gRPC endpoint with --attach")
+    p.add_argument("--ingress", default="http://localhost:8080", help="ingress URL with --attach")
+    p.add_argument("--model", default="kunserve", help="served model name (default: kunserve)")
+    p.add_argument("--tools-venv", type=Path, default=REPO_ROOT / ".venv-triton-tools",
+                   help="environment for genai-perf and perf_analyzer (created on first use)")
+    p.add_argument("--concurrency", default="1,2,4,8", help="genai-perf concurrency sweep (default: 1,2,4,8)")
+    p.add_argument("--input-tokens", type=int, default=128, help="prompt tokens (default: 128)")
+    p.add_argument("--output-tokens", type=int, default=32, help="output tokens (default: 32)")
+    p.add_argument("--num-prompts", type=int, default=50, help="distinct prompts / trace requests (default: 50)")
+    p.add_argument("--measurement-ms", type=int, default=10000, help="genai-perf measurement window (ms)")
+    p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="trace for the request-intervals run")
+    p.add_argument("--trace-requests", type=int, default=60,
+                   help="requests of the trace replayed, from its busiest minute on (default: 60)")
+    p.add_argument("--trace-rate", type=float, default=1.0,
+                   help="mean request rate the trace window is scaled to (req/s, default: 1)")
+    p.add_argument("--hop-pairs", type=int, default=200, help="paired requests for the hop measurement")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    from engines.store import EngineStore
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.tokenizer = EngineStore(args.engine_dir).tokenizer_dir.resolve()
+    tools = install_tools(args.tools_venv)
+    cluster = None
+    if not args.attach:
+        from perf.triton_client import TritonCluster
+
+        cluster = TritonCluster(args.ranks, args.engine_dir, device_memory=args.device_memory, model_names="kunserve")
+        print(f"starting the cluster ({args.ranks} ranks) behind Triton ...", flush=True)
+        cluster.start()
+        args.grpc, args.ingress = cluster.grpc_target, cluster.url
+    try:
+        points = [genai_perf_point(tools, args, c, args.out / "genai-perf" / f"concurrency{c}")
+                  for c in args.concurrency]
+        inputs = next((args.out / "genai-perf").rglob("inputs.json"))
+        points.append(perf_analyzer_intervals(tools, args, inputs, args.out / "perf_analyzer-trace"))
+        hop = triton_hop(args)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    settings = {"store": args.engine_dir.name, "ranks": args.ranks, "input_tokens": args.input_tokens,
+                "output_tokens": args.output_tokens, "trace": args.trace.name}
+    md = summary_markdown(points, hop, settings)
+    (args.out / "summary.md").write_text(md)
+    (args.out / "summary.json").write_text(json.dumps(
+        {"settings": settings, "points": [asdict(p) for p in points], "triton_hop": asdict(hop)}, indent=2))
+    print(md)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The baselines on the same cluster: under a burst that overloads the replicas' KV, swap
+preemption and the oracle's unbounded pool give the single-process engine's greedy tokens;
+swap really swaps (and never recomputes), the oracle never preempts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from perf.cluster_client import ServingCluster, complete, reference_completions, run
+from tests.conftest import build_tiny_store
+from tests.mpi_util import requires_mpirun
+from tests.orchestrator.cluster.test_kunserve_policy import MAX_TOKENS, PROMPTS, WIDE
+
+pytestmark = requires_mpirun
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    store = build_tiny_store(tmp_path_factory.mktemp("wide_baselines"), WIDE, splits=(1, 2))[1]
+    return store, reference_completions(store, PROMPTS, MAX_TOKENS)
+
+
+async def burst(url: str):
+    async with aiohttp.ClientSession() as s:
+        bodies = [{"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+                  for p, n in zip(PROMPTS, MAX_TOKENS)]
+        return await asyncio.gather(*(complete(s, url, b) for b in bodies))
+
+
+@pytest.mark.parametrize("policy", ["vllm", "swap", "oracle"])
+def test_burst_tokens_match_and_the_mechanism_acted(wide, policy):
+    store, expected = wide
+    with ServingCluster(2, store, "--policy", policy, "--dispatch", "round_robin", device_memory="112MiB") as c:
+        results = run(burst(c.url))
+        assert [r.token_ids for r in results] == expected
+        state = c.wait_all_free(timeout=10)
+        counters = state["counters"]
+        assert all(r["kv_pages_used"] == 0 for r in state["ranks"]), state["ranks"]
+    if policy == "vllm":
+        assert counters.get("preemptions", 0) > 0 and counters.get("swaps", 0) == 0, counters
+    elif policy == "swap":
+        assert counters.get("swaps", 0) > 0 and counters["swaps"] == counters["preemptions"], counters
+    else:
+        assert counters.get("preemptions", 0) == 0, counters
