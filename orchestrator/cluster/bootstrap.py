@@ -23,6 +23,7 @@ from orchestrator.dispatch import make_dispatch_policy
 from orchestrator.kunserve.cost_model import CostModel
 from orchestrator.kunserve.planner import ModelMemory
 from orchestrator.kunserve.policy import make_policy
+from orchestrator.llumnix.policy import LlumnixPolicy
 from orchestrator.policies import get_policy
 from orchestrator.scheduler import SchedulerConfig
 from orchestrator.serve import ServeConfig, config_from_args, default_device_memory, rank_device
@@ -137,7 +138,8 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
         loop.topology, cfg.model_name or store.path.resolve().name, Tokenizer(store.tokenizer_dir),
         store.config.max_position_embeddings, cfg.max_queued_requests, make_dispatch_policy(cfg.dispatch),
         send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=store.splits,
-        num_layers=store.config.num_hidden_layers, reshape_policy=make_policy(get_policy(cfg.policy).reshape, mem))
+        num_layers=store.config.num_hidden_layers, reshape_policy=make_policy(get_policy(cfg.policy).reshape, mem),
+        migration_policy=LlumnixPolicy() if get_policy(cfg.policy).migration else None)
     loop.controller = controller
     ingress = IngressServer(controller, cfg.host, cfg.ingress_port, admin_token=cfg.admin_token)
     ingress.start()

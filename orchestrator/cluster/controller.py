@@ -18,14 +18,17 @@ from typing import Callable
 
 from engines.tokenizer import Tokenizer
 from orchestrator.cluster.messages import (AbortRequest, AddRequest, DropGroup, InstanceReport, InstanceStats,
-                                           RankInfo, RestoreGroup, TokenUpdate)
+                                           MigrationDone, RankInfo, RestoreGroup, StartMigration, TokenUpdate)
 from orchestrator.cluster.topology import Topology
 from orchestrator.dispatch import DispatchPolicy, InstanceLoad
 from orchestrator.kunserve.policy import NeverReshape, ReshapePolicy
+from orchestrator.llumnix.policy import LlumnixPolicy
 from orchestrator.ingress.backend import (BackendUnavailable, ClusterState, GenerateRequest, InstanceState,
                                           QueueFullError, RankState)
 
 logger = logging.getLogger(__name__)
+
+MIGRATION_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -42,7 +45,8 @@ class Controller:
     def __init__(self, topology: Topology, model_name: str, tokenizer: Tokenizer, max_model_len: int,
                  max_queued: int, policy: DispatchPolicy, send_to_leader: Callable[[int, object], None],
                  start_regroup: Callable[[Topology], None], splits: list[int] | None = None,
-                 num_layers: int = 0, reshape_policy: ReshapePolicy | None = None) -> None:
+                 num_layers: int = 0, reshape_policy: ReshapePolicy | None = None,
+                 migration_policy: LlumnixPolicy | None = None) -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -71,6 +75,10 @@ class Controller:
         """Drops and restores, newest last (shown in /admin/state)."""
         self.counters: dict[str, float] = {}
         self.reshape_policy = reshape_policy or NeverReshape()
+        self.migration_policy = migration_policy
+        self._migrating: dict[int, tuple[int, int, float]] = {}
+        """Migration id -> (source, destination, start time) of migrations under way."""
+        self._migration_ids = 0
         self._last_decision = 0.0
 
     # Ingress side (any thread) -----------------------------------------------------------
@@ -179,6 +187,8 @@ class Controller:
         self.reshape_policy.observe(stats, now)
         if busy or not self._ready:
             return
+        if self.migration_policy is not None:
+            self._start_migrations(stats, topology, now)
         for action in self.reshape_policy.decide(topology, now):
             try:
                 if action.kind == "drop":
@@ -191,6 +201,31 @@ class Controller:
             except ValueError as exc:
                 logger.warning("policy %s could not %s %s: %s", self.reshape_policy.name, action.kind,
                                list(action.ranks), exc)
+
+    def _start_migrations(self, stats: dict, topology: Topology, now: float) -> None:
+        with self._lock:
+            stale = [mid for mid, (_s, _d, t) in self._migrating.items() if now - t > MIGRATION_TIMEOUT_S]
+            for mid in stale:  # the source reports every ending; a silent one is logged and forgotten
+                logger.warning("migration %d reported nothing for %.0f s", mid, MIGRATION_TIMEOUT_S)
+                del self._migrating[mid]
+            busy = {r for src, dst, _t in self._migrating.values() for r in (src, dst)}
+        for d in self.migration_policy.decide(stats, topology, busy, now):
+            self._migration_ids += 1
+            with self._lock:
+                self._migrating[self._migration_ids] = (d.src, d.dst, now)
+            self._send(d.src, StartMigration(self._migration_ids, d.dst, d.dst_free_tokens))
+
+    def on_migration_done(self, msg: MigrationDone) -> None:
+        with self._lock:
+            self._migrating.pop(msg.migration_id, None)
+            if not msg.ok:
+                logger.debug("migration %d from %d to %d did not happen: %s", msg.migration_id, msg.src,
+                             msg.dst, msg.reason)
+                return
+            self._move_streams([msg.request_id], msg.dst)
+            self._record({"event": "migration", "ranks": [msg.src, msg.dst], "time": time.time(),
+                          "request": msg.request_id, "bytes": msg.bytes_moved, "seconds": round(msg.seconds, 4),
+                          "stop_seconds": round(msg.stop_seconds, 4), "stages": msg.stages})
 
     def _wait_reshaped(self, ranks: tuple[int, ...], wait_s: float) -> None:
         with self._reshaped:
@@ -240,6 +275,9 @@ class Controller:
         elif kind == "exchange":
             c["exchange_bytes"] = c.get("exchange_bytes", 0) + event["bytes"]
             c["exchange_seconds"] = c.get("exchange_seconds", 0.0) + event["seconds"]
+        elif kind == "migration":
+            c["migrations"] = c.get("migrations", 0) + 1
+            c["migration_bytes"] = c.get("migration_bytes", 0) + event["bytes"]
         elif kind == "weights_pulled":
             c["weight_bytes"] = c.get("weight_bytes", 0) + event["bytes"]
             c["weight_seconds"] = c.get("weight_seconds", 0.0) + event["seconds"]

@@ -153,6 +153,18 @@ class InstanceDriver:
             self.held.add(req.seq_id)
         return req
 
+    def hand_over(self, req: Request, block_table: list[list[int]], home: int) -> ExportedRequest:
+        """Give one request to another leader whose pool already holds its KV (a migration);
+        this instance's pages for it are freed."""
+        self.held.discard(req.seq_id)
+        self.scheduler.release(req)
+        self.scheduler.blocks.free(req)
+        er = ExportedRequest(req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling,
+                             req.max_model_len, req.num_computed_tokens, block_table, home,
+                             self.sent[req.request_id], req.num_preemptions, req.arrival_time)
+        del self.requests[req.request_id], self.sent[req.request_id]
+        return er
+
     def release_held(self, req: Request) -> None:
         """A held request's KV has arrived: it may run (or be aborted, if that was asked)."""
         self.held.discard(req.seq_id)

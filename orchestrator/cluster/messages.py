@@ -284,3 +284,70 @@ class Restored:
     rank: int
     epoch: int
     request_ids: list[str]
+
+
+# ----------------------------------------------------------------------------- live migration (llumnix)
+
+MIGRATION_EPOCH = 1 << 30
+"""Exchange batches with an epoch from here on move a migrating request's KV (the
+migration id is ``epoch - MIGRATION_EPOCH``); lower epochs belong to drops."""
+
+
+@dataclass
+class StartMigration:
+    """Controller -> source leader: move one running request to ``dst`` (it picks which)."""
+
+    migration_id: int
+    dst: int
+    dst_free_tokens: int
+
+
+@dataclass
+class MigrationOffer:
+    """Source -> destination leader: reserve room for this request's KV."""
+
+    migration_id: int
+    src: int
+    request_id: str
+    num_tokens: int
+
+
+@dataclass
+class MigrationReply:
+    """Destination -> source: the pages reserved per layer, or None and why not."""
+
+    migration_id: int
+    block_table: list[list[int]] | None
+    reason: str = ""
+
+
+@dataclass
+class MigrationCommit:
+    """Source -> destination: all KV has landed; the request is yours from here."""
+
+    migration_id: int
+    request: ExportedRequest
+
+
+@dataclass
+class MigrationCancel:
+    """Source -> destination: give the reservation back (nothing is in flight any more)."""
+
+    migration_id: int
+
+
+@dataclass
+class MigrationDone:
+    """Source -> controller: how a migration ended."""
+
+    migration_id: int
+    request_id: str
+    src: int
+    dst: int
+    ok: bool
+    reason: str = ""
+    bytes_moved: int = 0
+    seconds: float = 0.0
+    stop_seconds: float = 0.0
+    """How long the request was paused for the last copy (Llumnix's short final stop)."""
+    stages: int = 0

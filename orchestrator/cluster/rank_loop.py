@@ -22,12 +22,14 @@ from orchestrator.block_manager import PoolSpec
 from orchestrator.cluster.controller import Controller
 from orchestrator.cluster.instance import InstanceDriver, StageWorker
 from orchestrator.cluster.kv_mover import KvMover
+from orchestrator.cluster.migration import MigrationSource, MigrationTarget
 from orchestrator.cluster.member import on_drop_group, on_split_group
-from orchestrator.cluster.messages import (TAG_CONTROL, TAG_HIDDEN, TAG_RESULT, TAG_STAGE, AbortRequest,
-                                           AddRequest, DropGroup, ExchangeAbort, ExchangeBatch, ExchangeDone,
-                                           GroupFormed, InstanceReport, MemberReady, RankFailed, RankInfo,
-                                           Regroup, RegroupDone, ReshapeEvent, Restored, RestoreGroup, Shutdown, SplitGroup,
-                                           StageResult, StageStep)
+from orchestrator.cluster.messages import (MIGRATION_EPOCH, TAG_CONTROL, TAG_HIDDEN, TAG_RESULT, TAG_STAGE,
+                                           AbortRequest, AddRequest, DropGroup, ExchangeAbort, ExchangeBatch,
+                                           ExchangeDone, GroupFormed, InstanceReport, MemberReady, MigrationCancel,
+                                           MigrationCommit, MigrationDone, MigrationOffer, MigrationReply, RankFailed,
+                                           RankInfo, Regroup, RegroupDone, ReshapeEvent, Restored, RestoreGroup,
+                                           Shutdown, SplitGroup, StageResult, StageStep, StartMigration)
 from orchestrator.cluster.reshape import Formation, Split
 from orchestrator.cluster.rank_engine import RankEngine
 from orchestrator.cluster.topology import Topology
@@ -96,6 +98,8 @@ class RankLoop:
         self.worker: StageWorker | None = None
         self.stop_reason: str | None = None
         self.mover = KvMover(self.rank, engine.kv, transport)
+        self.migration_source = MigrationSource(self)
+        self.migration_target = MigrationTarget(self)
         self.formation: Formation | None = None
         self.split: Split | None = None
         self.early_ready: list[MemberReady] = []
@@ -190,6 +194,8 @@ class RankLoop:
             self.formation = None
         if self.split is not None:
             self.split.poll()
+        if self.migration_source.out:
+            self.migration_source.poll()
         return did or self.mover.busy
 
     def _periodic(self) -> None:
@@ -225,7 +231,7 @@ class RankLoop:
         if isinstance(msg, AddRequest):
             self.driver.add(msg)
         elif isinstance(msg, AbortRequest):
-            self.driver.abort(msg.request_id)
+            self._on_abort(msg)
         elif isinstance(msg, InstanceReport):
             self.controller.on_report(msg)
         elif isinstance(msg, RankInfo):
@@ -241,7 +247,7 @@ class RankLoop:
             self.stop_reason = f"rank {msg.rank} failed: {msg.error}"
         elif isinstance(msg, Shutdown):
             self.stop_reason = msg.reason
-        elif not self._on_reshape_message(msg):
+        elif not self._on_reshape_message(msg) and not self._on_migration_message(msg):
             raise TypeError(f"unexpected control message {type(msg).__name__} from rank {src}")
 
     def _on_reshape_message(self, msg: object) -> bool:
@@ -256,6 +262,9 @@ class RankLoop:
             self.mover.start(msg)
         elif isinstance(msg, ExchangeAbort):
             self.mover.abort(msg.epoch, msg.batch)
+        elif isinstance(msg, ExchangeDone) and msg.epoch >= MIGRATION_EPOCH:
+            if not self.migration_target.on_exchange_done(msg):
+                self.migration_source.on_exchange_done(msg)
         elif isinstance(msg, ExchangeDone):
             if msg.batch == -1 and self.split is not None:
                 self.split.on_exchange_done(msg)
@@ -267,6 +276,30 @@ class RankLoop:
             on_split_group(self, msg)
         elif isinstance(msg, (GroupFormed, Restored, ReshapeEvent)):
             self.controller.on_reshaped(msg)
+        else:
+            return False
+        return True
+
+    def _on_abort(self, msg: AbortRequest) -> None:
+        moved_to = self.migration_source.forward_abort(msg.request_id)
+        if self.driver is not None and msg.request_id in self.driver.requests:
+            self.driver.abort(msg.request_id)
+        elif moved_to is not None:  # it migrated away after the controller sent this
+            self.send_to_rank(moved_to, msg)
+
+    def _on_migration_message(self, msg: object) -> bool:
+        if isinstance(msg, StartMigration):
+            self.migration_source.start(msg)
+        elif isinstance(msg, MigrationOffer):
+            self.migration_target.on_offer(msg)
+        elif isinstance(msg, MigrationReply):
+            self.migration_source.on_reply(msg)
+        elif isinstance(msg, MigrationCommit):
+            self.migration_target.on_commit(msg)
+        elif isinstance(msg, MigrationCancel):
+            self.migration_target.on_cancel(msg)
+        elif isinstance(msg, MigrationDone):
+            self.controller.on_migration_done(msg)
         else:
             return False
         return True

@@ -45,3 +45,31 @@ def test_burst_tokens_match_and_the_mechanism_acted(wide, policy):
         assert counters.get("swaps", 0) > 0 and counters["swaps"] == counters["preemptions"], counters
     else:
         assert counters.get("preemptions", 0) == 0, counters
+
+
+# Round robin puts every long request on rank 0 and every short one on rank 1: rank 0's KV
+# overloads while rank 1 empties, so Llumnix migrates running requests from 0 to 1.
+SKEWED_PROMPTS = [f"skew {i}: " + ("tokens of context " * 10 if i % 2 == 0 else "hi") for i in range(14)]
+SKEWED_MAX = [80 if i % 2 == 0 else 4 for i in range(14)]
+
+
+def test_llumnix_migrates_running_requests_and_keeps_their_tokens(wide):
+    store, _ = wide
+    expected = reference_completions(store, SKEWED_PROMPTS, SKEWED_MAX)
+
+    async def skewed(url):
+        async with aiohttp.ClientSession() as s:
+            bodies = [{"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+                      for p, n in zip(SKEWED_PROMPTS, SKEWED_MAX)]
+            return await asyncio.gather(*(complete(s, url, b) for b in bodies))
+
+    with ServingCluster(2, store, "--policy", "llumnix", "--dispatch", "round_robin", device_memory="112MiB") as c:
+        results = run(skewed(c.url))
+        assert [r.token_ids for r in results] == expected
+        state = c.wait_all_free(timeout=10)
+        assert all(r["kv_pages_used"] == 0 for r in state["ranks"]), state["ranks"]
+    migrations = [e for e in state["events"] if e["event"] == "migration"]
+    assert state["counters"].get("migrations", 0) == len(migrations) > 0, state["counters"]
+    assert all(e["ranks"] == [0, 1] and e["bytes"] > 0 for e in migrations), migrations
+    # the final stop is short next to the whole copy
+    assert min(e["stop_seconds"] for e in migrations) <= min(e["seconds"] for e in migrations)

@@ -1,0 +1,1 @@
+"""The Llumnix-style baseline: when to migrate running requests between replicas."""
