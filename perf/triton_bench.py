@@ -291,15 +291,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace-rate", type=float, default=1.0,
                    help="mean request rate the trace window is scaled to (req/s, default: 1)")
     p.add_argument("--hop-pairs", type=int, default=200, help="paired requests for the hop measurement")
+    p.add_argument("--hop-only", action="store_true", help="measure only the Triton hop (no genai-perf/perf_analyzer)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     return args
 
 
+def _load_points(tools: Tools, args: argparse.Namespace) -> list[LoadResult]:
+    points = [genai_perf_point(tools, args, c, args.out / "genai-perf" / f"concurrency{c}") for c in args.concurrency]
+    inputs = next((args.out / "genai-perf").rglob("inputs.json"))
+    points.append(perf_analyzer_intervals(tools, args, inputs, args.out / "perf_analyzer-trace"))
+    return points
+
+
 def run(args: argparse.Namespace) -> int:
     from engines.store import EngineStore
 
+    args.out = args.out.resolve()  # the tools run with their own working directories
+    args.trace = args.trace.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     args.tokenizer = EngineStore(args.engine_dir).tokenizer_dir.resolve()
     tools = install_tools(args.tools_venv)
@@ -312,10 +322,7 @@ def run(args: argparse.Namespace) -> int:
         cluster.start()
         args.grpc, args.ingress = cluster.grpc_target, cluster.url
     try:
-        points = [genai_perf_point(tools, args, c, args.out / "genai-perf" / f"concurrency{c}")
-                  for c in args.concurrency]
-        inputs = next((args.out / "genai-perf").rglob("inputs.json"))
-        points.append(perf_analyzer_intervals(tools, args, inputs, args.out / "perf_analyzer-trace"))
+        points = [] if args.hop_only else _load_points(tools, args)
         hop = triton_hop(args)
     finally:
         if cluster is not None:

@@ -8,6 +8,7 @@ request belongs to at most one micro-batch in flight (its next token depends on 
 
 from __future__ import annotations
 
+
 import itertools
 import logging
 import math
@@ -58,6 +59,8 @@ class InstanceDriver:
         self.ranges = ranges
         self.sender = sender
         self.runner = engine.runner(ranges[0])
+        if len(ranks) > 1:  # a group of g stages runs g micro-batches, each as large as a replica's
+            sched_config = replace(sched_config, max_num_seqs=sched_config.max_num_seqs * len(ranks))
         self.swap_space = _swap_space(sched_config, engine, pools)
         self.scheduler = Scheduler(sched_config, BlockManager(engine.kv.page_size, pools),
                                    eos_token_ids=engine.cfg.eos_token_ids, swapper=self.swap_space)
