@@ -99,10 +99,21 @@ class KunServePolicy(ReshapePolicy):
         actions = []
         for ranks in topology.instances:
             young = now - self._born.get(ranks[0], 0.0) < self.min_group_age_s
-            if len(ranks) > 1 and not young and self.monitor.wants_restore(ranks[0]):
+            if (len(ranks) > 1 and not young and self.monitor.wants_restore(ranks[0])
+                    and self._fits_as_replicas(ranks)):
                 actions.append(Action("restore", ranks, {"level": round(self.monitor.level(ranks[0]), 4),
                                                          "trend_per_s": self.monitor.trend(ranks[0])}))
         return actions
+
+    def _fits_as_replicas(self, ranks: tuple[int, ...]) -> bool:
+        """The group's demand would sit below the restore level of the replicas it splits
+        into. The group's own level says nothing here: its pool is several times theirs, so
+        a group restored on it would overload at once and drop again (thrashing)."""
+        latest = self.monitor.snapshot().get(ranks[0])
+        if latest is None:
+            return False
+        replica_tokens = self.mem.kv_pool_bytes // self.mem.kv_bytes_per_token
+        return latest.demand_tokens <= self.monitor.config.restore_level * replica_tokens * len(ranks)
 
     def forget(self, instance: int) -> None:
         self.monitor.forget(instance)

@@ -1,0 +1,29 @@
+"""KunServePolicy's restore decision: never split a group whose demand the replicas could not hold."""
+
+from orchestrator.cluster.messages import InstanceStats
+from orchestrator.cluster.topology import Topology
+from orchestrator.kunserve.planner import ModelMemory
+from orchestrator.kunserve.policy import KunServePolicy
+
+# A replica's pool holds 1,000 tokens; the group's (after the drop) 6,000.
+MEM = ModelMemory(num_layers=8, kv_bytes_per_token=1000, layer_weight_bytes=10 ** 6, kv_pool_bytes=10 ** 6,
+                  splits=(1, 2))
+
+
+def feed(policy, demand, capacity=6000, samples=12):
+    for i in range(samples):
+        s = InstanceStats(0, 0, 3, [], capacity, demand, demand, 0, capacity - demand)
+        policy.observe({0: s}, now=10.0 + i * 0.1)
+
+
+def test_low_group_level_but_too_much_for_the_replicas_does_not_restore():
+    p = KunServePolicy(MEM, min_group_age_s=0.0)
+    feed(p, demand=1500)  # 25% of the group, but 75% of the two replicas' 2,000 tokens
+    assert p.decide(Topology.parse("0-1", 2), now=20.0) == []
+
+
+def test_demand_the_replicas_hold_with_room_restores():
+    p = KunServePolicy(MEM, min_group_age_s=0.0)
+    feed(p, demand=800)  # 40% of the replicas' pools (restore level 0.5)
+    actions = p.decide(Topology.parse("0-1", 2), now=20.0)
+    assert [(a.kind, a.ranks) for a in actions] == [("restore", (0, 1))]
