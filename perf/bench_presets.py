@@ -100,26 +100,30 @@ def resolve_path(path: str | Path) -> Path:
 
 CPU = BenchPreset(
     name="cpu",
-    description="SmolLM2-135M (fp32, ~513 MiB weights per rank) on 4 CPU ranks of 768 MiB each, replaying "
-                "a burst of the Azure code trace sampled and shortened so that the replicas' KV "
-                "overloads. Sized for a 2-core host: about 2 min of replay + ~20 s start/stop per "
-                "policy, under 15 min for all five. Placeholder numbers: tune them.",
+    description="SmolLM2-135M (fp32, 513 MiB of weights per rank) on 4 CPU ranks of 560 MiB each, so the "
+                "weights take most of a rank's memory, as on a GPU serving a large model, and each "
+                "replica's KV holds about 430 tokens. It replays the busiest minute of the Azure code "
+                "trace, thinned to 1 request in 10 (its bursts keep their shape), with prompts scaled to "
+                "1/10 (clipped at 256 tokens) and outputs scaled 4x (clipped at 128) so that requests "
+                "hold their KV for seconds: the replicas' KV overloads during the bursts. About 13 min "
+                "for all five policies on a 2-core host.",
     trace="../shared/traces/AzureLLMInferenceTrace_code.csv",
     window_s=60.0,
     time_scale=1.0,
-    upscale=0.15,           # ~110 of the window's 723 requests
-    input_scale=0.125,      # mean prompt ~1860 -> ~230 tokens before the clip
+    upscale=0.1,            # ~80 of the busiest minute's 723 requests
+    input_scale=0.1,        # mean prompt ~2,000 -> ~140 tokens after the clip
     max_input=256,
-    max_output=64,
+    output_scale=4.0,       # the code trace's outputs are short (median 13 tokens)
+    max_output=128,
     context_len=None,
     ranks=4,
     store="stores/smollm2",
     device="cpu",
-    device_memory="768MiB",
+    device_memory="560MiB",
     serve_args=("--max-num-seqs", "16", "--max-queued-requests", "10000"),
     slo_ttft_s=5.0,
-    slo_tpot_s=0.25,
-    drain_timeout_s=120.0,
+    slo_tpot_s=0.5,
+    drain_timeout_s=240.0,
     start_timeout_s=180.0,
 )
 

@@ -54,7 +54,7 @@ def tokenizer_of(store: Path):
 
 def test_presets_cover_every_setting():
     assert set(PRESETS) == {"cpu", "gpu"}
-    assert (CPU.ranks, CPU.store, CPU.device_memory, CPU.device) == (4, "stores/smollm2", "768MiB", "cpu")
+    assert (CPU.ranks, CPU.store, CPU.device_memory, CPU.device) == (4, "stores/smollm2", "560MiB", "cpu")
     assert CPU.policies == ("kunserve", "vllm", "swap", "llumnix", "oracle")
     assert CPU.trace.endswith("AzureLLMInferenceTrace_code.csv") and CPU.max_input and CPU.max_output
     assert GPU.ranks == 8 and GPU.device == "cuda" and "UNTESTED" in GPU.description
