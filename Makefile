@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STORE ?= stores/smollm2
 PROMPT ?= What is the capital of France?
 RANKS ?= 2
-SERVE_ARGS ?= --device-memory 1GiB
+SERVE_ARGS ?= --device-memory 1GiB --triton
 # Open MPI refuses root without this flag; more ranks than cores need --oversubscribe.
 MPIRUN := $(BIN)/mpirun $(shell [ "$$(id -u)" = 0 ] && echo --allow-run-as-root) --oversubscribe --bind-to none
 

@@ -188,7 +188,7 @@ def plot_memory_timeline(samples: Iterable[SecondSample], events: Iterable[Clust
         _memory_panel(ax, [s for s in mine if s.rank == rank], marks)
         ax.set_title(f"rank {rank}", loc="left", fontsize=9)
     axes[-1, 0].set_xlabel("time since start (s)")
-    fig.suptitle(f"GPU memory per rank - policy: {policy}")
+    fig.suptitle(f"Device memory per rank - policy: {policy}")
     fig.legend(*_legend_entries(fig.axes), loc="center left", bbox_to_anchor=(0.8, 0.5), fontsize=9)
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     return _save(fig, path)
