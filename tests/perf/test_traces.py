@@ -17,10 +17,11 @@ from perf.traces import (LOADERS, BurstWindow, LengthDist, PromptSynthesizer, Tr
                          time_scale, upscale, window)
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = Path("/work/shared/traces")
+# The real traces sit in shared/ beside the checkout (the workspace's own copy as fallback).
+SHARED = next((d for d in (ROOT.parent / "shared" / "traces", Path("/work/shared/traces")) if d.is_dir()),
+              ROOT.parent / "shared" / "traces")
 AZURE_CODE = SHARED / "AzureLLMInferenceTrace_code.csv"
 AZURE_CONV = SHARED / "AzureLLMInferenceTrace_conv.csv"
-SMOLLM2_TOKENIZER = ROOT / "stores" / "smollm2" / "tokenizer"
 
 BURSTGPT_HEADER = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type"
 BURSTGPT_ROWS = [  # (timestamp, model, request, response)
@@ -384,11 +385,12 @@ def test_prompts_fix_up_counts_when_words_merge():
     assert any("ab" in synth.prompt(n, n) for n in range(50, 200))  # merges did happen
 
 
-@pytest.mark.skipif(not SMOLLM2_TOKENIZER.is_dir(), reason="SmolLM2 demo store missing")
-def test_smollm2_prompts_have_exact_token_counts():
+@pytest.mark.slow
+def test_smollm2_prompts_have_exact_token_counts(smollm2_store):
+    from engines.store import EngineStore
     from engines.tokenizer import Tokenizer
 
-    tok = Tokenizer(SMOLLM2_TOKENIZER)
+    tok = Tokenizer(EngineStore(smollm2_store).tokenizer_dir)
     synth = PromptSynthesizer(tok, seed=0)
     sizes = [1, 2, 3, 17, 2000] + random.Random(0).sample(range(1, 2001), 60)
     start = time.perf_counter()
