@@ -89,7 +89,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for a first token before new ones get 429 (default: 256)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of a step")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most running requests per instance")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most running requests per replica (a g-stage group runs g times as many)")
     p.add_argument("--transport", default="auto", help="tensor transport: auto, mpi or nccl")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (each rank takes one GPU)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: store's on CPU, bf16 on CUDA)")

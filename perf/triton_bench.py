@@ -184,6 +184,50 @@ class HopResult:
     triton_ttft_p50_ms: float
     paired_diff_p50_ms: float
     paired_diff_p90_ms: float
+    perf_analyzer: dict | None = None
+    """The same comparison with perf_analyzer (C++) as the client both ways (via genai-perf):
+    rounds, requests per side, pooled TTFT medians, median of the per-round differences."""
+
+
+def triton_hop_perf_analyzer(tools: Tools, args: argparse.Namespace, out: Path) -> dict:
+    """Alternating genai-perf rounds at concurrency 1, the same synthetic prompts both ways:
+    the ingress's OpenAI completions (HTTP) and Triton (gRPC streaming)."""
+    model_name = _served_model(args.ingress)
+    direct, through, diffs = [], [], []
+    for i in range(args.hop_rounds):
+        common = ["--streaming", "--tokenizer", str(args.tokenizer), "--synthetic-input-tokens-mean", "16",
+                  "--synthetic-input-tokens-stddev", "0", "--output-tokens-mean", "2", "--concurrency", "1",
+                  "--request-count", str(args.hop_requests), "--warmup-request-count", "2",
+                  "--random-seed", str(args.seed)]
+        sides = {"ingress": ["-m", model_name, "--endpoint-type", "completions", "-u",
+                             args.ingress.removeprefix("http://"), "--extra-inputs", "temperature:0"],
+                 "triton": ["-m", args.model, "--endpoint-type", "kserve", "--backend", "tensorrtllm",
+                            "-u", args.grpc]}
+        ttfts = {}
+        for side, extra in (sides.items() if i % 2 == 0 else reversed(list(sides.items()))):
+            d = out / f"round{i}-{side}"
+            d.mkdir(parents=True, exist_ok=True)
+            _run([str(tools.genai_perf), "profile", *extra, *common, "--artifact-dir", str(d)], tools.env,
+                 d / "genai-perf.log")
+            ttfts[side] = _ttfts(next(d.rglob("profile_export.json")))
+        direct += ttfts["ingress"]
+        through += ttfts["triton"]
+        diffs.append(statistics.median(ttfts["triton"]) - statistics.median(ttfts["ingress"]))
+    return {"rounds": args.hop_rounds, "requests_per_side": len(direct),
+            "ingress_ttft_p50_ms": statistics.median(direct), "triton_ttft_p50_ms": statistics.median(through),
+            "round_diff_p50_ms": statistics.median(diffs)}
+
+
+def _ttfts(export: Path) -> list[float]:
+    return [(r["response_timestamps"][0] - r["timestamp"]) / 1e6
+            for e in json.loads(export.read_text())["experiments"] for r in e["requests"] if r.get("response_timestamps")]
+
+
+def _served_model(ingress: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(ingress + "/v1/models", timeout=10) as r:
+        return json.loads(r.read())["data"][0]["id"]
 
 
 def triton_hop(args: argparse.Namespace) -> HopResult:
@@ -258,9 +302,15 @@ def summary_markdown(points: list[LoadResult], hop: HopResult | None, settings: 
         lines.append(f"| {p.load} | {p.requests} | {p.ttft_p50_ms:.1f} | {p.ttft_p99_ms:.1f} | {p.itl_p50_ms:.1f} | "
                      f"{p.itl_p99_ms:.1f} | {p.output_tok_s:.1f} | {p.request_s:.2f} |")
     if hop is not None:
-        lines += ["", f"Triton hop ({hop.pairs} paired requests, one at a time): TTFT p50 direct "
+        lines += ["", f"Triton hop, Python clients ({hop.pairs} paired requests, one at a time): TTFT p50 direct "
                       f"{hop.ingress_ttft_p50_ms:.2f} ms, through Triton {hop.triton_ttft_p50_ms:.2f} ms; "
                       f"paired difference p50 {hop.paired_diff_p50_ms:.2f} ms, p90 {hop.paired_diff_p90_ms:.2f} ms"]
+        pa = hop.perf_analyzer
+        if pa:
+            lines += ["", f"Triton hop, perf_analyzer both ways ({pa['rounds']} alternating rounds, "
+                          f"{pa['requests_per_side']} requests a side): TTFT p50 direct {pa['ingress_ttft_p50_ms']:.2f} ms, "
+                          f"through Triton {pa['triton_ttft_p50_ms']:.2f} ms; median of the rounds' differences "
+                          f"{pa['round_diff_p50_ms']:.2f} ms"]
     return "\n".join(lines) + "\n"
 
 
@@ -291,6 +341,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace-rate", type=float, default=1.0,
                    help="mean request rate the trace window is scaled to (req/s, default: 1)")
     p.add_argument("--hop-pairs", type=int, default=200, help="paired requests for the hop measurement")
+    p.add_argument("--hop-rounds", type=int, default=6,
+                   help="alternating perf_analyzer rounds for the hop, each side (default: 6; 0 skips)")
+    p.add_argument("--hop-requests", type=int, default=40, help="requests per side and round (default: 40)")
     p.add_argument("--hop-only", action="store_true", help="measure only the Triton hop (no genai-perf/perf_analyzer)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -324,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         points = [] if args.hop_only else _load_points(tools, args)
         hop = triton_hop(args)
+        if args.hop_rounds:
+            hop.perf_analyzer = triton_hop_perf_analyzer(tools, args, args.out / "hop-perf_analyzer")
     finally:
         if cluster is not None:
             cluster.stop()

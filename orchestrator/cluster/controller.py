@@ -129,6 +129,9 @@ class Controller:
                 raise ValueError(f"a group needs at least 2 distinct ranks, got {list(ranks)}")
             if self._reshaping:
                 raise ValueError("a drop or restore is already in progress")
+            migrating = sorted({r for m in self._migrating.values() for r in m[:2]} & set(ranks))
+            if migrating:
+                raise ValueError(f"ranks {migrating} are migrating a request; retry in a moment")
             grouped = [r for r in ranks if len(self.topology.ranks_of_rank(r)) > 1]
             if grouped:
                 raise ValueError(f"ranks {grouped} are already in a group; restore it first")
