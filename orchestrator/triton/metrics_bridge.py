@@ -90,8 +90,12 @@ class MetricsMirror:
         self._metrics: dict[tuple[str, tuple], tuple[_Metric, float]] = {}
 
     def update(self, samples: list[Sample]) -> None:
+        """Apply a scrape. Unchanged values are skipped: each set or increment is an IPC
+        round trip from the stub to the server."""
         for s in samples:
             metric, last = self._metric(s)
+            if s.value == last and (s.name, s.labels) in self._metrics:
+                continue
             if s.kind == "gauge":
                 metric.set(s.value)
             elif s.value >= last:

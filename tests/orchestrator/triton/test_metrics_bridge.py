@@ -67,3 +67,21 @@ def test_mirror_sets_gauges_and_advances_counters_by_the_difference():
     # a restarted source (counter went down) continues from its new value
     mirror.update(parse_prometheus(later.replace("kunserve_drops_total 4", "kunserve_drops_total 1")))
     assert families["kunserve_drops_total"].metrics[()].value == 5
+
+
+def test_unchanged_values_make_no_calls():
+    calls = []
+
+    class CountingFamily(FakeFamily):
+        def Metric(self, labels):  # noqa: N802
+            m = super().Metric(labels)
+            original_set, original_inc = m.set, m.increment
+            m.set = lambda v: (calls.append(("set", v)), original_set(v))
+            m.increment = lambda v: (calls.append(("inc", v)), original_inc(v))
+            return m
+
+    mirror = MetricsMirror(CountingFamily)
+    mirror.update(parse_prometheus(TEXT))
+    first = len(calls)
+    mirror.update(parse_prometheus(TEXT))
+    assert first > 0 and len(calls) == first  # the second scrape changed nothing

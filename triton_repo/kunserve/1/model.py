@@ -69,8 +69,10 @@ class TritonPythonModel:
         self.thread = threading.Thread(target=self.loop.run_forever, name="kunserve-relay", daemon=True)
         self.thread.start()
         self.session = asyncio.run_coroutine_threadsafe(self._open_session(), self.loop).result()
+        self._stopping = threading.Event()
         if self.name == os.environ.get(METRICS_MODEL_ENV, "kunserve"):
-            asyncio.run_coroutine_threadsafe(self._mirror_metrics(), self.loop)
+            # Its own thread: metric updates are blocking IPC calls and must not hold up relays.
+            threading.Thread(target=self._mirror_metrics, name="kunserve-metrics", daemon=True).start()
         logger.info("model %s relays to %s", self.name, self.url)
 
     async def _open_session(self) -> aiohttp.ClientSession:
@@ -172,18 +174,18 @@ class TritonPythonModel:
             if not sent_final:
                 raise IngressStreamError("the cluster ended the stream without finishing the request")
 
-    async def _mirror_metrics(self) -> None:
+    def _mirror_metrics(self) -> None:
         """Copy the ingress's /metrics into Triton's custom metrics, once a second."""
         mirror = MetricsMirror(_make_family)
-        while True:
+        while not self._stopping.wait(METRICS_PERIOD_S):
             try:
-                async with self.session.get(self.url + "/metrics") as resp:
-                    mirror.update(parse_prometheus(await resp.text()))
+                with urllib.request.urlopen(self.url + "/metrics", timeout=5) as resp:
+                    mirror.update(parse_prometheus(resp.read().decode()))
             except Exception as exc:  # noqa: BLE001 - metrics must never take the model down
                 logger.warning("mirroring the cluster's metrics failed: %s", exc)
-            await asyncio.sleep(METRICS_PERIOD_S)  # a scrape period, not a stand-in for work
 
     def finalize(self) -> None:
+        self._stopping.set()
         asyncio.run_coroutine_threadsafe(self.session.close(), self.loop).result(timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
