@@ -57,6 +57,8 @@ class Request:
     """Its KV is in the host swap space (pages freed, ``num_computed_tokens`` kept)."""
     num_swaps: int = 0
     """Preemptions that swapped the KV out instead of dropping it."""
+    num_migrations: int = 0
+    """Live migrations to another replica (the llumnix policy)."""
     error: str | None = None
 
     @property

@@ -126,6 +126,8 @@ class StreamResult:
     finish_reason: str | None = None
     error: dict | None = None
     body: dict | None = None
+    num_preemptions: int = 0
+    num_migrations: int = 0
 
 
 async def complete(session: aiohttp.ClientSession, url: str, body: dict) -> StreamResult:
@@ -136,7 +138,9 @@ async def complete(session: aiohttp.ClientSession, url: str, body: dict) -> Stre
             if resp.status != 200:
                 return StreamResult(resp.status, error=data.get("error"), body=data)
             choice = data["choices"][0]
-            return StreamResult(200, choice["token_ids"], choice["text"], choice["finish_reason"], body=data)
+            return StreamResult(200, choice["token_ids"], choice["text"], choice["finish_reason"], body=data,
+                                num_preemptions=choice.get("num_preemptions", 0),
+                                num_migrations=choice.get("num_migrations", 0))
         result = StreamResult(resp.status)
         if resp.status != 200:
             result.error = (await resp.json()).get("error")
@@ -153,6 +157,8 @@ async def complete(session: aiohttp.ClientSession, url: str, body: dict) -> Stre
             result.token_ids += choice.get("token_ids", [])
             result.text += choice.get("text", "")
             result.finish_reason = choice.get("finish_reason") or result.finish_reason
+            result.num_preemptions = choice.get("num_preemptions", result.num_preemptions)
+            result.num_migrations = choice.get("num_migrations", result.num_migrations)
         return result
 
 

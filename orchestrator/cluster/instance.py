@@ -102,7 +102,8 @@ class InstanceDriver:
         new = req.output_token_ids[self.sent[req.request_id]:]
         finished = req.status.finished
         if new or finished:
-            self.updates.append(TokenUpdate(req.request_id, list(new), finished, req.status.finish_reason, req.error))
+            self.updates.append(TokenUpdate(req.request_id, list(new), finished, req.status.finish_reason, req.error,
+                                            req.num_preemptions, req.num_migrations))
             self.sent[req.request_id] += len(new)
         if finished:
             del self.requests[req.request_id], self.sent[req.request_id]
@@ -138,7 +139,7 @@ class InstanceDriver:
             out.append(ExportedRequest(
                 req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling,
                 req.max_model_len, req.num_computed_tokens, req.block_table, home,
-                self.sent[req.request_id], req.num_preemptions, req.arrival_time))
+                self.sent[req.request_id], req.num_preemptions, req.arrival_time, req.num_migrations))
         self.requests.clear()
         self.sent.clear()
         return out
@@ -148,7 +149,7 @@ class InstanceDriver:
         req = Request(er.request_id, er.prompt_token_ids, er.sampling, er.max_model_len,
                       arrival_time=er.arrival_time, output_token_ids=list(er.output_token_ids),
                       num_computed_tokens=er.num_computed_tokens, block_table=er.block_table,
-                      num_preemptions=er.num_preemptions)
+                      num_preemptions=er.num_preemptions, num_migrations=er.num_migrations)
         self.scheduler.adopt(req)
         self.requests[req.request_id] = req
         self.sent[req.request_id] = er.sent
@@ -164,7 +165,8 @@ class InstanceDriver:
         self.scheduler.blocks.free(req)
         er = ExportedRequest(req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling,
                              req.max_model_len, req.num_computed_tokens, block_table, home,
-                             self.sent[req.request_id], req.num_preemptions, req.arrival_time)
+                             self.sent[req.request_id], req.num_preemptions, req.arrival_time,
+                             req.num_migrations + 1)
         del self.requests[req.request_id], self.sent[req.request_id]
         return er
 

@@ -177,6 +177,7 @@ class ExportedRequest:
     """Output tokens already reported to the controller."""
     num_preemptions: int = 0
     arrival_time: float = 0.0
+    num_migrations: int = 0
 
 
 @dataclass

@@ -48,6 +48,10 @@ class TokenEvent:
     """``stop``, ``length`` or ``abort`` once finished."""
     error: str | None = None
     """Set when the request failed in the cluster (the stream ends with an error)."""
+    num_preemptions: int = 0
+    """On the last event: how often the request was preempted (its KV dropped or swapped)."""
+    num_migrations: int = 0
+    """On the last event: how often it moved between replicas with its KV (llumnix)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ import jinja2
 
 from engines.errors import RequestError, StoreError
 from engines.sampling import SamplingParams
-from orchestrator.ingress.backend import GenerateRequest, IngressBackend
+from orchestrator.ingress.backend import GenerateRequest, IngressBackend, TokenEvent
 from orchestrator.ingress.stop_strings import MAX_STOP_STRINGS
 
 Kind = Literal["completion", "chat"]
@@ -283,10 +283,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def full_response(p: ParsedRequest, text: str, token_ids: list[int], finish_reason: str | None) -> dict[str, Any]:
-    """The body of a non-streaming answer; ``token_ids`` is a vLLM-like extension."""
+def full_response(p: ParsedRequest, text: str, token_ids: list[int], finish_reason: str | None,
+                  last: TokenEvent | None = None) -> dict[str, Any]:
+    """The body of a non-streaming answer; ``token_ids`` is a vLLM-like extension, and so are
+    the request's preemption and migration counts (from its ``last`` event)."""
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason,
-                              "token_ids": token_ids}
+                              "token_ids": token_ids, **_counts(last)}
     if p.kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -298,10 +300,11 @@ def full_response(p: ParsedRequest, text: str, token_ids: list[int], finish_reas
 
 
 def stream_chunk(p: ParsedRequest, text: str, token_ids: list[int], finish_reason: str | None = None,
-                 role: bool = False) -> dict[str, Any]:
-    """One streamed chunk: the new text and token ids; ``role`` marks chat's first chunk."""
+                 role: bool = False, last: TokenEvent | None = None) -> dict[str, Any]:
+    """One streamed chunk: the new text and token ids; ``role`` marks chat's first chunk; the
+    final chunk also carries the request's preemption and migration counts."""
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason,
-                              "token_ids": token_ids}
+                              "token_ids": token_ids, **_counts(last)}
     if p.kind == "chat":
         choice["delta"] = {"role": "assistant", "content": text} if role else {"content": text}
     else:
@@ -309,6 +312,12 @@ def stream_chunk(p: ParsedRequest, text: str, token_ids: list[int], finish_reaso
     body = _envelope(p, chunk=True)
     body["choices"] = [choice]
     return body
+
+
+def _counts(last: TokenEvent | None) -> dict[str, int]:
+    if last is None:
+        return {}
+    return {"num_preemptions": last.num_preemptions, "num_migrations": last.num_migrations}
 
 
 def usage_chunk(p: ParsedRequest, completion_tokens: int) -> dict[str, Any]:

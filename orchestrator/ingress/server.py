@@ -165,7 +165,7 @@ class _Answer:
             parts.append(text)
             if finish_reason is not None:
                 break
-        return web.json_response(full_response(self.parsed, "".join(parts), token_ids, finish_reason))
+        return web.json_response(full_response(self.parsed, "".join(parts), token_ids, finish_reason, event))
 
     def _text_of(self, event: TokenEvent) -> tuple[str, str | None]:
         """New text of an event (held back while it may start a stop string) and the
@@ -207,7 +207,8 @@ class _Answer:
             return True
         text, finish_reason = self._text_of(event)
         if text or event.token_ids or finish_reason is not None:
-            await self.send(resp, stream_chunk(self.parsed, text, event.token_ids, finish_reason=finish_reason))
+            await self.send(resp, stream_chunk(self.parsed, text, event.token_ids, finish_reason=finish_reason,
+                                               last=event if finish_reason is not None else None))
         if finish_reason is None:
             return False
         if self.parsed.include_usage:

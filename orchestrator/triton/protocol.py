@@ -7,7 +7,9 @@ inputs  ``text_input`` BYTES, ``max_tokens`` INT32, ``stream`` BOOL,
         ``exclude_input_in_output`` BOOL, and optionally ``temperature`` FP32, ``top_k``
         INT32, ``top_p`` FP32, ``random_seed`` UINT64, ``end_id`` INT32, ``pad_id`` INT32,
         ``stop_words`` BYTES;
-outputs ``text_output`` BYTES and ``output_ids`` INT32 (the generated tokens).
+outputs ``text_output`` BYTES and ``output_ids`` INT32 (the generated tokens), and
+        ``num_preemptions`` / ``num_migrations`` INT32 (how often the cluster preempted or
+        migrated the request; final on the last response).
 
 Semantics follow TensorRT-LLM's backend where it has them: with no sampling input the
 decoding is greedy; ``end_id`` ends generation (in addition to the model's end-of-sequence
@@ -153,6 +155,8 @@ class Chunk:
     token_ids: list[int]
     final: bool = False
     finish_reason: str | None = None
+    num_preemptions: int = 0
+    num_migrations: int = 0
 
 
 class IngressStreamError(RuntimeError):
@@ -202,7 +206,9 @@ class StreamAssembler:
         choice = choices[0]
         chunk = Chunk(choice.get("text", ""), list(choice.get("token_ids", [])),
                       final=choice.get("finish_reason") is not None,
-                      finish_reason=choice.get("finish_reason"))
+                      finish_reason=choice.get("finish_reason"),
+                      num_preemptions=int(choice.get("num_preemptions", 0)),
+                      num_migrations=int(choice.get("num_migrations", 0)))
         return self._route(chunk)
 
     def _route(self, chunk: Chunk) -> Chunk | None:
@@ -213,13 +219,17 @@ class StreamAssembler:
         if not chunk.final:
             return None
         prefix = "" if self.request.exclude_input_in_output else self.request.prompt
-        return Chunk(prefix + "".join(self._text), self._ids, final=True, finish_reason=chunk.finish_reason)
+        return Chunk(prefix + "".join(self._text), self._ids, final=True, finish_reason=chunk.finish_reason,
+                     num_preemptions=chunk.num_preemptions, num_migrations=chunk.num_migrations)
 
 
 def output_arrays(chunk: Chunk) -> dict[str, np.ndarray]:
-    """The output tensors of one response, with the batch dimension of 1."""
+    """The output tensors of one response, with the batch dimension of 1. The counts are the
+    request's preemptions and migrations so far (final on the last response)."""
     return {"text_output": np.array([[chunk.text.encode("utf-8")]], dtype=np.object_),
-            "output_ids": np.array([chunk.token_ids], dtype=np.int32).reshape(1, -1)}
+            "output_ids": np.array([chunk.token_ids], dtype=np.int32).reshape(1, -1),
+            "num_preemptions": np.array([[chunk.num_preemptions]], dtype=np.int32),
+            "num_migrations": np.array([[chunk.num_migrations]], dtype=np.int32)}
 
 
 def ingress_error_message(status: int, body: bytes) -> str:

@@ -39,6 +39,8 @@ def test_burst_tokens_match_and_the_mechanism_acted(wide, policy):
         state = c.wait_all_free(timeout=10)
         counters = state["counters"]
         assert all(r["kv_pages_used"] == 0 for r in state["ranks"]), state["ranks"]
+    # every request's final chunk carries its own count; together they are the cluster's
+    assert sum(r.num_preemptions for r in results) == counters.get("preemptions", 0)
     if policy == "vllm":
         assert counters.get("preemptions", 0) > 0 and counters.get("swaps", 0) == 0, counters
     elif policy == "swap":
@@ -70,6 +72,7 @@ def test_llumnix_migrates_running_requests_and_keeps_their_tokens(wide):
         assert all(r["kv_pages_used"] == 0 for r in state["ranks"]), state["ranks"]
     migrations = [e for e in state["events"] if e["event"] == "migration"]
     assert state["counters"].get("migrations", 0) == len(migrations) > 0, state["counters"]
+    assert sum(r.num_migrations for r in results) == len(migrations)  # per request, as the final chunk says
     assert all(e["ranks"] == [0, 1] and e["bytes"] > 0 for e in migrations), migrations
     # the final stop is short next to the whole copy
     assert min(e["stop_seconds"] for e in migrations) <= min(e["seconds"] for e in migrations)

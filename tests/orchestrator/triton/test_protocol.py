@@ -100,6 +100,15 @@ def test_unstreamed_answer_is_one_final_chunk_with_or_without_the_prompt(exclude
     assert len(out) == 1 and out[0].final and out[0].text == text and out[0].token_ids == [1, 2]
 
 
+def test_final_chunk_carries_the_requests_preemptions_and_migrations():
+    asm = StreamAssembler(TritonGenerateRequest(prompt="p", max_tokens=2))
+    last = chunk(" b", [2], "length")
+    last["choices"][0].update(num_preemptions=2, num_migrations=1)
+    (out,) = asm.feed(sse(chunk(" a", [1]), last, "[DONE]"))
+    arrays = output_arrays(out)
+    assert arrays["num_preemptions"].tolist() == [[2]] and arrays["num_migrations"].tolist() == [[1]]
+
+
 def test_error_event_mid_stream_raises_with_the_ingress_message():
     asm = StreamAssembler(TritonGenerateRequest(prompt="p", max_tokens=2, stream=True))
     with pytest.raises(IngressStreamError, match="the request failed in the cluster: rank 1 died"):
