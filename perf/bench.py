@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from perf.bench_presets import PRESETS, BenchPreset, validate_preset
 from perf.bench_records import (ClusterEvent, RequestRecord, SecondSample, write_events_csv,
@@ -45,7 +45,7 @@ from perf.bench_records import (ClusterEvent, RequestRecord, SecondSample, write
 from perf.bench_stats import SLO, compare, markdown_table, summarize, write_summary_json
 from perf.traces import (PromptSynthesizer, Trace, busiest_window, load_trace, repeat_window, scale_lengths,
                          time_scale, upscale, window)
-from perf.triton_client import GenerateResult, TritonCluster, generate_inputs
+from perf.triton_client import GenerateRequest, GenerateResult, TritonCluster, stream_generate
 
 MODEL = "kunserve"
 """The decoupled (streaming) Triton model of the cluster."""
@@ -134,127 +134,18 @@ def describe_stream(specs: list[RequestSpec]) -> str:
 # --- replay over Triton's gRPC stream -------------------------------------------------------
 
 
-@dataclass
-class Answer(GenerateResult):
-    """A ``GenerateResult`` plus the counters a final response may carry."""
-
-    preemptions: int | None = None
-    migrations: int | None = None
-
-
-async def _responses(call: Any) -> AsyncIterator[tuple[str | None, Any, str | None]]:
-    """(request id, InferResult or None, error message or None) for each streamed response.
-
-    tritonclient's iterator drops the request id of an error response; the gRPC call it
-    wraps keeps it, so that is read when present (else the public iterator, id from results).
-    """
-    from tritonclient.grpc import InferResult
-
-    raw = getattr(call, "_grpc_call", None)
-    if raw is None:
-        async for result, error in call:
-            yield (result.get_response().id if result is not None else None), result, \
-                (None if error is None else str(error))
-        return
-    async for response in raw:
-        rid = response.infer_response.id or None
-        if response.error_message:
-            yield rid, None, response.error_message
-        else:
-            yield rid, InferResult(response.infer_response), None
-
-
-def _counter(result: Any, name: str) -> int | None:
-    """An integer the response carries as output tensor or parameter ``name``; None if absent."""
-    try:
-        arr = result.as_numpy(name)
-    except Exception:  # tritonclient raises on outputs the model does not declare in some versions
-        arr = None
-    if arr is not None and arr.size:
-        return int(arr.reshape(-1)[0])
-    params = result.get_response().parameters
-    return int(params[name].int64_param) if name in params else None
-
-
-def _take_response(a: Answer, result: Any, now: float, pending: set[str]) -> None:
-    ids = result.as_numpy("output_ids")
-    if ids is not None and ids.size:
-        a.token_ids += [int(t) for t in ids.reshape(-1)]
-        a.response_times_s.append(now)
-        a.token_counts.append(int(ids.size))
-    params = result.get_response().parameters
-    if "triton_final_response" in params and params["triton_final_response"].bool_param:
-        a.finished_s = now
-        a.preemptions = _counter(result, "num_preemptions")
-        a.migrations = _counter(result, "num_migrations")
-        pending.discard(a.request_id)
-
-
-def _errored(answers: dict[str, Answer], pending: set[str], rid: str | None) -> Answer | None:
-    """The answer an error is for: its id, else the latest sent request still without tokens."""
-    if rid is not None:
-        return answers.get(rid)
-    waiting = [answers[r] for r in pending if answers[r].sent_s and not answers[r].response_times_s]
-    return max(waiting, key=lambda a: a.sent_s, default=None)
-
-
-async def _consume(call: Any, answers: dict[str, Answer], pending: set[str]) -> None:
-    async for rid, result, error in _responses(call):
-        now = time.perf_counter()
-        a = _errored(answers, pending, rid) if error is not None else answers.get(rid or "")
-        if a is None or a.request_id not in pending:
-            continue
-        if error is not None:
-            a.error, a.finished_s = error, now
-            pending.discard(a.request_id)
-        else:
-            _take_response(a, result, now, pending)
-        if not pending:
-            return
-
-
 async def replay(target: str, specs: list[RequestSpec], t0: float, deadline: float,
-                 model: str = MODEL) -> dict[str, Answer]:
+                 model: str = MODEL) -> dict[str, GenerateResult]:
     """Send ``specs`` at ``t0 + arrival_s`` (perf_counter) over one gRPC stream; collect answers.
 
     Requests still unanswered at ``deadline`` (perf_counter), or when the stream breaks,
     get an error; nothing raises.
     """
-    import tritonclient.grpc as grpcclient
-    import tritonclient.grpc.aio as aio
-
-    answers = {s.request_id: Answer(s.request_id) for s in specs}
-    pending = set(answers)
-
-    async def feed() -> AsyncIterator[dict]:
-        for s in specs:
-            delay = t0 + s.arrival_s - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)  # the trace's arrival time, not a stand-in for work
-            answers[s.request_id].sent_s = time.perf_counter()
-            # No "outputs": the response carries every output, so optional counters come too.
-            yield {"model_name": model, "request_id": s.request_id, "enable_empty_final_response": True,
-                   "inputs": generate_inputs(grpcclient, s.prompt, s.output_len, True)}
-        while pending:  # the stream stays open until every answer is in
-            await asyncio.sleep(0.05)
-
-    why = "the stream ended before its final response"
-    async with aio.InferenceServerClient(target) as client:
-        call = client.stream_infer(feed())
-        try:
-            await asyncio.wait_for(_consume(call, answers, pending), max(deadline - time.perf_counter(), 0.1))
-        except asyncio.TimeoutError:
-            why = f"no final response within {deadline - t0:.0f} s of the run start"
-        except Exception as exc:  # the cluster went away mid-run: keep what arrived
-            why = f"the stream broke: {exc}"
-        finally:
-            call.cancel()
-    for rid in pending:
-        answers[rid].error = answers[rid].error or why
-    return answers
+    requests = [GenerateRequest(s.request_id, s.prompt, s.output_len, send_at_s=s.arrival_s) for s in specs]
+    return await stream_generate(target, model, requests, max(deadline - time.perf_counter(), 0.1), start=t0)
 
 
-def to_record(policy: str, spec: RequestSpec, a: Answer, t0: float) -> RequestRecord:
+def to_record(policy: str, spec: RequestSpec, a: GenerateResult, t0: float) -> RequestRecord:
     """The record of one answer, times in seconds from ``t0``."""
     rel = (lambda t: None if t is None else t - t0)
     error = a.error

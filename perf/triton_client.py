@@ -102,13 +102,15 @@ class GenerateResult:
     request_id: str
     sent_s: float = 0.0
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
     response_times_s: list[float] = field(default_factory=list)
     """When each response with tokens arrived."""
     token_counts: list[int] = field(default_factory=list)
     """Tokens in each of those responses."""
     finished_s: float | None = None
     error: str | None = None
+    preemptions: int | None = None
+    """From the final response's ``num_preemptions`` output (None if the model has none)."""
+    migrations: int | None = None
 
     @property
     def first_token_s(self) -> float | None:
@@ -123,18 +125,21 @@ class GenerateRequest:
     stream: bool = True
     optional: dict = field(default_factory=dict)
     send_at_s: float = 0.0
-    """Seconds after the start of ``stream_generate`` to send this request (trace replay)."""
+    """Seconds after ``start`` to send this request (trace replay)."""
 
 
-async def stream_generate(target: str, model: str, requests: list[GenerateRequest],
-                          timeout_s: float = 600.0) -> dict[str, GenerateResult]:
-    """Send ``requests`` over one gRPC stream at their ``send_at_s``; collect every response."""
+async def stream_generate(target: str, model: str, requests: list[GenerateRequest], timeout_s: float = 600.0,
+                          start: float | None = None) -> dict[str, GenerateResult]:
+    """Send ``requests`` over one gRPC stream at ``start + send_at_s`` (perf_counter; default
+    now) and collect every response. Nothing raises: an error response is tied to its
+    request, and requests unanswered after ``timeout_s`` or when the stream breaks get an
+    error of their own."""
     import tritonclient.grpc as grpcclient
     import tritonclient.grpc.aio as aio
 
+    start = time.perf_counter() if start is None else start
     results = {r.request_id: GenerateResult(r.request_id) for r in requests}
     pending = set(results)
-    start = time.perf_counter()
 
     async def feed() -> AsyncIterator[dict]:
         for r in sorted(requests, key=lambda q: q.send_at_s):
@@ -142,51 +147,94 @@ async def stream_generate(target: str, model: str, requests: list[GenerateReques
             if delay > 0:
                 await asyncio.sleep(delay)  # the trace's arrival time, not a stand-in for work
             results[r.request_id].sent_s = time.perf_counter()
+            # No "outputs": the response carries every output, the optional counters too.
             yield {"model_name": model, "request_id": r.request_id, "enable_empty_final_response": True,
-                   "inputs": generate_inputs(grpcclient, r.prompt, r.max_tokens, r.stream, **r.optional),
-                   "outputs": [grpcclient.InferRequestedOutput("text_output"),
-                               grpcclient.InferRequestedOutput("output_ids")]}
-        while pending:  # keep the request stream open until every answer is in
+                   "inputs": generate_inputs(grpcclient, r.prompt, r.max_tokens, r.stream, **r.optional)}
+        while pending:  # the stream stays open until every answer is in
             await asyncio.sleep(0.05)
 
+    why = "the stream ended before its final response"
     async with aio.InferenceServerClient(target) as client:
-        async def consume() -> None:
-            async for result, error in client.stream_infer(feed()):
-                now = time.perf_counter()
-                if error is not None:
-                    _record_error(results, pending, error, now)
-                    continue
-                _record_response(results[result.get_response().id], result, now, pending)
-                if not pending:
-                    return
-        await asyncio.wait_for(consume(), timeout_s)
+        call = client.stream_infer(feed())
+        try:
+            await asyncio.wait_for(_consume(call, results, pending), timeout_s)
+        except asyncio.TimeoutError:
+            why = f"no final response within {timeout_s:.0f} s"
+        except Exception as exc:  # the cluster went away mid-run: keep what arrived
+            why = f"the stream broke: {exc}"
+        finally:
+            call.cancel()
+    for rid in pending:
+        results[rid].error = results[rid].error or why
     return results
 
 
-def _record_response(res: GenerateResult, result: Any, now: float, pending: set[str]) -> None:
+async def _responses(call: Any) -> AsyncIterator[tuple[str | None, Any, str | None]]:
+    """(request id, InferResult or None, error message or None) for each streamed response.
+
+    tritonclient's iterator drops the request id of an error response; the gRPC call it
+    wraps keeps it, so that is read when present (else the public iterator, id from results).
+    """
+    from tritonclient.grpc import InferResult
+
+    raw = getattr(call, "_grpc_call", None)
+    if raw is None:
+        async for result, error in call:
+            yield (result.get_response().id if result is not None else None), result, \
+                (None if error is None else str(error))
+        return
+    async for response in raw:
+        rid = response.infer_response.id or None
+        if response.error_message:
+            yield rid, None, response.error_message
+        else:
+            yield rid, InferResult(response.infer_response), None
+
+
+async def _consume(call: Any, results: dict[str, GenerateResult], pending: set[str]) -> None:
+    async for rid, result, error in _responses(call):
+        now = time.perf_counter()
+        res = _errored(results, pending, rid) if error is not None else results.get(rid or "")
+        if res is None or res.request_id not in pending:
+            continue
+        if error is not None:
+            res.error, res.finished_s = error, now
+            pending.discard(res.request_id)
+        else:
+            _take_response(res, result, now, pending)
+        if not pending:
+            return
+
+
+def _errored(results: dict[str, GenerateResult], pending: set[str], rid: str | None) -> GenerateResult | None:
+    """The request an error is for: its id, else the latest sent one still without tokens."""
+    if rid is not None:
+        return results.get(rid)
+    waiting = [results[r] for r in pending if results[r].sent_s and not results[r].response_times_s]
+    return max(waiting, key=lambda r: r.sent_s, default=None)
+
+
+def _take_response(res: GenerateResult, result: Any, now: float, pending: set[str]) -> None:
     ids = result.as_numpy("output_ids")
-    text = result.as_numpy("text_output")
     if ids is not None and ids.size:
         res.token_ids += [int(t) for t in ids.reshape(-1)]
         res.response_times_s.append(now)
         res.token_counts.append(int(ids.size))
-    if text is not None and text.size:
-        res.text += b"".join(text.reshape(-1)).decode("utf-8", errors="replace")
     params = result.get_response().parameters
     if "triton_final_response" in params and params["triton_final_response"].bool_param:
         res.finished_s = now
+        res.preemptions = _counter(result, "num_preemptions")
+        res.migrations = _counter(result, "num_migrations")
         pending.discard(res.request_id)
 
 
-def _record_error(results: dict[str, GenerateResult], pending: set[str], error: Any, now: float) -> None:
-    """An error on the stream names no request; tests send one failing request at a time."""
-    message = error.message() if hasattr(error, "message") else str(error)
-    for rid in list(pending):
-        res = results[rid]
-        if res.finished_s is None and not res.response_times_s:
-            res.error, res.finished_s = message, now
-            pending.discard(rid)
-            return
+def _counter(result: Any, name: str) -> int | None:
+    """An integer output ``name`` of a response; None when the model does not send it."""
+    try:
+        arr = result.as_numpy(name)
+    except Exception:  # tritonclient raises on outputs the model does not declare in some versions
+        return None
+    return int(arr.reshape(-1)[0]) if arr is not None and arr.size else None
 
 
 async def sse_generate(url: str, model: str, body: dict) -> tuple[int, list[dict]]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from engines.paging import pages_for_tokens
@@ -39,6 +40,8 @@ HEADROOM_TOKENS = 64
 MAX_STAGES = 4
 """After this many copy stages the request is stopped for the last one, whatever is left."""
 TIMEOUT_S = 30.0
+MOVED_REMEMBERED = 1024
+"""Aborts race a move only for a report interval; this bounds the memory for them."""
 
 
 class MigrationState(enum.IntEnum):
@@ -71,8 +74,9 @@ class MigrationSource:
     def __init__(self, loop) -> None:
         self.loop = loop
         self.out: dict[int, OutgoingMigration] = {}
-        self.moved: dict[str, int] = {}
-        """Request id -> destination, so aborts that arrive late still reach the request."""
+        self.moved: OrderedDict[str, int] = OrderedDict()
+        """Request id -> destination of the last ``MOVED_REMEMBERED`` requests that left, so an
+        abort sent before the controller learned of the move still reaches the request."""
 
     @property
     def driver(self):
@@ -177,6 +181,8 @@ class MigrationSource:
             self.loop.to_controller(d.report())
         self.loop.send_to_rank(m.dst, MigrationCommit(m.mid, er))
         self.moved[req.request_id] = m.dst
+        if len(self.moved) > MOVED_REMEMBERED:
+            self.moved.popitem(last=False)
         m.state = MigrationState.DONE
         del self.out[m.mid]
         self._report(m.mid, m.dst, req.request_id, True, "", m)

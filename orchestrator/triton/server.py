@@ -238,9 +238,6 @@ class TritonProcess:
         if status != 200:
             raise TritonError(f"unloading model {name!r} failed: {body}")
 
-    def model_ready(self, name: str) -> bool:
-        return self._get(f"/v2/models/{name}/ready") == 200
-
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM, wait for the graceful exit (in-flight requests end), then SIGKILL."""
         proc = self._proc

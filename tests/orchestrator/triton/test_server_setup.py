@@ -75,3 +75,18 @@ def test_ingress_moves_off_tritons_default_ports():
     assert cfg.triton.served() == {"kunserve": "kunserve", "kunserve_unary": "kunserve_unary"}
     with pytest.raises(ValueError, match="--http-port 8001 is also one of Triton's ports"):
         _parse("--triton", "--http-port", "8001")
+
+
+def test_unary_config_declares_the_same_tensors_as_the_streaming_one():
+    """Triton configs cannot include each other: the two copies must not drift apart."""
+    import re
+
+    def tensors(name):
+        lines = (DEFAULT_REPOSITORY / name / "config.pbtxt").read_text().splitlines()
+        text = "\n".join(line.split("#")[0] for line in lines)
+        blocks = re.findall(r"^(?:input|output|parameters) \[.*?^\]", text, re.S | re.M)
+        return blocks + re.findall(r"^(?:max_batch_size|backend):.*$", text, re.M)
+
+    streaming = tensors("kunserve")
+    assert len(streaming) == 5 and "text_input" in streaming[0] and "num_migrations" in streaming[1]
+    assert tensors("kunserve_unary") == streaming
