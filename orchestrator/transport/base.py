@@ -8,6 +8,7 @@ receiver knows shape and dtype from the control message that announced the paylo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 
@@ -37,9 +38,60 @@ class Transport(ABC):
     def irecv(self, out: torch.Tensor, src: int, tag: int) -> Handle:
         """Start receiving into a preallocated contiguous tensor of the sender's shape and dtype."""
 
+    def isend_rows(self, tensor: torch.Tensor, rows: Sequence[int], dst: int, tag: int) -> Handle:
+        """Send rows ``rows`` (along dim 0, in that order) of ``tensor`` as one message.
+
+        The receiver posts :meth:`irecv_rows` with as many rows of the same shape. This
+        default gathers the rows into one buffer first (one extra copy); transports that
+        can describe scattered memory to the wire (MPI's derived datatypes) override it and
+        send straight from ``tensor``. Those rows must not change until the handle completes.
+        """
+        return self.isend(tensor.index_select(0, _index(rows, tensor)), dst, tag)
+
+    def irecv_rows(self, tensor: torch.Tensor, rows: Sequence[int], src: int, tag: int) -> Handle:
+        """Receive one :meth:`isend_rows` message into rows ``rows`` (dim 0) of ``tensor``.
+
+        This default receives into a scratch buffer and scatters it into the rows once the
+        transfer completes (in the handle's ``test``/``wait``).
+        """
+        index = _index(rows, tensor)
+        scratch = torch.empty((len(index), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        return _ScatterOnArrival(self.irecv(scratch, src, tag), tensor, index, scratch)
+
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         self.isend(tensor, dst, tag).wait()
 
     def recv(self, out: torch.Tensor, src: int, tag: int) -> torch.Tensor:
         self.irecv(out, src, tag).wait()
         return out
+
+
+def _index(rows: Sequence[int], tensor: torch.Tensor) -> torch.Tensor:
+    index = torch.as_tensor(rows, dtype=torch.int64, device=tensor.device)
+    if index.ndim != 1:
+        raise ValueError(f"rows must be a flat list of row indices, got shape {tuple(index.shape)}")
+    return index
+
+
+class _ScatterOnArrival(Handle):
+    """A receive into scratch memory whose rows are scattered into their place on completion."""
+
+    def __init__(self, inner: Handle, tensor: torch.Tensor, index: torch.Tensor, scratch: torch.Tensor) -> None:
+        self.inner = inner
+        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (tensor, index, scratch)
+
+    def test(self) -> bool:
+        if not self.inner.test():
+            return False
+        self._scatter()
+        return True
+
+    def wait(self) -> None:
+        self.inner.wait()
+        self._scatter()
+
+    def _scatter(self) -> None:
+        if self.pending is not None:
+            tensor, index, scratch = self.pending
+            self.pending = None
+            tensor.index_copy_(0, index, scratch)

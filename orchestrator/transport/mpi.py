@@ -5,6 +5,10 @@ bytes of its storage, ``MPI.BYTE``: an MPI buffer made from the tensor's address
 shares its memory, so MPI reads from and writes into the tensor itself. (This is what
 ``tensor.view(torch.uint8).numpy()`` would give, about 2 us cheaper per call.)
 
+Rows of a tensor (KV pages in a pool) travel without a gather or scatter copy: an MPI
+indexed datatype describes where they lie, coalesced into runs of consecutive rows, and
+MPI reads them from and writes them into the tensor's memory itself.
+
 Messages larger than ``max_chunk_bytes`` (1 GiB by default) are split into several MPI
 messages with the same tag. MPI counts are 32-bit ints in many builds, so one message
 cannot exceed 2 GiB; MPI's non-overtaking rule (messages between one pair with one tag
@@ -16,11 +20,14 @@ anyway.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
 from orchestrator.transport.base import Handle, Transport
+from orchestrator.transport.cma import CmaRows, runs_of
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +43,15 @@ class MpiHandle(Handle):
     checks that each chunk arrived whole (see :meth:`wait`).
     """
 
-    __slots__ = ("requests", "tensor", "expected_bytes", "statuses", "done", "error")
+    __slots__ = ("requests", "tensor", "expected_bytes", "statuses", "done", "error", "datatypes")
 
     def __init__(self, requests: list[MPI.Request], tensor: torch.Tensor,
-                 expected_bytes: list[int] | None = None) -> None:
+                 expected_bytes: list[int] | None = None,
+                 datatypes: list[MPI.Datatype] | None = None) -> None:
         self.requests = requests
         self.tensor: torch.Tensor | None = tensor
+        self.datatypes = datatypes or []
+        """Derived datatypes of a rows transfer, freed on completion."""
         self.expected_bytes = expected_bytes
         """Receives only: each chunk's size, checked against what actually arrived."""
         self.statuses = None if expected_bytes is None else [MPI.Status() for _ in requests]
@@ -76,6 +86,9 @@ class MpiHandle(Handle):
     def _finish(self) -> None:
         self.done = True
         self.tensor = None
+        for dt in self.datatypes:
+            dt.Free()
+        self.datatypes = []
         if self.statuses is None:
             return
         # A longer message fails inside MPI (truncation); a shorter one would silently
@@ -100,7 +113,7 @@ class MpiTransport(Transport):
 
     name = "mpi"
 
-    def __init__(self, comm: MPI.Comm, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, comm: MPI.Comm, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, cma: bool = True) -> None:
         if not 0 < max_chunk_bytes < 1 << 31:
             raise ValueError(f"max_chunk_bytes must be in [1, 2**31), got {max_chunk_bytes}")
         self.comm = comm.Dup()
@@ -109,6 +122,8 @@ class MpiTransport(Transport):
         self.max_chunk_bytes = max_chunk_bytes
         # TAG_UB is only guaranteed on COMM_WORLD.
         self._tag_ub = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
+        self.cma = CmaRows(self.comm, enabled=cma)
+        """Rows between ranks of one host: pulled by the receiver (see ``transport/cma.py``)."""
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> Handle:
         self._check_peer(dst, tag)
@@ -122,8 +137,50 @@ class MpiTransport(Transport):
         requests = [self.comm.Irecv([chunk, MPI.BYTE], src, tag) for chunk in chunks]
         return MpiHandle(requests, out, expected_bytes=[len(c) for c in chunks])
 
+    def isend_rows(self, tensor: torch.Tensor, rows: Sequence[int], dst: int, tag: int) -> Handle:
+        """Send rows of ``tensor`` straight from its memory: read by the receiver itself on
+        this host (cross-memory attach), else an MPI indexed datatype (no gather either way)."""
+        self._check_peer(dst, tag)
+        index = _rows_index(tensor, rows, "isend_rows")
+        if self.cma.can_read[dst][self.rank]:
+            return self.cma.isend_rows(tensor, index, dst, tag)
+        parts = self._row_types(tensor, index)
+        if parts is None:
+            return super().isend_rows(tensor, rows, dst, tag)
+        data = MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes, readonly=True)
+        requests = [self.comm.Isend([data, count, dt], dst, tag) for dt, count, _ in parts]
+        return MpiHandle(requests, tensor, datatypes=[dt for dt, _, _ in parts])
+
+    def irecv_rows(self, tensor: torch.Tensor, rows: Sequence[int], src: int, tag: int) -> Handle:
+        """Receive rows straight into ``tensor``'s memory (copied out of the sender's on this
+        host, else an MPI indexed datatype: no scatter either way)."""
+        self._check_peer(src, tag)
+        index = _rows_index(tensor, rows, "irecv_rows")
+        if self.cma.can_read[self.rank][src]:
+            return self.cma.irecv_rows(tensor, index, src, tag)
+        parts = self._row_types(tensor, index)
+        if parts is None:
+            return super().irecv_rows(tensor, rows, src, tag)
+        data = MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes, readonly=False)
+        requests = [self.comm.Irecv([data, count, dt], src, tag) for dt, count, _ in parts]
+        return MpiHandle(requests, tensor, expected_bytes=[n for _, _, n in parts],
+                         datatypes=[dt for dt, _, _ in parts])
+
+    def _row_types(self, tensor: torch.Tensor, index: np.ndarray) -> list[tuple[MPI.Datatype, int, int]] | None:
+        """One ``(datatype, count, bytes)`` per message of at most ``max_chunk_bytes``, or
+        None when a single row exceeds that (then the rows are gathered and chunked)."""
+        row_bytes = tensor[0].nbytes if tensor.shape[0] else 0
+        if row_bytes > self.max_chunk_bytes:
+            return None
+        if not index.size or not row_bytes:
+            # Nothing to move: still one (empty) message, so both sides post one.
+            return [(MPI.BYTE.Dup(), 0, 0)]  # a duplicate, so the handle may free it
+        per_message = self.max_chunk_bytes // row_bytes
+        return [_indexed_rows(index[i:i + per_message], row_bytes) for i in range(0, index.size, per_message)]
+
     def close(self) -> None:
-        """Free the duplicated communicator (collective; no transfer may be pending)."""
+        """Free the duplicated communicators (collective; no transfer may be pending)."""
+        self.cma.close()
         if self.comm != MPI.COMM_NULL:
             self.comm.Free()
 
@@ -147,6 +204,30 @@ class MpiTransport(Transport):
             raise ValueError(f"rank {peer} is not in this communicator of size {self.size}")
         if not 0 <= tag <= self._tag_ub:
             raise ValueError(f"tag {tag} is outside MPI's range [0, {self._tag_ub}]")
+
+
+def _rows_index(tensor: torch.Tensor, rows: Sequence[int], op: str) -> np.ndarray:
+    """``rows`` as an int64 array, checked against ``tensor``."""
+    _check_tensor(tensor, op)
+    if tensor.ndim == 0:
+        raise ValueError(f"{op}: a 0-d tensor has no rows")
+    index = np.asarray(rows, dtype=np.int64)
+    if index.ndim != 1:
+        raise ValueError(f"{op}: rows must be a flat list of row indices, got shape {index.shape}")
+    if index.size and (index.min() < 0 or index.max() >= tensor.shape[0]):
+        raise IndexError(f"{op}: row {int(index.min() if index.min() < 0 else index.max())} is outside "
+                         f"the tensor's {tensor.shape[0]} rows")
+    return index
+
+
+def _indexed_rows(index: np.ndarray, row_bytes: int) -> tuple[MPI.Datatype, int, int]:
+    """A committed datatype covering rows ``index`` (in order), with runs of consecutive rows
+    as single blocks; returns ``(datatype, 1, bytes)``."""
+    starts, lengths = runs_of(index)
+    row = MPI.BYTE.Create_contiguous(row_bytes)
+    dt = row.Create_indexed(lengths.tolist(), starts.tolist()).Commit()
+    row.Free()
+    return dt, 1, int(index.size) * row_bytes
 
 
 def _check_tensor(tensor: torch.Tensor, op: str) -> None:

@@ -97,6 +97,24 @@ def exchange_fifo(transport: Transport, device: torch.device) -> None:
             raise AssertionError(f"nccl: case {i} {CASES[i]} differs from what rank {peer} sent")
 
 
+def rows_exchange(transport: MpiTransport) -> None:
+    """Scattered rows of a pool both ways at once, as the KV exchange moves pages: each rank's
+    rows land in the peer's named rows, bit-exact, and no other row changes."""
+    rank, peer = transport.rank, 1 - transport.rank
+    pools = [payload(r, 2).view(64, 4, 1024).clone() for r in (0, 1)]  # 1 MiB: 64 rows of 16 KiB
+    sent_rows = [[3, 4, 5, 40, 2, 63, 10, 11], [0, 1, 2, 3, 4, 5, 6, 7]]
+    landing_rows = [[8, 9, 30, 31, 32, 33, 0, 1], [63, 20, 21, 22, 50, 51, 52, 12]]  # where the peer's go
+    mine = pools[rank].clone()
+    recv = transport.irecv_rows(mine, landing_rows[peer], peer, tag=30)
+    send = transport.isend_rows(pools[rank], sent_rows[rank], peer, tag=30)
+    send.wait()
+    recv.wait()
+    expected = pools[rank].clone()
+    expected[landing_rows[peer]] = pools[peer][sent_rows[peer]]
+    if not same_bits(mine, expected):
+        raise AssertionError("rows: the pool after the exchange differs from the expected one")
+
+
 def comm_isolation(transport: MpiTransport, comm: MPI.Comm) -> None:
     """A tensor and a control message with the same tag do not match each other's receives."""
     if transport.rank == 0:
@@ -127,6 +145,9 @@ def check_mpi(comm: MPI.Comm) -> None:
     """The CPU transport: outstanding transfers, chunking, isolation from ``comm``, size checks."""
     transport = make_transport("mpi", comm)
     exchange(transport, "default")
+    rows_exchange(transport)  # by cross-memory attach where this host allows it
+    if transport.rank == 0:
+        print(f"rows by cross-memory attach: {transport.cma.can_read}", flush=True)
     comm_isolation(transport, comm)
     size_mismatch(transport)
     transport.close()
@@ -134,6 +155,10 @@ def check_mpi(comm: MPI.Comm) -> None:
     chunked = MpiTransport(comm, max_chunk_bytes=1024)
     exchange(chunked, "chunked")
     chunked.close()
+    # The rows again through MPI datatypes, three rows per message.
+    rows_chunked = MpiTransport(comm, max_chunk_bytes=3 * 16 << 10, cma=False)
+    rows_exchange(rows_chunked)
+    rows_chunked.close()
 
 
 def main(argv: list[str] | None = None) -> int:

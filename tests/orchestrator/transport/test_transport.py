@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from orchestrator.transport import known_transports, make_transport, register_transport, resolve_kind
+from orchestrator.transport import Transport, known_transports, make_transport, register_transport, resolve_kind
 from tests.mpi_util import REPO_ROOT, requires_mpirun, run_mpi_module
 
 JOB = "tests.orchestrator.transport.mpi_transport_job"
@@ -147,6 +147,162 @@ def test_refuses_bad_arguments(transport, comm_self):
         transport.irecv(torch.zeros(1), src=0, tag=-1)
     with pytest.raises(ValueError, match="max_chunk_bytes"):
         MpiTransport(comm_self, max_chunk_bytes=1 << 31)
+
+
+# --- rows (KV pages) --------------------------------------------------------------------------
+
+class PlainRows(Transport):
+    """Only isend/irecv (MpiTransport's): rows go through the base class's gather and
+    scatter, as they do over NCCL."""
+
+    name = "plain"
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+
+    def isend(self, tensor, dst, tag):
+        return self.inner.isend(tensor, dst, tag)
+
+    def irecv(self, out, src, tag):
+        return self.inner.irecv(out, src, tag)
+
+
+@pytest.fixture(params=["cma", "datatype"])
+def rows_transport(request, comm_self):
+    """MpiTransport with each of its two rows paths: cross-memory attach (a process may
+    read its own memory, so one process exercises the whole protocol) and MPI datatypes."""
+    from orchestrator.transport.mpi import MpiTransport
+
+    t = MpiTransport(comm_self, cma=request.param == "cma")
+    assert t.cma.can_read == [[request.param == "cma"]]
+    yield t
+    t.close()
+
+
+def _rows_roundtrip(t, send_rows, recv_rows, row_shape=(2, 3), dtype=torch.float32):
+    pool_a = (torch.randn((40, *row_shape)) * 10).to(dtype)
+    pool_b = torch.full((40, *row_shape), -1.0).to(dtype)
+    before = pool_b.clone()
+    recv = t.irecv_rows(pool_b, recv_rows, src=0, tag=11)
+    send = t.isend_rows(pool_a, send_rows, dst=0, tag=11)
+    send.wait()  # over CMA this drives the receive: the copy is the receiver's to make
+    recv.wait()
+    assert recv.test() and send.test()
+    assert torch.equal(bits(pool_b[recv_rows]), bits(pool_a[send_rows]))
+    untouched = [i for i in range(40) if i not in set(recv_rows)]
+    assert torch.equal(bits(pool_b[untouched]), bits(before[untouched]))
+    return recv
+
+
+# Runs of consecutive rows, single rows, a reversed run and rows out of order on either side.
+ROWS = [([0, 1, 2, 3], [10, 11, 12, 13]), ([5, 9, 1, 30], [2, 3, 4, 5]), ([7, 8, 20, 21, 22], [39, 0, 1, 17, 16])]
+
+
+@pytest.mark.parametrize("send_rows,recv_rows", ROWS)
+def test_rows_land_in_their_rows_and_nowhere_else(rows_transport, send_rows, recv_rows):
+    _rows_roundtrip(rows_transport, send_rows, recv_rows)
+
+
+@pytest.mark.parametrize("send_rows,recv_rows", ROWS)
+def test_gather_scatter_default_agrees(transport, send_rows, recv_rows):
+    _rows_roundtrip(PlainRows(transport), send_rows, recv_rows, dtype=torch.bfloat16)
+
+
+def test_rows_are_sent_without_a_gather(rows_transport):
+    pool = torch.zeros(8, 4)
+    recv = rows_transport.irecv_rows(torch.zeros(8, 4), [0, 1, 2], src=0, tag=12)
+    h = rows_transport.isend_rows(pool, [1, 2, 5], dst=0, tag=12)
+    assert h.tensor is pool  # the pool itself, no packed copy
+    recv.wait()
+    h.wait()
+    assert h.tensor is None  # released on completion
+    assert getattr(h, "datatypes", []) == []  # and MPI datatypes freed
+
+
+def test_many_rows_take_several_readv_calls(rows_transport):
+    # Every other row: 3000 runs, more than one process_vm_readv call takes.
+    n = 6000
+    a, b = torch.randn(n, 4), torch.zeros(n, 4)
+    recv = rows_transport.irecv_rows(b, list(range(1, n, 2)), src=0, tag=15)
+    rows_transport.isend_rows(a, list(range(0, n, 2)), dst=0, tag=15).wait()
+    recv.wait()
+    assert torch.equal(b[1::2], a[0::2]) and not b[0::2].any()
+
+
+def test_rows_chunked_into_several_messages(comm_self):
+    from orchestrator.transport.mpi import MpiTransport
+
+    t = MpiTransport(comm_self, max_chunk_bytes=3 * 24, cma=False)  # three rows of 2x3 float32 per message
+    recv = _rows_roundtrip(t, [0, 1, 2, 3, 9, 10, 11], [30, 31, 32, 33, 34, 35, 36])
+    assert len(recv.requests) == 3
+    t.close()
+
+
+def test_row_larger_than_a_chunk_falls_back_to_gather(comm_self):
+    from orchestrator.transport.mpi import MpiTransport
+
+    t = MpiTransport(comm_self, max_chunk_bytes=16, cma=False)  # a 24-byte row: gathered, then chunked
+    _rows_roundtrip(t, [3, 4, 7], [0, 2, 1])
+    t.close()
+
+
+def test_no_rows_is_one_empty_message(rows_transport):
+    pool = torch.zeros(4, 2)
+    recv = rows_transport.irecv_rows(pool, [], src=0, tag=13)
+    rows_transport.isend_rows(torch.ones(4, 2), [], dst=0, tag=13).wait()
+    recv.wait()
+    assert torch.equal(pool, torch.zeros(4, 2))
+
+
+def test_rows_refuse_bad_indices(rows_transport):
+    with pytest.raises(IndexError, match="row 8 is outside the tensor's 8 rows"):
+        rows_transport.isend_rows(torch.zeros(8, 2), [1, 8], dst=0, tag=0)
+    with pytest.raises(IndexError, match="row -1"):
+        rows_transport.irecv_rows(torch.zeros(8, 2), [-1], src=0, tag=0)
+    with pytest.raises(ValueError, match="0-d tensor has no rows"):
+        rows_transport.isend_rows(torch.tensor(1.0), [0], dst=0, tag=0)
+    with pytest.raises(ValueError, match="flat list"):
+        rows_transport.isend_rows(torch.zeros(8, 2), [[1, 2]], dst=0, tag=0)
+
+
+def test_rows_of_a_different_size_are_reported(rows_transport):
+    recv = rows_transport.irecv_rows(torch.zeros(8, 2), [0, 1, 2], src=0, tag=14)
+    send = rows_transport.isend_rows(torch.ones(8, 2), [4, 5], dst=0, tag=14)
+    with pytest.raises(RuntimeError, match="received 16 bytes .* into a buffer of 24"):
+        recv.wait()
+    if rows_transport.cma.can_read[0][0]:  # the sender learns it too, instead of waiting forever
+        with pytest.raises(RuntimeError, match="expected rows of another size"):
+            send.wait()
+    else:
+        send.wait()
+
+
+def test_cma_can_be_turned_off(comm_self, monkeypatch):
+    from orchestrator.transport.mpi import MpiTransport
+
+    monkeypatch.setenv("KUNSERVE_CMA", "0")
+    t = MpiTransport(comm_self)
+    assert t.cma.can_read == [[False]]
+    t.close()
+
+
+def test_a_refused_probe_falls_back_to_datatypes(comm_self, monkeypatch):
+    """Where ptrace rules or seccomp forbid process_vm_readv, rows still move (by MPI)."""
+    import ctypes
+    import errno
+
+    from orchestrator.transport import cma
+    from orchestrator.transport.mpi import MpiTransport
+
+    def refused(*_args):
+        ctypes.set_errno(errno.EPERM)
+        return -1
+
+    monkeypatch.setattr(cma, "_READV", refused)
+    t = MpiTransport(comm_self)
+    assert t.cma.can_read == [[False]]
+    _rows_roundtrip(t, [1, 2, 9], [4, 5, 6])
+    t.close()
 
 
 # --- across ranks ----------------------------------------------------------------------------
