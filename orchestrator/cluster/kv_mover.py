@@ -2,10 +2,10 @@
 
 Every member gets the same ordered list of moves from the leader and performs those it is
 part of, in list order, so the sends of one rank and the receives of its peer match up.
-A layer's pages between two ranks travel as one message: straight from pool memory into
-pool memory when they are one run on both sides, else gathered into one buffer and
-scattered on arrival. Layers are posted a bounded number of bytes per turn of the rank
-loop, so pipeline steps run in between.
+A batch is posted in turns of whole layers, a bounded number of bytes per turn of the
+rank loop, so pipeline steps run in between; within a turn, the pages going from one rank
+to another travel as one message, layer after layer, straight from pool memory into pool
+memory (``Transport.isend_rows``/``irecv_rows``).
 """
 
 from __future__ import annotations
@@ -23,29 +23,25 @@ from orchestrator.transport import Handle, Transport
 
 logger = logging.getLogger(__name__)
 
-BYTES_PER_TURN = 32 << 20
-"""Whole layers are posted until this many bytes per turn of the rank loop: large enough
-that the transfers run near the link's speed, small enough that a pipeline step runs
-between two turns."""
+BYTES_PER_TURN = 128 << 20
+"""A turn of the rank loop posts whole layers of a batch until they move this many bytes
+(all members together): large enough that the transfers run near the link's speed, small
+enough that a pipeline step runs between two turns."""
 
 
-def coalesce(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
-    """``(src_start, dst_start, length)`` runs where both page lists are consecutive."""
-    runs: list[tuple[int, int, int]] = []
-    for s, d in zip(src, dst):
-        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
-            a, b, n = runs[-1]
-            runs[-1] = (a, b, n + 1)
-        else:
-            runs.append((s, d, 1))
-    return runs
+def _by_layer(moves: list[KvMove]) -> list[tuple[int, list[KvMove]]]:
+    """The moves grouped by layer, layers ascending, each group in list order."""
+    out: dict[int, list[KvMove]] = {}
+    for m in moves:
+        out.setdefault(m.layer, []).append(m)
+    return sorted(out.items())
 
 
 @dataclass
 class _Batch:
     epoch: int
     batch: int
-    layers: deque  # deque[list[KvMove]]: this rank's moves, one list per layer, in order
+    turns: deque  # deque[list[KvMove]]: this rank's moves, one list per turn of whole layers, in order
     handles: list[Handle] = field(default_factory=list)
     bytes_moved: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -65,45 +61,51 @@ class KvMover:
         return bool(self._batches)
 
     def start(self, msg: ExchangeBatch) -> None:
-        mine = [m for m in msg.moves if self.rank in (m.src_rank, m.dst_rank)]
-        by_layer: dict[int, list[KvMove]] = {}
-        for m in mine:
-            by_layer.setdefault(m.layer, []).append(m)
-        self._batches.append(_Batch(msg.epoch, msg.batch, deque(by_layer[k] for k in sorted(by_layer))))
+        """Queue this rank's part of a batch, in turns of whole layers.
+
+        The turns are cut from the whole batch's move list, which every member has, so the
+        members of a pair agree on which layers each message carries.
+        """
+        turns: list[list[KvMove]] = []
+        turn_bytes = BYTES_PER_TURN
+        for layer, moves in _by_layer(msg.moves):
+            if turn_bytes >= BYTES_PER_TURN:
+                turns.append([])
+                turn_bytes = 0
+            turns[-1] += [m for m in moves if self.rank in (m.src_rank, m.dst_rank)]
+            turn_bytes += sum(len(m.src_pages) for m in moves) * self.kv.page_bytes
+        self._batches.append(_Batch(msg.epoch, msg.batch, deque(t for t in turns if t)))
 
     def poll(self) -> list[tuple[int, int, int, float]]:
-        """Post the next layers of the oldest batch, test transfers; return finished
+        """Post the next turn of the oldest batch, test transfers; return finished
         ``(epoch, batch, bytes received, seconds)``."""
         done = []
-        # Post from the oldest batch that still has layers to post: every rank then posts
+        # Post from the oldest batch that still has turns to post: every rank then posts
         # all of batch k before batch k+1, so each pair of ranks sees one order (NCCL needs it).
-        posting = next((b for b in self._batches if b.layers), None)
-        posted = 0
-        while posting is not None and posting.layers and posted < BYTES_PER_TURN:
-            n = self._post_layer(posting.layers.popleft(), posting.handles)
-            posting.bytes_moved += n
-            posted += n
+        posting = next((b for b in self._batches if b.turns), None)
+        if posting is not None:
+            posting.bytes_moved += self._post_turn(posting.turns.popleft(), posting.handles)
         for b in list(self._batches):
             b.handles = [h for h in b.handles if not self._land(h)]
-            if not b.layers and not b.handles:
+            if not b.turns and not b.handles:
                 self._batches.remove(b)
                 done.append((b.epoch, b.batch, b.bytes_moved, time.monotonic() - b.started))
         return done
 
     def abort(self, epoch: int, batch: int) -> None:
         for b in [b for b in self._batches if (b.epoch, b.batch) == (epoch, batch)]:
-            for h, _scatter in b.handles:
+            for h in b.handles:
                 h.wait()  # a posted transfer cannot be taken back safely; let it land (unused)
             self._batches.remove(b)
 
-    def _post_layer(self, moves: list[KvMove], handles: list) -> int:
-        """Post one layer's moves (one transfer per peer, whatever the page layout); returns
-        the bytes this rank receives.
+    def _post_turn(self, moves: list[KvMove], handles: list) -> int:
+        """Post one turn's moves, one transfer per peer; returns the bytes this rank receives.
 
-        A layer's pages going from one rank to another form one message. When they are one
-        consecutive run on both sides the message goes straight from pool to pool;
-        otherwise the sender gathers them into one buffer and the receiver scatters them
-        after arrival (scratch bounded by one layer of one batch).
+        A turn's pages going from one rank to another form one message, layer after layer,
+        sent from the pages where they lie and received into their new pages
+        (``Transport.isend_rows``: on one host the receiver copies them out of the sender's
+        pool itself, elsewhere an MPI indexed datatype describes them; nothing is gathered
+        or scattered in Python either way).
         """
         by_pair: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         for m in moves:
@@ -115,33 +117,17 @@ class KvMover:
         for (src_rank, dst_rank), (src, dst) in by_pair.items():
             if dst_rank == self.rank:
                 nbytes += len(src) * self.kv.page_bytes  # count what arrives here (and local copies)
-            runs = coalesce(src, dst)
             if src_rank == dst_rank:
                 data.index_copy_(0, torch.as_tensor(dst, device=dev),
                                  data.index_select(0, torch.as_tensor(src, device=dev)))
-            elif len(runs) == 1:
-                s, d, n = runs[0]
-                buf = data[s:s + n] if src_rank == self.rank else data[d:d + n]
-                handles.append((self._transfer(buf, src_rank, dst_rank), None))
-            elif src_rank == self.rank:  # index_select: 5x faster than advanced indexing here
-                packed = data.index_select(0, torch.as_tensor(src, device=dev))
-                handles.append((self._transfer(packed, src_rank, dst_rank), None))
+            elif src_rank == self.rank:
+                handles.append(self.transport.isend_rows(data, src, dst_rank, TAG_KV))
             else:
-                buf = torch.empty((len(dst), *data.shape[1:]), dtype=data.dtype, device=dev)
-                handles.append((self._transfer(buf, src_rank, dst_rank), (dst, buf)))
+                handles.append(self.transport.irecv_rows(data, dst, src_rank, TAG_KV))
         return nbytes
 
-    def _transfer(self, buf: torch.Tensor, src_rank: int, dst_rank: int) -> Handle:
-        if src_rank == self.rank:
-            return self.transport.isend(buf, dst_rank, TAG_KV)
-        return self.transport.irecv(buf, src_rank, TAG_KV)
-
-    def _land(self, pending: tuple) -> bool:
-        """True once a transfer is done; a received scratch buffer is scattered into its pages."""
-        handle, scatter = pending
-        if not handle.test():
-            return False
-        if scatter is not None:
-            dst, buf = scatter
-            self.kv.data.index_copy_(0, torch.as_tensor(dst, device=buf.device), buf)
-        return True
+    @staticmethod
+    def _land(handle: Handle) -> bool:
+        """True once a transfer is done (a transport that received into scratch memory
+        has scattered it into the pages by then)."""
+        return handle.test()

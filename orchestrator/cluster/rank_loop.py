@@ -185,17 +185,19 @@ class RankLoop:
     def _reshape_turn(self) -> bool:
         """Advance KV moves (one layer per batch per turn) and the leader's reshape protocols."""
         did = False
-        for epoch, batch, nbytes, seconds in self.mover.poll():
-            leader = self.role[0]
-            self.send_to_rank(leader, ExchangeDone(self.rank, epoch, batch, nbytes, seconds))
-            logger.debug("exchange batch %d: %d bytes in %.3f s", batch, nbytes, seconds)
-            did = True
+        # The protocols first: a batch the leader launches now is posted in this same turn,
+        # not one loop turn (a pipeline step, perhaps) after its peers have posted theirs.
         if self.formation is not None and self.formation.poll():
             self.formation = None
         if self.split is not None:
             self.split.poll()
         if self.migration_source.out:
             self.migration_source.poll()
+        for epoch, batch, nbytes, seconds in self.mover.poll():
+            leader = self.role[0]
+            self.send_to_rank(leader, ExchangeDone(self.rank, epoch, batch, nbytes, seconds))
+            logger.debug("exchange batch %d: %d bytes in %.3f s", batch, nbytes, seconds)
+            did = True
         return did or self.mover.busy
 
     def _periodic(self) -> None:

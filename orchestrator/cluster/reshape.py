@@ -94,6 +94,7 @@ class Formation:
                     self.stale.append((req, stage))
                 ids.append(er.request_id)
         loop.driver = driver
+        self.stale = _interleave_homes(self.stale)
         in_prefill = sum(1 for req, _ in self.stale if req.num_computed_tokens < len(req.prompt_token_ids))
         loop.to_controller(GroupFormed(self.ranks[0], self.ranks, ids, self.epoch, len(self.stale), in_prefill))
         self.state = FormationState.EXCHANGING
@@ -146,7 +147,8 @@ class Formation:
             self._finish(b)
             return
         msg = ExchangeBatch(self.epoch, b.batch, moves)
-        for rank in sorted(b.waiting_for):
+        # The other members first: their copies start while this rank still works on its turn.
+        for rank in sorted(b.waiting_for, key=lambda r: r == self.loop.rank):
             self.loop.send_to_rank(rank, msg)
 
     def _plan_request(self, req: Request, home: int, blocks) -> list[KvMove]:
@@ -332,3 +334,22 @@ class Split:
         order = sorted(range(len(driver.ranks)), key=lambda m: driver.ranks[m] == self.loop.rank)
         for m in order:
             self.loop.send_to_rank(driver.ranks[m], SplitGroup(driver.ranks, self.epoch, per_member[m]))
+
+
+def _interleave_homes(stale: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+    """Stale requests taken from each home stage in turn.
+
+    A request's KV flows out of its home only, and a receiver does the copying (pulls, on
+    one host). Batches that mix every home move bytes in every direction at once, so all
+    members copy in parallel instead of one member's requests keeping one link busy while
+    the others idle.
+    """
+    by_home: dict[int, list[tuple[Request, int]]] = {}
+    for item in stale:
+        by_home.setdefault(item[1], []).append(item)
+    queues = list(by_home.values())
+    out: list[tuple[Request, int]] = []
+    while queues:
+        out += [q.pop(0) for q in queues]
+        queues = [q for q in queues if q]
+    return out
