@@ -66,7 +66,7 @@ async def _cycle(url: str, mix: Mix, settle_s: float) -> dict:
 
 def raw_exchange(nbytes: int) -> float:
     """Aggregate GiB/s of two ranks swapping ``nbytes`` each way with raw mpi4py (perf.raw_exchange)."""
-    cmd = mpirun_command(2) + [sys.executable, "-m", "perf.raw_exchange", "--bytes", str(nbytes)]
+    cmd = mpirun_command(2) + [sys.executable, "-m", "perf.raw_exchange", "--bytes", str(nbytes), "--reps", "15"]
     out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300).stdout
     m = re.search(r"([\d.]+) GiB/s", out)
     if not m:
