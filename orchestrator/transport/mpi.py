@@ -5,9 +5,11 @@ bytes of its storage, ``MPI.BYTE``: an MPI buffer made from the tensor's address
 shares its memory, so MPI reads from and writes into the tensor itself. (This is what
 ``tensor.view(torch.uint8).numpy()`` would give, about 2 us cheaper per call.)
 
-Rows of a tensor (KV pages in a pool) travel without a gather or scatter copy: an MPI
-indexed datatype describes where they lie, coalesced into runs of consecutive rows, and
-MPI reads them from and writes them into the tensor's memory itself.
+Rows of a tensor (KV pages in a pool) travel without a gather or scatter copy: between
+ranks of one host the receiver copies them out of the sender's memory itself
+(``transport/cma.py``); otherwise an MPI indexed datatype describes where they lie,
+coalesced into runs of consecutive rows, and MPI reads them from and writes them into the
+tensor's memory.
 
 Messages larger than ``max_chunk_bytes`` (1 GiB by default) are split into several MPI
 messages with the same tag. MPI counts are 32-bit ints in many builds, so one message
