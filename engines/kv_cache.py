@@ -49,12 +49,12 @@ class KVPool:
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
             self._mapping = mmap.mmap(-1, max_pages * self.page_bytes_of(shape, dtype), flags=flags)
             if not self.lazy and hasattr(mmap, "MADV_HUGEPAGE"):
-                # Transparent huge pages for the pages committed now: KV read by attention and
-                # copied between ranks (process_vm_readv pins memory page by page) then runs at
-                # the speed of large buffers; with 4 KiB pages the exchange ran at ~75% of raw
-                # MPI's bandwidth. Not for the tail a drop grows into: its memory comes from
-                # just-freed weights, and the kernel's compaction to find huge pages for it
-                # added ~150 ms to a drop.
+                # Transparent huge pages for the pages committed now: KV copied between ranks
+                # (process_vm_readv pins memory page by page) moves at the speed of large
+                # buffers; the exchange's first batch went from 62% to 72% of raw MPI's
+                # bandwidth (perf.bench_kunserve). Not for the tail a drop grows into: its
+                # memory comes from just-freed weights, and with huge pages there the median
+                # drop latency rose from ~300 ms to ~500 ms (kernel compaction, presumably).
                 base = num_pages * self.page_bytes_of(shape, dtype) // _OS_PAGE * _OS_PAGE
                 if base:
                     self._mapping.madvise(mmap.MADV_HUGEPAGE, 0, base)
