@@ -10,9 +10,14 @@ The pool can grow in place. On CPU the whole range the pool may ever need
 ``num_pages`` are committed (touched, so resident). ``grow`` commits more pages at the
 tail when dropped weights free memory, and ``shrink`` hands the tail back to the OS
 (``madvise(MADV_DONTNEED)``). Attention keeps seeing one pool with stable page ids and
-nothing is copied: the CPU counterpart of reserving a CUDA virtual range and mapping
-freed weight memory onto its tail. The pages committed at start-up are on transparent
-huge pages (see ``__init__``).
+nothing is copied. The pages committed at start-up are on transparent huge pages (see
+``__init__``).
+
+With an ``Arena`` (``engines.vmm``: CUDA's virtual-memory API on a GPU, shared memory on a
+CPU) the pool is instead one reserved address range with physical chunks mapped back to
+back: ``extend`` maps the chunks of dropped weight buffers onto its tail (the memory of
+the weights becomes KV pages without being freed or copied) and ``detach_chunks``
+unmaps them again for the restored weights.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import mmap
 import torch
 
 from engines.config import ModelConfig
+from engines.vmm import Arena, Chunk, VirtualRange
 
 _OS_PAGE = mmap.PAGESIZE
 
@@ -30,22 +36,35 @@ class KVPool:
     """Device memory for KV pages. Which page belongs to whom is tracked elsewhere."""
 
     def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype,
-                 device: torch.device | str, max_pages: int | None = None, lazy: bool = False) -> None:
+                 device: torch.device | str, max_pages: int | None = None, lazy: bool = False,
+                 arena: Arena | None = None) -> None:
         if page_size <= 0 or num_pages <= 0:
             raise ValueError("page_size and num_pages must be positive")
         device = torch.device(device)
-        # Only the CPU reserves beyond its pages: a CUDA pool would need the driver's
-        # virtual-memory API to reserve without allocating, which is not built yet.
-        max_pages = max(max_pages or num_pages, num_pages) if device.type == "cpu" else num_pages
+        # Without an arena only the CPU reserves beyond its pages: on CUDA, reserving
+        # without allocating takes the driver's virtual-memory API (the arena's driver).
+        grows = device.type == "cpu" or arena is not None
+        max_pages = max(max_pages or num_pages, num_pages) if grows else num_pages
         self.page_size = page_size
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_size = cfg.head_size
         shape = (max_pages, 2, page_size, self.num_kv_heads, self.head_size)
         self._mapping: mmap.mmap | None = None
+        self._range: VirtualRange | None = None
+        self.arena = arena
         self.lazy = lazy and device.type == "cpu"
         """Pages become resident when first written, not when committed (the oracle's
         unbounded pool: only the KV in use takes memory)."""
-        if device.type == "cpu" and (max_pages > num_pages or self.lazy):
+        if arena is not None:
+            if self.lazy:
+                raise ValueError("a lazy pool (pages resident once written) cannot be a remapped one")
+            if arena.driver.device.type != device.type:
+                raise ValueError(f"the arena's memory is on {arena.driver.device}, the pool on {device}")
+            page_bytes = self.page_bytes_of(shape, dtype)
+            self._range = VirtualRange(arena.driver, max_pages * page_bytes)
+            self._range.push(arena.chunk(num_pages * page_bytes))
+            self.data = self._range.view(max_pages * page_bytes).view(dtype).view(shape)
+        elif device.type == "cpu" and (max_pages > num_pages or self.lazy):
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
             self._mapping = mmap.mmap(-1, max_pages * self.page_bytes_of(shape, dtype), flags=flags)
             if not self.lazy and hasattr(mmap, "MADV_HUGEPAGE"):
@@ -99,17 +118,52 @@ class KVPool:
 
     def grow(self, extra_pages: int) -> None:
         """Commit ``extra_pages`` more pages at the tail of the reserved range."""
+        if self._range is not None:
+            raise ValueError("a remapped pool grows by extend(chunks), not by committing pages")
         if self.data.device.type != "cpu" and extra_pages:
-            raise NotImplementedError(
-                "growing a CUDA KV pool in place needs the CUDA virtual-memory path "
-                "(cuMemAddressReserve/cuMemMap), which is not built yet")
+            raise ValueError("a CUDA KV pool grows in place only as a remapped pool (an Arena from "
+                             "engines.vmm: --kv-extension remap, with cuda-bindings installed)")
         if extra_pages < 0 or self.num_pages + extra_pages > self.max_pages:
             raise ValueError(f"cannot grow {self.num_pages} pages by {extra_pages}: "
                              f"{self.max_pages} are reserved")
         self._commit(self.num_pages + extra_pages)
 
+    @property
+    def remapped(self) -> bool:
+        """Whether the pool is a range of chunks (``extend`` / ``detach_chunks``)."""
+        return self._range is not None
+
+    def extend(self, chunks: list[Chunk]) -> int:
+        """Map ``chunks`` onto the tail; returns how many pages the pool grew by.
+
+        The chunks' previous contents are zeroed as their pages are committed.
+        """
+        if self._range is None:
+            raise ValueError("only a remapped pool (one made with an arena) takes chunks")
+        for chunk in chunks:
+            self._range.push(chunk)
+        before = self.num_pages
+        self._commit(min(self.max_pages, self._range.mapped // self.page_bytes))
+        return self.num_pages - before
+
+    def detach_chunks(self, num_pages: int) -> list[Chunk]:
+        """Shrink to ``num_pages`` (the pages above are empty) and unmap every chunk the
+        smaller pool does not need; they are the caller's now."""
+        if self._range is None:
+            raise ValueError("only a remapped pool has chunks to detach")
+        if not 0 < num_pages <= self.num_pages:
+            raise ValueError(f"cannot shrink {self.num_pages} pages to {num_pages}")
+        need = num_pages * self.page_bytes
+        chunks = []
+        while len(self._range.chunks) > 1 and self._range.mapped - self._range.chunks[-1].nbytes >= need:
+            chunks.append(self._range.pop())
+        self.num_pages = num_pages
+        return chunks[::-1]
+
     def shrink(self, num_pages: int) -> None:
         """Give the pages from ``num_pages`` on back; the caller has emptied them."""
+        if self._range is not None:
+            raise ValueError("a remapped pool gives its tail back with detach_chunks")
         if not 0 < num_pages <= self.num_pages:
             raise ValueError(f"cannot shrink {self.num_pages} pages to {num_pages}")
         if self._mapping is not None:

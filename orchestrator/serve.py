@@ -40,6 +40,9 @@ class ServeConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     transport: str = "auto"
+    kv_extension: str = "auto"
+    """How a drop grows the KV pool: ``remap`` (virtual memory: the dropped weights' chunks
+    are mapped onto the pool's tail), ``commit`` (CPU: free, then commit pages) or ``auto``."""
     device: str = "auto"
     dtype: str | None = None
     model_name: str | None = None
@@ -91,6 +94,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of a step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most running requests per replica (a g-stage group runs g times as many)")
     p.add_argument("--transport", default="auto", help="tensor transport: auto, mpi or nccl")
+    p.add_argument("--kv-extension", default="auto", choices=["auto", "commit", "remap"],
+                   help="how a KunServe drop turns weights into KV: remap maps the dropped weights' "
+                        "memory onto the KV pool's tail (CUDA virtual memory, needs cuda-bindings; "
+                        "shared memory on CPU), commit frees them and commits pages (CPU); auto: "
+                        "remap on CUDA, commit on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (each rank takes one GPU)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: store's on CPU, bf16 on CUDA)")
     p.add_argument("--model-name", default=None, help="model name in the API (default: the store's folder name)")
@@ -137,8 +145,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         host=args.host, http_port=args.http_port, device_memory=args.device_memory,
         max_queued_requests=args.max_queued_requests, page_size=args.page_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        transport=args.transport, device=args.device, dtype=args.dtype, model_name=args.model_name,
-        threads=args.threads, admin_token=args.admin_token, cost_model=args.cost_model, swap_space=args.swap_space,
+        transport=args.transport, kv_extension=args.kv_extension, device=args.device, dtype=args.dtype,
+        model_name=args.model_name, threads=args.threads, admin_token=args.admin_token, cost_model=args.cost_model, swap_space=args.swap_space,
         triton=_triton_config(args))
 
 

@@ -62,7 +62,8 @@ def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology, Cost
             raise ValueError("--policy oracle needs a CPU pool (pages resident only when used)")
         ctx = store.config.max_position_embeddings
         kv_pages = cfg.max_num_seqs * -(-ctx // cfg.page_size) * store.config.num_hidden_layers
-    engine = RankEngine(store, device, dtype, memory, cfg.page_size, kv_pages=kv_pages)
+    engine = RankEngine(store, device, dtype, memory, cfg.page_size, kv_pages=kv_pages,
+                        kv_extension=cfg.kv_extension)
     return engine, topology, cost
 
 

@@ -9,7 +9,7 @@ from orchestrator.block_manager import PoolSpec
 from orchestrator.cluster.instance import InstanceDriver, StageWorker
 from orchestrator.cluster.messages import DropGroup, MemberReady, ReshapeEvent, Restored, SplitGroup
 from orchestrator.cluster.reshape import Formation
-from orchestrator.cluster.weight_pull import RegionAllocator, exchange_weights
+from orchestrator.cluster.weight_pull import exchange_weights
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,10 @@ def on_split_group(loop, msg: SplitGroup) -> None:
     stage = msg.ranks.index(loop.rank)
     ranges = group_ranges(loop, msg.ranks)
     engine = loop.engine
-    # The KV extension's memory (empty now) receives the weights: committed, so no page faults.
-    memory = RegionAllocator(engine.kv.detach_tail(engine.plan.kv_pages) if engine.kv.reserved else None)
-    if not engine.kv.reserved:
-        engine.release_extension()
+    # The KV extension's memory (empty now) receives the weights: no allocator, no page faults.
+    memory = engine.memory_for_restore()
     nbytes, seconds = exchange_weights(engine.weights, msg.ranks, ranges, stage, loop.transport, memory)
-    if memory.rest() is not None:
-        engine.kv.release(memory.rest())
-    engine.restored()
+    engine.restored(memory)
     logger.info("restored %.1f MiB of weights from peers in %.3f s (%.2f GiB/s)", nbytes / 2**20, seconds,
                 nbytes / max(seconds, 1e-9) / 2**30)
     loop.to_controller(ReshapeEvent("weights_pulled", msg.ranks, {"rank": loop.rank, "bytes": nbytes,

@@ -4,11 +4,20 @@ Every rank loads the full-replica (pp1) weights once. The stages of the store's 
 splits are runners over the same weight tensors with another layer range, so switching a
 rank from replica to stage i of a g-group is choosing a runner: no rebuild, no reload.
 The KV pool takes what the device-memory budget leaves after the weights.
+
+How a drop turns weights into KV (``kv_extension``):
+- ``commit``: the pool is a reserved CPU range; dropped weights are freed to the OS and
+  as many pages are committed at the pool's tail (CPU only);
+- ``remap``: weights and KV live in physical chunks (``engines.vmm``); the chunks of the
+  dropped weights are unmapped from them and mapped onto the pool's tail, so the same
+  memory becomes KV without being freed or copied (CUDA's virtual-memory API on a GPU,
+  shared memory on a CPU).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +27,12 @@ from engines.kv_cache import KVPool
 from engines.mapping import LayerRange
 from engines.runner import StageRunner
 from engines.store import EngineStore
-from engines.weights import LayerWeights
+from engines.vmm import Arena, VmmError, make_driver
+from engines.weights import LayerWeights, release_freed_memory
+from orchestrator.cluster.weight_memory import ChunkMemory, RegionMemory, WeightMemory
+
+KV_EXTENSIONS = ("auto", "commit", "remap")
+"""How a drop grows the KV pool; ``auto`` is ``remap`` on CUDA and ``commit`` on a CPU."""
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +61,19 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class DropMeasure:
-    """What a drop did to memory, measured (resident sizes from the OS on CPU)."""
+    """What a drop did to memory, measured: the process's resident set on a CPU, the
+    device's memory in use on a GPU."""
 
     weights_freed: int
     resident_fall: int
-    """Resident memory released by freeing the weights."""
+    """Memory in use that went away with the weights (freed, or unmapped by a remap)."""
     kv_added: int
     resident_rise: int
-    """Resident memory taken by committing the new KV pages."""
+    """Memory in use that came back with the new KV pages."""
+    remapped: int = 0
+    """Bytes of weight chunks mapped onto the KV pool's tail (``remap``)."""
+    seconds: float = 0.0
+    """From freeing the first weight to the new pages being usable."""
 
 
 class RankEngine:
@@ -62,22 +81,29 @@ class RankEngine:
 
     def __init__(self, store: EngineStore, device: torch.device, dtype: torch.dtype | None,
                  device_memory: int, page_size: int, workspace_fraction: float = 0.05,
-                 kv_pages: int | None = None) -> None:
+                 kv_pages: int | None = None, kv_extension: str = "auto") -> None:
         """``kv_pages`` overrides the budget's pool (the oracle): a lazy pool whose pages take
-        memory only once written."""
+        memory only once written. ``kv_extension``: see the module's docstring."""
         self.store = store
         self.cfg = store.config
         self.baseline_resident = resident_bytes() if device.type == "cpu" else 0
         self.weights, _ = store.load_rank(1, 0, device=device, dtype=dtype)
+        self.arena = self._make_arena(device, kv_extension, lazy=kv_pages is not None)
+        if self.arena is not None:
+            self._adopt_weights()
         self.plan = self._plan(device_memory, page_size, workspace_fraction)
         if kv_pages is not None:
             self.plan = MemoryPlan(device_memory, self.plan.weight_bytes, self.plan.workspace_bytes,
                                    kv_pages, self.plan.page_bytes)
         # Reserve room for the most KV this rank can ever get: its pool plus the weights it
-        # would free as the smallest stage of the store's largest split.
-        extra = (self.weights.resident_bytes() - self._min_kept_bytes()) // self.plan.page_bytes
+        # would free as the smallest stage of the store's largest split (a remapped pool:
+        # every weight chunk, plus the rounding of its own first chunk).
+        if self.arena is not None:
+            extra = -(-(self.weight_memory() + self.arena.granularity) // self.plan.page_bytes)
+        else:
+            extra = (self.weights.resident_bytes() - self._min_kept_bytes()) // self.plan.page_bytes
         self.kv = KVPool(self.cfg, self.plan.kv_pages, page_size, self.weights.dtype, device,
-                         max_pages=self.plan.kv_pages + extra, lazy=kv_pages is not None)
+                         max_pages=self.plan.kv_pages + extra, lazy=kv_pages is not None, arena=self.arena)
         self.held = LayerRange(0, self.cfg.num_hidden_layers)
         """The layers whose weights are resident (all of them unless dropped)."""
         self.last_drop: DropMeasure | None = None
@@ -88,12 +114,65 @@ class RankEngine:
             for stage in range(g):
                 r = mapping.layer_range(stage)
                 self.runners[(r.start, r.end)] = StageRunner(self.cfg, self.weights, r, self.kv)
-        logger.info("rank engine: %.1f MiB weights, %d KV pages (%.1f MiB), roles for splits %s",
-                    self.plan.weight_bytes / 2**20, self.plan.kv_pages, self.plan.kv_bytes / 2**20,
-                    store.splits)
+        logger.info("rank engine: %.1f MiB weights, %d KV pages (%.1f MiB), roles for splits %s, "
+                    "KV extension by %s", self.plan.weight_bytes / 2**20, self.plan.kv_pages,
+                    self.plan.kv_bytes / 2**20, store.splits,
+                    f"remapping ({self.arena.driver.name} virtual memory)" if self.arena else "committing pages")
+
+    @staticmethod
+    def _make_arena(device: torch.device, kv_extension: str, lazy: bool) -> Arena | None:
+        if kv_extension not in KV_EXTENSIONS:
+            raise EngineError(f"--kv-extension {kv_extension!r}: expected one of {', '.join(KV_EXTENSIONS)}")
+        if lazy or kv_extension == "commit" or (kv_extension == "auto" and device.type == "cpu"):
+            if kv_extension == "remap":
+                raise EngineError("--kv-extension remap cannot serve the oracle's lazy pool")
+            if kv_extension == "commit" and device.type != "cpu":
+                raise EngineError("--kv-extension commit is for CPUs; use remap (or auto) on CUDA")
+            return None
+        try:
+            return Arena(make_driver(device))
+        except VmmError as exc:
+            if kv_extension == "remap":
+                raise EngineError(str(exc)) from None
+            logger.warning("no virtual-memory driver (%s): the KV pool cannot grow, so this rank "
+                           "cannot drop weights for KV", exc)
+            return None
+
+    def _adopt_weights(self) -> None:
+        """Move each weight buffer into a chunk of its own (once, at start-up), so that a drop
+        can remap it. Tensors smaller than a chunk (norms) stay where they are."""
+        w, arena = self.weights, self.arena
+        for i, layer in list(w.layers.items()):
+            w.layers[i] = LayerWeights(self.cfg, arena.adopt(layer.flat))
+        tied = w.lm_head is not None and w.embedding is not None and w.lm_head.data_ptr() == w.embedding.data_ptr()
+        for name in ("embedding", "final_norm") + (() if tied else ("lm_head",)):
+            t = getattr(w, name)
+            if t is not None and t.numel() * t.element_size() >= arena.granularity:
+                setattr(w, name, arena.adopt(t))
+        if tied:
+            w.lm_head = w.embedding
+        release_freed_memory(w.device)
+
+    def _weight_buffers(self) -> dict[int, torch.Tensor]:
+        """Every weight buffer held, by address (a tied head and embedding once)."""
+        w = self.weights
+        tensors = [layer.flat for layer in w.layers.values()]
+        tensors += [t for t in (w.embedding, w.final_norm, w.lm_head) if t is not None]
+        return {t.data_ptr(): t for t in tensors}
+
+    def weight_memory(self) -> int:
+        """Memory behind the weights (whole chunks for the arena's buffers)."""
+        if self.arena is None:
+            return self.weights.resident_bytes()
+        return sum(self.arena.footprint(t) for t in self._weight_buffers().values())
+
+    def _memory_in_use(self) -> int:
+        if self.arena is not None:
+            return self.arena.driver.memory_in_use()
+        return resident_bytes()
 
     def _plan(self, device_memory: int, page_size: int, workspace_fraction: float) -> MemoryPlan:
-        weight_bytes = self.weights.resident_bytes()
+        weight_bytes = self.weight_memory()
         page_bytes = KVPool.page_nbytes(self.cfg, page_size, self.weights.dtype)
         workspace = int(device_memory * workspace_fraction)
         kv_pages = (device_memory - weight_bytes - workspace) // page_bytes
@@ -132,7 +211,11 @@ class RankEngine:
         if self.held != LayerRange(0, self.cfg.num_hidden_layers):
             raise EngineError(f"rank already dropped to layers {self.held}")
         w, cfg = self.weights, self.cfg
-        before = w.resident_bytes()
+        if self.kv.data.device.type != "cpu" and not self.kv.remapped:
+            raise EngineError("this rank's KV pool cannot grow on CUDA without the virtual-memory driver "
+                              "(cuda-bindings): refusing to drop weights that could not become KV")
+        t0 = time.perf_counter()
+        before, buffers = w.resident_bytes(), self._weight_buffers()
         first, last = layers.start == 0, layers.end == cfg.num_hidden_layers
         if not last:
             w.final_norm = w.lm_head = None
@@ -140,19 +223,31 @@ class RankEngine:
             w.embedding = None
             if not last:
                 w.lm_head = None
-        rss0 = resident_bytes()
-        w.drop_layers([i for i in list(w.layers) if i not in layers])  # also trims the heap
-        self._evict_from_pool_tail()
+        used0 = self._memory_in_use()
+        w.drop_layers([i for i in list(w.layers) if i not in layers])  # frees what is not the arena's
         freed = before - w.resident_bytes()
-        rss1 = resident_bytes()
-        pages = freed // self.plan.page_bytes
-        self.kv.grow(pages)
+        if self.kv.remapped:
+            kept = self._weight_buffers()
+            chunks = [self.arena.reclaim(t) for p, t in buffers.items() if p not in kept and self.arena.owns(t)]
+            del buffers, kept
+            used1 = self._memory_in_use()
+            pages = self.kv.extend(chunks)
+            remapped = sum(c.nbytes for c in chunks)
+        else:
+            del buffers
+            self._evict_from_pool_tail()
+            used1 = self._memory_in_use()
+            pages = freed // self.plan.page_bytes
+            self.kv.grow(pages)
+            remapped = 0
         self.held = layers
-        self.last_drop = DropMeasure(freed, rss0 - rss1, pages * self.plan.page_bytes, resident_bytes() - rss1)
-        logger.info("dropped to layers %s: %.1f MiB of weights freed (resident -%.1f MiB), KV pool +%d "
-                    "pages, +%.1f MiB (resident +%.1f MiB), %d pages in all", layers, freed / 2**20,
-                    self.last_drop.resident_fall / 2**20, pages, self.last_drop.kv_added / 2**20,
-                    self.last_drop.resident_rise / 2**20, self.kv.num_pages)
+        m = self.last_drop = DropMeasure(freed, used0 - used1, pages * self.plan.page_bytes,
+                                         self._memory_in_use() - used1, remapped, time.perf_counter() - t0)
+        how = f"{m.remapped / 2**20:.1f} MiB of weight chunks remapped onto the pool, " if m.remapped else ""
+        logger.info("dropped to layers %s in %.1f ms: %.1f MiB of weights dropped (in use -%.1f MiB), %sKV pool "
+                    "+%d pages, +%.1f MiB (in use +%.1f MiB), %d pages in all", layers, m.seconds * 1e3,
+                    freed / 2**20, m.resident_fall / 2**20, how, pages, m.kv_added / 2**20,
+                    m.resident_rise / 2**20, self.kv.num_pages)
         return pages
 
     def _evict_from_pool_tail(self) -> None:
@@ -169,12 +264,20 @@ class RankEngine:
         if self.cfg.tie_word_embeddings and w.lm_head is not None and w.embedding is not None:
             w.lm_head = w.embedding
 
-    def release_extension(self) -> None:
-        """Give the KV pages gained by the drop back (they must be empty)."""
-        self.kv.shrink(self.plan.kv_pages)
+    def memory_for_restore(self) -> WeightMemory:
+        """Shrink the KV pool back to its plan (the pages above must be free) and hand the
+        memory it gives up to the weights about to be pulled back from the peers."""
+        kv, pages = self.kv, self.plan.kv_pages
+        if kv.remapped:
+            return ChunkMemory(self.arena, kv.detach_chunks(pages))
+        if kv.reserved:
+            return RegionMemory(kv.detach_tail(pages), kv)
+        kv.shrink(pages)
+        return RegionMemory()
 
-    def restored(self) -> None:
-        """All weights are resident again (loaded by the caller)."""
+    def restored(self, memory: WeightMemory) -> None:
+        """All weights are resident again (loaded by the caller into ``memory``'s buffers)."""
+        memory.finish()
         self.held = LayerRange(0, self.cfg.num_hidden_layers)
 
     def runner(self, layers: LayerRange) -> StageRunner:
@@ -187,5 +290,6 @@ class RankEngine:
     def resident_growth(self) -> int:
         """Memory the rank took since it started: weights, KV pool and workspace in use."""
         if self.kv.data.device.type == "cuda":
-            return torch.cuda.memory_reserved(self.kv.data.device)
+            chunks = self.arena.allocated if self.arena is not None else 0
+            return torch.cuda.memory_reserved(self.kv.data.device) + chunks
         return resident_bytes() - self.baseline_resident

@@ -131,7 +131,7 @@ class RankLoop:
     def rank_info(self) -> RankInfo:
         inst, stage, size, layers = self.role
         plan = self.engine.plan
-        return RankInfo(self.rank, self.engine.kv.num_pages, self.engine.weights.resident_bytes(), self.engine.kv.nbytes,
+        return RankInfo(self.rank, self.engine.kv.num_pages, self.engine.weight_memory(), self.engine.kv.nbytes,
                         self.device_memory, self.engine.resident_growth(), plan.workspace_bytes,
                         "replica" if size == 1 else "group", inst, stage, size, (layers.start, layers.end))
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from engines.mapping import LayerRange
 from engines.weights import LayerWeights, ModelWeights
 from orchestrator.cluster.messages import TAG_WEIGHTS
+from orchestrator.cluster.weight_memory import RegionMemory, WeightMemory
 from orchestrator.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -26,40 +25,14 @@ def _owner(layer: int, ranges: list[LayerRange]) -> int:
     return next(i for i, r in enumerate(ranges) if layer in r)
 
 
-class RegionAllocator:
-    """Hands out aligned pieces of one flat, already committed region (a bump allocator);
-    falls back to fresh memory once the region is used up."""
-
-    _ALIGN = 64
-
-    def __init__(self, region: torch.Tensor | None) -> None:
-        self.region = region
-        self.used = 0
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
-        r = self.region
-        if r is not None and r.dtype == dtype and self.used + numel <= r.numel():
-            out = r[self.used:self.used + numel].view(shape)
-            self.used = -(-(self.used + numel) // self._ALIGN) * self._ALIGN
-            return out
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    def rest(self) -> torch.Tensor | None:
-        """The part of the region nobody took."""
-        return None if self.region is None else self.region[min(self.used, self.region.numel()):]
-
-
 def exchange_weights(weights: ModelWeights, ranks: tuple[int, ...], ranges: list[LayerRange], me: int,
-                     transport: Transport, memory: RegionAllocator | None = None) -> tuple[int, float]:
+                     transport: Transport, memory: WeightMemory | None = None) -> tuple[int, float]:
     """Make every weight resident on every member again; returns (bytes received, seconds).
 
-    Received buffers come from ``memory`` (the KV extension's committed tail) while it lasts.
+    Received buffers come from ``memory`` (what the KV extension gave up) while it lasts.
     """
     cfg = weights.cfg
-    memory = memory or RegionAllocator(None)
+    memory = memory or RegionMemory()
     t0 = time.monotonic()
     handles, incoming = [], {}
     for layer in range(cfg.num_hidden_layers):
@@ -91,7 +64,7 @@ def _lacks(name: str, stage: int, g: int, tied: bool) -> bool:
 
 
 def _exchange_head(weights: ModelWeights, ranks: tuple[int, ...], me: int, transport: Transport,
-                   handles: list, memory: RegionAllocator) -> int:
+                   handles: list, memory: WeightMemory) -> int:
     """Embedding from the first stage; final norm (and an untied head) from the last."""
     cfg = weights.cfg
     g, last, tied = len(ranks), len(ranks) - 1, cfg.tie_word_embeddings

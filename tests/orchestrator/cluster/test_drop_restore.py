@@ -71,11 +71,14 @@ def _check(cluster, results, expected):
     return state
 
 
-@pytest.mark.parametrize("n,group,lookahead", [(2, [0, 1], False), (4, [0, 1, 2, 3], False),
-                                               (2, [0, 1], True)])
-def test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, cost_model, n, group, lookahead):
+@pytest.mark.parametrize("n,group,lookahead,extension", [
+    (2, [0, 1], False, "commit"), (4, [0, 1, 2, 3], False, "commit"), (2, [0, 1], True, "commit"),
+    (4, [0, 1, 2, 3], False, "remap")])
+def test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, cost_model, n, group, lookahead,
+                                                     extension):
     extra = ["--cost-model", str(cost_model)] if lookahead else []
-    with ServingCluster(n, tiny_store, "--max-num-batched-tokens", "24", *extra) as cluster:
+    with ServingCluster(n, tiny_store, "--max-num-batched-tokens", "24", "--kv-extension", extension,
+                        *extra) as cluster:
         events = []
         for cycle in range(2):
             results, drop, restored = run(_cycle(cluster.url, group, restore=True))
@@ -111,15 +114,20 @@ def test_requests_in_prefill_at_the_drop_continue_identically(tiny_store, expect
         assert event["in_prefill"] > 0, event
 
 
-def test_memory_moves_from_weights_to_kv_and_back(tiny_store):
-    with ServingCluster(2, tiny_store) as cluster:
+@pytest.mark.parametrize("extension", ["commit", "remap"])
+def test_memory_moves_from_weights_to_kv_and_back(tiny_store, extension):
+    with ServingCluster(2, tiny_store, "--kv-extension", extension) as cluster:
         before = cluster.state()["ranks"]
         assert run(_post_once(cluster.url, "/admin/drop", {"group": [0, 1]}))[0] == 200
         during = cluster.state()["ranks"]
         for b, d in zip(before, during):
             freed = b["weight_bytes"] - d["weight_bytes"]
             assert freed > 0
-            assert abs((d["kv_bytes"] - b["kv_bytes"]) - freed) < d["kv_bytes"] / d["kv_pages_total"]
+            page = d["kv_bytes"] / d["kv_pages_total"]
+            # A remap maps whole chunks: the rounding of the pool's first chunk may add a
+            # page; weights smaller than a chunk (norms) are freed, not remapped.
+            slack = (page, page) if extension == "commit" else (page + 4096, page + 4096)
+            assert -slack[0] < (d["kv_bytes"] - b["kv_bytes"]) - freed < slack[1]
         assert run(_post_once(cluster.url, "/admin/restore", {}))[0] == 200
         after = cluster.state()["ranks"]
         assert [(r["weight_bytes"], r["kv_bytes"]) for r in after] == [(r["weight_bytes"], r["kv_bytes"]) for r in before]
