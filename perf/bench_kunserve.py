@@ -2,6 +2,13 @@
 transport's raw bandwidth, and pipeline efficiency with and without lookahead.
 
     python -m perf.bench_kunserve --engine-dir stores/smollm2 [--cost-model FILE]
+        [--kv-extensions commit,remap]
+
+Part 1 runs once per KV extension named (``--kv-extension`` of the cluster: ``commit``
+frees the dropped weights and commits pool pages, ``remap`` maps the weights' memory
+onto the pool's tail), side by side in one table; "weights to KV" is the memory step of
+the drop on each rank (from the ``weights_dropped`` events), the rest of the drop
+latency being the hand-over of requests and the group's formation.
 
 Part 1 (mpirun -n 2, 768 MiB per rank): requests with long prompts fill both replicas'
 KV; once they decode, ``POST /admin/drop`` fuses the ranks (latency: the call's return,
@@ -88,11 +95,12 @@ def raw_bandwidth(sizes: str) -> dict[str, float]:
     return rows
 
 
-def part1(store: Path, memory: str, requests: int, seed: int) -> dict:
+def part1(store: Path, memory: str, requests: int, seed: int, kv_extension: str) -> dict:
     vocab = EngineStore(store).config.vocab_size
     mix = Mix.make(vocab, requests, seed, prompt_range=(400, 600), output_range=(150, 200))
-    with ServingCluster(2, store, device_memory=memory) as cluster:
+    with ServingCluster(2, store, "--kv-extension", kv_extension, device_memory=memory) as cluster:
         m = asyncio.run(_cycle(cluster.url, mix, settle_s=8.0))
+    m["weights_to_kv_s"] = max(e["seconds"] for e in m["events"] if e["event"] == "weights_dropped")
     ex = [e for e in m["events"] if e["event"] == "exchange"][-1]
     pulls = [e for e in m["events"] if e["event"] == "weights_pulled"]
     m["exchange_bytes"], m["exchange_s"] = ex["bytes"], ex["seconds"]
@@ -113,37 +121,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--skip-pipeline", action="store_true", help="part 1 only")
+    p.add_argument("--kv-extensions", default="commit,remap",
+                   help="KV extensions to measure part 1 with, side by side (default: %(default)s)")
     args = p.parse_args(argv)
     cost = args.cost_model or args.engine_dir / "cost_model.json"
     if not cost.is_file():
         subprocess.run([sys.executable, "-m", "perf.profile_cost", "--engine-dir", str(args.engine_dir),
                         "--out", str(cost)], check=True, cwd=REPO_ROOT)
-    runs = [part1(args.engine_dir, args.device_memory, args.requests, seed) for seed in range(args.reps)]
-    med = {k: statistics.median(r[k] for r in runs) for k in
-           ("drop_s", "restore_s", "exchange_bytes", "exchange_s", "batch0_bytes", "batch0_s",
-            "weight_bytes", "weights_s")}
+    exts = [e.strip() for e in args.kv_extensions.split(",") if e.strip()]
+    runs = {ext: [part1(args.engine_dir, args.device_memory, args.requests, seed, ext) for seed in range(args.reps)]
+            for ext in exts}
+    med = {ext: {k: statistics.median(r[k] for r in rs) for k in
+                 ("drop_s", "weights_to_kv_s", "restore_s", "exchange_bytes", "exchange_s", "batch0_bytes",
+                  "batch0_s", "weight_bytes", "weights_s")} for ext, rs in runs.items()}
+    first = med[exts[0]]
     raw_w = raw_bandwidth("16MiB")["16 MiB"]              # a layer buffer of SmolLM2 is 13.5 MiB
-    raw_x = raw_exchange(int(med["batch0_bytes"] // 2))   # the same bytes, both ways at once
+    raw_x = raw_exchange(int(first["batch0_bytes"] // 2))   # the same bytes, both ways at once
     # Both members pull at once (each the layers the other kept): the same bytes swapped.
-    raw_xw = raw_exchange(int(med["weight_bytes"]))
-    ideal_swap = 2 * med["weight_bytes"] / (raw_xw * 2**30)
-    live = med["exchange_bytes"] / med["exchange_s"] / 2**30
-    batch0 = med["batch0_bytes"] / med["batch0_s"] / 2**30
-    ideal_w = med["weight_bytes"] / (raw_w * 2**30)
+    raw_xw = raw_exchange(int(first["weight_bytes"]))
     print(f"\nmedians of {args.reps} runs; raw mpi4py in the same run: {raw_x:.2f} GiB/s for two ranks swapping "
           f"the first batch's bytes and {raw_xw:.2f} GiB/s swapping the weight bytes (perf.raw_exchange), "
           f"{raw_w:.2f} GiB/s one way at 16 MiB (perf.bench_transport)\n")
-    print("| measure | value | against raw bandwidth |\n|---|---:|---:|")
-    print(f"| drop latency (decision to group serving) | {med['drop_s'] * 1000:.0f} ms | |")
-    print(f"| KV exchange, first batch (before requests resume) | {med['batch0_bytes'] / 2**20:.1f} MiB in "
-          f"{med['batch0_s'] * 1000:.0f} ms = {batch0:.2f} GiB/s | {batch0 / raw_x:.0%} of raw |")
-    print(f"| KV exchange, whole (live: resumed requests compute between its turns) | "
-          f"{med['exchange_bytes'] / 2**20:.1f} MiB in {med['exchange_s'] * 1000:.0f} ms = {live:.2f} GiB/s | "
-          f"{live / raw_x:.0%} of raw |")
-    print(f"| weights pulled back per rank, both ranks at once | {med['weight_bytes'] / 2**20:.1f} MiB in "
-          f"{med['weights_s'] * 1000:.0f} ms | {med['weights_s'] / ideal_swap:.2f}x bytes/bandwidth of the same "
-          f"swap ({med['weights_s'] / ideal_w:.2f}x of one-way bandwidth) |")
-    print(f"| restore latency (decision to replicas serving) | {med['restore_s'] * 1000:.0f} ms | |")
+    print("| measure | " + " | ".join(f"--kv-extension {e}" for e in exts) + " |\n|---|" + "---:|" * len(exts))
+    for label, cell in _ROWS:
+        print(f"| {label} | " + " | ".join(cell(med[e], raw_x, raw_xw) for e in exts) + " |")
     result = {"runs": runs, "raw_exchange_gib_s": raw_x, "raw_weight_swap_gib_s": raw_xw, "raw_16mib_gib_s": raw_w,
               "medians": med}
     if not args.skip_pipeline:
@@ -151,6 +152,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _gib_s(nbytes: float, seconds: float) -> float:
+    return nbytes / seconds / 2**30
+
+
+_ROWS = [
+    ("drop latency (decision to group serving)", lambda m, x, xw: f"{m['drop_s'] * 1000:.0f} ms"),
+    ("weights to KV (the drop's memory step, slowest rank)", lambda m, x, xw: f"{m['weights_to_kv_s'] * 1000:.1f} ms"),
+    ("KV exchange, first batch (before requests resume)", lambda m, x, xw:
+        f"{m['batch0_bytes'] / 2**20:.1f} MiB in {m['batch0_s'] * 1000:.0f} ms = "
+        f"{_gib_s(m['batch0_bytes'], m['batch0_s']):.2f} GiB/s, {_gib_s(m['batch0_bytes'], m['batch0_s']) / x:.0%} of raw"),
+    ("KV exchange, whole (live: resumed requests compute between its turns)", lambda m, x, xw:
+        f"{m['exchange_bytes'] / 2**20:.1f} MiB in {m['exchange_s'] * 1000:.0f} ms, "
+        f"{_gib_s(m['exchange_bytes'], m['exchange_s']) / x:.0%} of raw"),
+    # Both members pull at once (each the layers the other kept): the same bytes swapped.
+    ("weights pulled back per rank, both ranks at once", lambda m, x, xw:
+        f"{m['weight_bytes'] / 2**20:.1f} MiB in {m['weights_s'] * 1000:.0f} ms, "
+        f"{m['weights_s'] / (2 * m['weight_bytes'] / (xw * 2**30)):.2f}x bytes/bandwidth of the same swap"),
+    ("restore latency (decision to replicas serving)", lambda m, x, xw: f"{m['restore_s'] * 1000:.0f} ms"),
+]
+"""The table's rows: a label and a cell from one extension's medians and the raw rates."""
 
 
 def part2(store: Path, memory: str, cost: Path, reps: int) -> dict:

@@ -49,18 +49,9 @@ class CudaDriver:
         cu_device = self._call("cuDeviceGet", index)
         self._context = self._call("cuDevicePrimaryCtxRetain", cu_device)
         self._call("cuCtxSetCurrent", self._context)
-        prop = cu.CUmemAllocationProp()
-        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = index
-        self._prop = prop
-        access = cu.CUmemAccessDesc()
-        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        access.location.id = index
-        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        self._access = [access]
+        self._prop, self._access = _describe(cu, index)
         flag = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED
-        self.granularity = int(self._call("cuMemGetAllocationGranularity", prop, flag))
+        self.granularity = int(self._call("cuMemGetAllocationGranularity", self._prop, flag))
 
     def _call(self, name: str, *args):
         """Call a driver function; raise on an error, return its results (if any)."""
@@ -101,3 +92,17 @@ class CudaDriver:
     def memory_in_use(self) -> int:
         free, total = torch.cuda.mem_get_info(self.device)
         return total - free
+
+
+def _describe(cu, index: int) -> tuple[object, list]:
+    """The allocation properties (pinned device memory on GPU ``index``) and the access
+    descriptor (read-write from that GPU) every chunk and mapping uses."""
+    prop = cu.CUmemAllocationProp()
+    prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    prop.location.id = index
+    access = cu.CUmemAccessDesc()
+    access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    access.location.id = index
+    access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    return prop, [access]

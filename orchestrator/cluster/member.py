@@ -29,7 +29,11 @@ def on_drop_group(loop, msg: DropGroup) -> None:
     exported = driver.export_requests(home=loop.rank)
     stage = msg.ranks.index(loop.rank)
     ranges = group_ranges(loop, msg.ranks)
-    loop.engine.drop_to(ranges[stage])
+    pages = loop.engine.drop_to(ranges[stage])
+    m = loop.engine.last_drop
+    loop.to_controller(ReshapeEvent("weights_dropped", msg.ranks, {
+        "rank": loop.rank, "bytes": m.weights_freed, "remapped": m.remapped, "kv_pages_added": pages,
+        "seconds": m.seconds}))
     loop.driver = None
     loop.role = (msg.ranks[0], stage, len(msg.ranks), ranges[stage])
     if stage == 0:

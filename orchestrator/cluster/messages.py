@@ -256,7 +256,8 @@ class ReshapeEvent:
     """Leader or member -> controller: a finished phase of a drop or restore, with measurements."""
 
     kind: str
-    """``exchange`` (drop's KV moves done), ``restore_moves``, ``weights_pulled``."""
+    """``weights_dropped`` (a member's weights became KV: bytes, remapped bytes, seconds),
+    ``exchange`` (drop's KV moves done), ``restore_moves``, ``weights_pulled``."""
     ranks: tuple[int, ...]
     detail: dict = field(default_factory=dict)
 

@@ -215,7 +215,10 @@ class RankEngine:
             raise EngineError("this rank's KV pool cannot grow on CUDA without the virtual-memory driver "
                               "(cuda-bindings): refusing to drop weights that could not become KV")
         t0 = time.perf_counter()
-        before, buffers = w.resident_bytes(), self._weight_buffers()
+        # The arena's buffers, whose chunks a remap takes back (and only those: holding any
+        # other tensor here would keep its memory from being freed).
+        before = w.resident_bytes()
+        buffers = {p: t for p, t in self._weight_buffers().items() if self.arena.owns(t)} if self.kv.remapped else {}
         first, last = layers.start == 0, layers.end == cfg.num_hidden_layers
         if not last:
             w.final_norm = w.lm_head = None
@@ -226,20 +229,7 @@ class RankEngine:
         used0 = self._memory_in_use()
         w.drop_layers([i for i in list(w.layers) if i not in layers])  # frees what is not the arena's
         freed = before - w.resident_bytes()
-        if self.kv.remapped:
-            kept = self._weight_buffers()
-            chunks = [self.arena.reclaim(t) for p, t in buffers.items() if p not in kept and self.arena.owns(t)]
-            del buffers, kept
-            used1 = self._memory_in_use()
-            pages = self.kv.extend(chunks)
-            remapped = sum(c.nbytes for c in chunks)
-        else:
-            del buffers
-            self._evict_from_pool_tail()
-            used1 = self._memory_in_use()
-            pages = freed // self.plan.page_bytes
-            self.kv.grow(pages)
-            remapped = 0
+        pages, remapped, used1 = self._grow_pool(buffers, freed)
         self.held = layers
         m = self.last_drop = DropMeasure(freed, used0 - used1, pages * self.plan.page_bytes,
                                          self._memory_in_use() - used1, remapped, time.perf_counter() - t0)
@@ -249,6 +239,22 @@ class RankEngine:
                     freed / 2**20, m.resident_fall / 2**20, how, pages, m.kv_added / 2**20,
                     m.resident_rise / 2**20, self.kv.num_pages)
         return pages
+
+    def _grow_pool(self, buffers: dict[int, torch.Tensor], freed: int) -> tuple[int, int, int]:
+        """Turn what the weights gave up into KV pages: the chunks of the buffers no longer
+        held (``buffers``: the arena's, before the drop) on a remapped pool, else ``freed``
+        bytes of committed pages. Returns (pages added, bytes remapped, memory in use
+        before the pool grew)."""
+        if not self.kv.remapped:
+            self._evict_from_pool_tail()
+            used = self._memory_in_use()
+            pages = freed // self.plan.page_bytes
+            self.kv.grow(pages)
+            return pages, 0, used
+        kept = self._weight_buffers()
+        chunks = [self.arena.reclaim(t) for p, t in buffers.items() if p not in kept]
+        used = self._memory_in_use()
+        return self.kv.extend(chunks), sum(c.nbytes for c in chunks), used
 
     def _evict_from_pool_tail(self) -> None:
         """Copy out kept weights that a restore placed in the KV pool's tail: the pool is

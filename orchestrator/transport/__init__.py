@@ -9,6 +9,7 @@ initializes MPI nor touches CUDA.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
@@ -16,6 +17,8 @@ import torch
 from orchestrator.transport.base import Handle, Transport
 
 __all__ = ["Handle", "Transport", "known_transports", "make_transport", "register_transport", "resolve_kind"]
+
+logger = logging.getLogger(__name__)
 
 TransportFactory = Callable[[Any], Transport]
 """Builds a transport from an MPI communicator (collectively, on every rank)."""
@@ -65,6 +68,23 @@ def resolve_kind(kind: str) -> str:
 def make_transport(kind: str, comm: Any) -> Transport:
     """Build the transport named ``kind`` over the MPI communicator ``comm``.
 
-    Collective: every rank of ``comm`` must call it with the same ``kind``.
+    Collective: every rank of ``comm`` must call it with the same ``kind``. ``auto`` takes
+    mpi instead of nccl when a host runs more ranks than it has GPUs: NCCL refuses two
+    ranks on one device, and the mpi transport stages CUDA tensors through host memory.
     """
-    return _REGISTRY[resolve_kind(kind)](comm)
+    name = resolve_kind(kind)
+    if kind == AUTO and name == "nccl" and _ranks_share_gpus(comm):
+        logger.info("more ranks than GPUs on this host: the mpi transport (staged through host "
+                    "memory) instead of nccl")
+        name = "mpi"
+    return _REGISTRY[name](comm)
+
+
+def _ranks_share_gpus(comm: Any) -> bool:
+    from mpi4py import MPI
+
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return bool(comm.allreduce(local.Get_size() > torch.cuda.device_count(), op=MPI.LOR))
+    finally:
+        local.Free()

@@ -8,7 +8,7 @@ receiver knows shape and dtype from the control message that announced the paylo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -56,7 +56,7 @@ class Transport(ABC):
         """
         index = _index(rows, tensor)
         scratch = torch.empty((len(index), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-        return _ScatterOnArrival(self.irecv(scratch, src, tag), tensor, index, scratch)
+        return OnArrival(self.irecv(scratch, src, tag), lambda: tensor.index_copy_(0, index, scratch))
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         self.isend(tensor, dst, tag).wait()
@@ -73,25 +73,25 @@ def _index(rows: Sequence[int], tensor: torch.Tensor) -> torch.Tensor:
     return index
 
 
-class _ScatterOnArrival(Handle):
-    """A receive into scratch memory whose rows are scattered into their place on completion."""
+class OnArrival(Handle):
+    """A receive that finishes with a local step once it completes (a scatter into rows, a
+    copy from a staging buffer to the device), run once, from ``test`` or ``wait``."""
 
-    def __init__(self, inner: Handle, tensor: torch.Tensor, index: torch.Tensor, scratch: torch.Tensor) -> None:
+    def __init__(self, inner: Handle, finish: Callable[[], None]) -> None:
         self.inner = inner
-        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (tensor, index, scratch)
+        self.finish: Callable[[], None] | None = finish
 
     def test(self) -> bool:
         if not self.inner.test():
             return False
-        self._scatter()
+        self._finish()
         return True
 
     def wait(self) -> None:
         self.inner.wait()
-        self._scatter()
+        self._finish()
 
-    def _scatter(self) -> None:
-        if self.pending is not None:
-            tensor, index, scratch = self.pending
-            self.pending = None
-            tensor.index_copy_(0, index, scratch)
+    def _finish(self) -> None:
+        if self.finish is not None:
+            finish, self.finish = self.finish, None
+            finish()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from orchestrator.transport.base import Handle, Transport
+from orchestrator.transport.base import Handle, OnArrival, Transport
 from orchestrator.transport.cma import CmaRows, runs_of
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,11 @@ class MpiHandle(Handle):
 
 
 class MpiTransport(Transport):
-    """Point-to-point transfers of contiguous CPU tensors over an MPI communicator.
+    """Point-to-point transfers of contiguous tensors over an MPI communicator.
+
+    CUDA tensors are staged through host memory (copied out before a send, copied in when
+    a receive completes): slower than NCCL, but it works where NCCL refuses, e.g. two
+    ranks sharing one GPU.
 
     Construction is collective: it duplicates ``comm`` so that tensor messages never match
     the control messages that callers exchange on ``comm`` itself, whatever the tags.
@@ -128,12 +132,17 @@ class MpiTransport(Transport):
         """Rows between ranks of one host: pulled by the receiver (see ``transport/cma.py``)."""
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> Handle:
+        if _on_device(tensor, "isend"):
+            return self.isend(tensor.cpu(), dst, tag)  # the host copy travels; the handle keeps it
         self._check_peer(dst, tag)
         chunks = self._chunks(tensor, "isend", readonly=True)
         requests = [self.comm.Isend([chunk, MPI.BYTE], dst, tag) for chunk in chunks]
         return MpiHandle(requests, tensor)
 
     def irecv(self, out: torch.Tensor, src: int, tag: int) -> Handle:
+        if _on_device(out, "irecv"):
+            host = torch.empty(out.shape, dtype=out.dtype)
+            return OnArrival(self.irecv(host, src, tag), lambda: out.copy_(host))
         self._check_peer(src, tag)
         chunks = self._chunks(out, "irecv", readonly=False)
         requests = [self.comm.Irecv([chunk, MPI.BYTE], src, tag) for chunk in chunks]
@@ -141,7 +150,10 @@ class MpiTransport(Transport):
 
     def isend_rows(self, tensor: torch.Tensor, rows: Sequence[int], dst: int, tag: int) -> Handle:
         """Send rows of ``tensor`` straight from its memory: read by the receiver itself on
-        this host (cross-memory attach), else an MPI indexed datatype (no gather either way)."""
+        this host (cross-memory attach), else an MPI indexed datatype (no gather either way).
+        Rows of a CUDA tensor are gathered on the device and staged."""
+        if _on_device(tensor, "isend_rows"):
+            return super().isend_rows(tensor, rows, dst, tag)
         self._check_peer(dst, tag)
         index = _rows_index(tensor, rows, "isend_rows")
         if self.cma.can_read[dst][self.rank]:
@@ -155,7 +167,10 @@ class MpiTransport(Transport):
 
     def irecv_rows(self, tensor: torch.Tensor, rows: Sequence[int], src: int, tag: int) -> Handle:
         """Receive rows straight into ``tensor``'s memory (copied out of the sender's on this
-        host, else an MPI indexed datatype: no scatter either way)."""
+        host, else an MPI indexed datatype: no scatter either way). Rows of a CUDA tensor
+        are staged and scattered on the device."""
+        if _on_device(tensor, "irecv_rows"):
+            return super().irecv_rows(tensor, rows, src, tag)
         self._check_peer(src, tag)
         index = _rows_index(tensor, rows, "irecv_rows")
         if self.cma.can_read[self.rank][src]:
@@ -232,13 +247,24 @@ def _indexed_rows(index: np.ndarray, row_bytes: int) -> tuple[MPI.Datatype, int,
     return dt, 1, int(index.size) * row_bytes
 
 
+def _on_device(tensor: torch.Tensor, op: str) -> bool:
+    """Whether ``tensor`` is a CUDA tensor to stage through host memory (checked like any)."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_cuda:
+        return False
+    _check_layout(tensor, op)
+    return True
+
+
 def _check_tensor(tensor: torch.Tensor, op: str) -> None:
     """Refuse what cannot go over the wire as one flat run of bytes in host memory."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{op}: expected a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_cpu:
-        raise ValueError(f"{op}: the mpi transport moves CPU tensors only, got one on {tensor.device} "
-                         "(use the nccl transport for CUDA tensors)")
+        raise ValueError(f"{op}: the mpi transport moves CPU and CUDA tensors, got one on {tensor.device}")
+    _check_layout(tensor, op)
+
+
+def _check_layout(tensor: torch.Tensor, op: str) -> None:
     if tensor.layout != torch.strided or not tensor.is_contiguous():
         raise ValueError(f"{op}: the mpi transport needs a contiguous tensor (shape {tuple(tensor.shape)}, "
                          f"stride {tensor.stride() if tensor.layout == torch.strided else tensor.layout}); "

@@ -123,3 +123,35 @@ def test_host_driver_rejects_a_granularity_off_the_page_size():
 def test_cuda_driver_without_a_gpu_is_a_clear_error():
     with pytest.raises(VmmError, match="cuda.bindings|CUDA build of torch|driver library"):
         make_driver(torch.device("cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real calls (the tests above)")
+def test_cuda_driver_calls_convert_their_arguments():
+    """Without a GPU the bindings fail only when they load the driver library, after
+    converting the arguments: every call the CUDA driver makes gets that far (a wrong
+    argument type would raise TypeError first)."""
+    cu = pytest.importorskip("cuda.bindings.driver", reason="cuda-bindings is part of the test extra")
+    from engines.vmm.cuda import CudaDriver, _describe
+
+    drv = object.__new__(CudaDriver)  # its __init__ needs a GPU
+    drv._cu, drv.device, drv.granularity = cu, torch.device("cuda", 0), 2 << 20
+    drv._prop, drv._access = _describe(cu, 0)
+    handle, address = cu.CUmemGenericAllocationHandle(0), 1 << 40
+    flag = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED
+    calls = {
+        "cuInit": lambda: drv._call("cuInit", 0),
+        "cuDeviceGet": lambda: drv._call("cuDeviceGet", 0),
+        "cuDevicePrimaryCtxRetain": lambda: drv._call("cuDevicePrimaryCtxRetain", cu.CUdevice(0)),
+        "cuCtxSetCurrent": lambda: drv._call("cuCtxSetCurrent", cu.CUcontext(0)),
+        "cuMemGetAllocationGranularity": lambda: drv._call("cuMemGetAllocationGranularity", drv._prop, flag),
+        "reserve": lambda: drv.reserve(4 << 20),
+        "free": lambda: drv.free(address, 4 << 20),
+        "create": lambda: drv.create(2 << 20),
+        "release": lambda: drv.release(handle),
+        "map": lambda: drv.map(address, 2 << 20, handle),
+        "cuMemUnmap": lambda: drv._call("cuMemUnmap", address, 2 << 20),
+    }
+    for name, call in calls.items():
+        with pytest.raises(Exception) as info:
+            call()
+        assert type(info.value).__name__ == "DynamicLibNotFoundError", (name, info.value)

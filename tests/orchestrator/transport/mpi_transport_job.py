@@ -2,7 +2,8 @@
 
     mpirun -n 2 python -m tests.orchestrator.transport.mpi_transport_job [--kind nccl]
 
-The default checks MpiTransport (CPU); ``--kind nccl`` checks NcclTransport on two GPUs.
+The default checks MpiTransport (CPU); ``--kind nccl`` checks NcclTransport on two GPUs;
+``--kind mpi-cuda`` checks MpiTransport with CUDA tensors of two ranks sharing GPU 0.
 
 Each rank regenerates the other's tensors from a seed, so the receiver checks every byte
 without a second transfer. Exits 0 when all checks pass; on any failure it prints the
@@ -94,7 +95,7 @@ def exchange_fifo(transport: Transport, device: torch.device) -> None:
         h.wait()
     for i, out in enumerate(outs):
         if not same_bits(out.cpu(), payload(peer, i)):
-            raise AssertionError(f"nccl: case {i} {CASES[i]} differs from what rank {peer} sent")
+            raise AssertionError(f"{transport.name}: case {i} {CASES[i]} differs from what rank {peer} sent")
 
 
 def rows_exchange(transport: MpiTransport) -> None:
@@ -163,7 +164,7 @@ def check_mpi(comm: MPI.Comm) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mpi_transport_job")
-    p.add_argument("--kind", choices=["mpi", "nccl"], default="mpi")
+    p.add_argument("--kind", choices=["mpi", "nccl", "mpi-cuda"], default="mpi")
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
     if comm.Get_size() != 2:
@@ -174,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             nccl = make_transport("nccl", comm)
             exchange_fifo(nccl, nccl.device)
             nccl.close()
+        elif args.kind == "mpi-cuda":  # two ranks sharing one GPU: staged through host memory
+            staged = make_transport("mpi", comm)
+            exchange_fifo(staged, torch.device("cuda", 0))
+            staged.close()
         else:
             check_mpi(comm)
         comm.Barrier()

@@ -68,6 +68,16 @@ def test_auto_without_cuda_builds_mpi(comm_self, monkeypatch):
     t.close()
 
 
+def test_auto_takes_mpi_when_ranks_share_a_gpu(comm_self, monkeypatch):
+    from orchestrator.transport.mpi import MpiTransport
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # one rank on this host, no GPU of its own
+    t = make_transport("auto", comm_self)
+    assert isinstance(t, MpiTransport)
+    t.close()
+
+
 def test_importing_the_package_starts_neither_mpi_nor_cuda():
     code = ("import sys, orchestrator.transport, orchestrator.transport.nccl\n"
             "assert 'mpi4py.MPI' not in sys.modules, 'MPI initialized on import'\n")
@@ -128,9 +138,8 @@ def test_refuses_non_contiguous(transport):
         transport.irecv(t, src=0, tag=0)
 
 
-def test_refuses_tensors_off_the_cpu(transport):
-    # A meta tensor takes the same path as a CUDA one (see the gpu test below).
-    with pytest.raises(ValueError, match="CPU tensors only.*nccl"):
+def test_refuses_tensors_off_the_cpu_and_cuda(transport):
+    with pytest.raises(ValueError, match="moves CPU and CUDA tensors, got one on meta"):
         transport.isend(torch.empty(4, device="meta"), dst=0, tag=0)
 
 
@@ -327,9 +336,29 @@ def test_nccl_needs_cuda(comm_self):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_mpi_refuses_cuda_tensors(transport):
-    with pytest.raises(ValueError, match="CPU tensors only"):
-        transport.isend(torch.zeros(4, device="cuda"), dst=0, tag=0)
+def test_mpi_stages_cuda_tensors_through_the_host(transport):
+    src = torch.arange(24, dtype=torch.bfloat16, device="cuda").view(6, 4)
+    out = torch.zeros(6, 4, dtype=torch.bfloat16, device="cuda")
+    recv = transport.irecv(out, src=0, tag=1)
+    transport.isend(src, dst=0, tag=1).wait()
+    recv.wait()
+    assert torch.equal(out, src)
+    rows = torch.zeros(8, 4, dtype=torch.bfloat16, device="cuda")
+    recv = transport.irecv_rows(rows, [7, 0, 3], src=0, tag=2)
+    transport.isend_rows(src, [1, 2, 5], dst=0, tag=2).wait()
+    recv.wait()
+    assert torch.equal(rows[[7, 0, 3]], src[[1, 2, 5]]) and not rows[[1, 2, 4, 5, 6]].any()
+    with pytest.raises(ValueError, match="contiguous"):
+        transport.isend(src.t(), dst=0, tag=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_mpirun
+def test_mpi_two_ranks_sharing_one_gpu_exchange_bit_exact():
+    proc = run_mpi_module(2, JOB, "--kind", "mpi-cuda", timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "mpi-cuda transport job: ok" in proc.stdout
 
 
 @pytest.mark.gpu
