@@ -140,6 +140,7 @@ class KVPool:
         """
         if self._range is None:
             raise ValueError("only a remapped pool (one made with an arena) takes chunks")
+        self._range.check_room(sum(c.nbytes for c in chunks))  # all or nothing
         for chunk in chunks:
             self._range.push(chunk)
         before = self.num_pages

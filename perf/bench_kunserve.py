@@ -4,20 +4,20 @@ transport's raw bandwidth, and pipeline efficiency with and without lookahead.
     python -m perf.bench_kunserve --engine-dir stores/smollm2 [--cost-model FILE]
         [--kv-extensions commit,remap]
 
-Part 1 runs once per KV extension named (``--kv-extension`` of the cluster: ``commit``
-frees the dropped weights and commits pool pages, ``remap`` maps the weights' memory
-onto the pool's tail), side by side in one table; "weights to KV" is the memory step of
-the drop on each rank (from the ``weights_dropped`` events), the rest of the drop
-latency being the hand-over of requests and the group's formation.
-
 Part 1 (mpirun -n 2, 768 MiB per rank): requests with long prompts fill both replicas'
 KV; once they decode, ``POST /admin/drop`` fuses the ranks (latency: the call's return,
 i.e. until the group serves and the new KV is usable), the exchange of the stale KV runs
 live (its bytes and seconds come from ``/admin/state`` events), then ``POST
-/admin/restore`` pulls the dropped weights back. In the same run, raw mpi4py moves the same bytes
-between the two ranks (``perf.raw_exchange``: both ways at once, as the exchange and the
-restore's weight pull do; ``perf.bench_transport``: one way, for reference); the table
-gives exchange throughput / raw bandwidth and the weight pull's time / (bytes / raw bandwidth).
+/admin/restore`` pulls the dropped weights back. Right after each run, raw mpi4py moves
+the same bytes between the two ranks (``perf.raw_exchange``: both ways at once, as the
+exchange and the restore's weight pull do; ``perf.bench_transport``: one way, once, for
+reference); the table gives the medians of each run's exchange throughput / raw bandwidth
+and weight pull's time / (bytes / raw bandwidth). Part 1 runs with each KV extension
+named (``--kv-extension`` of the cluster: ``commit`` frees the dropped weights and commits
+pool pages, ``remap`` maps the weights' memory onto the pool's tail), alternating, side by
+side in one table; "weights to KV" is the drop's memory step on each rank (from the
+``weights_dropped`` events), the rest of the drop latency being the hand-over of requests
+and the group's formation.
 Part 2: output throughput of one pp=2 group with and without ``--cost-model`` on a
 prefill-heavy mix, as a fraction of two replicas on the same mix (pipeline efficiency).
 """
@@ -129,24 +129,24 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "perf.profile_cost", "--engine-dir", str(args.engine_dir),
                         "--out", str(cost)], check=True, cwd=REPO_ROOT)
     exts = [e.strip() for e in args.kv_extensions.split(",") if e.strip()]
-    runs = {ext: [part1(args.engine_dir, args.device_memory, args.requests, seed, ext) for seed in range(args.reps)]
-            for ext in exts}
-    med = {ext: {k: statistics.median(r[k] for r in rs) for k in
-                 ("drop_s", "weights_to_kv_s", "restore_s", "exchange_bytes", "exchange_s", "batch0_bytes",
-                  "batch0_s", "weight_bytes", "weights_s")} for ext, rs in runs.items()}
-    first = med[exts[0]]
-    raw_w = raw_bandwidth("16MiB")["16 MiB"]              # a layer buffer of SmolLM2 is 13.5 MiB
-    raw_x = raw_exchange(int(first["batch0_bytes"] // 2))   # the same bytes, both ways at once
-    # Both members pull at once (each the layers the other kept): the same bytes swapped.
-    raw_xw = raw_exchange(int(first["weight_bytes"]))
-    print(f"\nmedians of {args.reps} runs; raw mpi4py in the same run: {raw_x:.2f} GiB/s for two ranks swapping "
-          f"the first batch's bytes and {raw_xw:.2f} GiB/s swapping the weight bytes (perf.raw_exchange), "
-          f"{raw_w:.2f} GiB/s one way at 16 MiB (perf.bench_transport)\n")
+    runs: dict[str, list[dict]] = {ext: [] for ext in exts}
+    for seed in range(args.reps):
+        for ext in exts:  # alternating, so that both see the same state of the host
+            m = part1(args.engine_dir, args.device_memory, args.requests, seed, ext)
+            _against_raw(m)
+            runs[ext].append(m)
+    med = {ext: {k: statistics.median(r[k] for r in rs) for k in _MEDIANS} for ext, rs in runs.items()}
+    raw_w = raw_bandwidth("16MiB")["16 MiB"]  # a layer buffer of SmolLM2 is 13.5 MiB
+    print(f"\nmedians of {args.reps} runs each, alternating; after each run raw mpi4py moved the same bytes "
+          f"between the two ranks (perf.raw_exchange): the first batch's, both ways at once, median "
+          f"{statistics.median(r['raw_x'] for rs in runs.values() for r in rs):.2f} GiB/s, and the weight "
+          f"bytes, both ways, median {statistics.median(r['raw_xw'] for rs in runs.values() for r in rs):.2f} "
+          f"GiB/s; one way at 16 MiB (perf.bench_transport) {raw_w:.2f} GiB/s. Ratios are each run's against "
+          "its own raw measurement.\n")
     print("| measure | " + " | ".join(f"--kv-extension {e}" for e in exts) + " |\n|---|" + "---:|" * len(exts))
     for label, cell in _ROWS:
-        print(f"| {label} | " + " | ".join(cell(med[e], raw_x, raw_xw) for e in exts) + " |")
-    result = {"runs": runs, "raw_exchange_gib_s": raw_x, "raw_weight_swap_gib_s": raw_xw, "raw_16mib_gib_s": raw_w,
-              "medians": med}
+        print(f"| {label} | " + " | ".join(cell(med[e]) for e in exts) + " |")
+    result = {"runs": runs, "raw_16mib_gib_s": raw_w, "medians": med}
     if not args.skip_pipeline:
         result["pipeline"] = part2(args.engine_dir, args.device_memory, cost, args.reps)
     if args.json_out:
@@ -154,26 +154,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _gib_s(nbytes: float, seconds: float) -> float:
-    return nbytes / seconds / 2**30
+def _against_raw(m: dict) -> None:
+    """Measure raw mpi4py on the run's own bytes right after it; add the run's ratios."""
+    m["raw_x"] = raw_exchange(int(m["batch0_bytes"] // 2))  # the first batch's bytes, both ways at once
+    # Both members pull at once (each the layers the other kept): the same bytes swapped.
+    m["raw_xw"] = raw_exchange(int(m["weight_bytes"]))
+    m["batch0_gib_s"] = m["batch0_bytes"] / m["batch0_s"] / 2**30
+    m["batch0_vs_raw"] = m["batch0_gib_s"] / m["raw_x"]
+    m["exchange_vs_raw"] = m["exchange_bytes"] / m["exchange_s"] / 2**30 / m["raw_x"]
+    m["pull_vs_raw"] = m["weights_s"] / (2 * m["weight_bytes"] / (m["raw_xw"] * 2**30))
 
+
+_MEDIANS = ("drop_s", "weights_to_kv_s", "restore_s", "exchange_bytes", "exchange_s", "batch0_bytes", "batch0_s",
+            "batch0_gib_s", "weight_bytes", "weights_s", "batch0_vs_raw", "exchange_vs_raw", "pull_vs_raw")
 
 _ROWS = [
-    ("drop latency (decision to group serving)", lambda m, x, xw: f"{m['drop_s'] * 1000:.0f} ms"),
-    ("weights to KV (the drop's memory step, slowest rank)", lambda m, x, xw: f"{m['weights_to_kv_s'] * 1000:.1f} ms"),
-    ("KV exchange, first batch (before requests resume)", lambda m, x, xw:
-        f"{m['batch0_bytes'] / 2**20:.1f} MiB in {m['batch0_s'] * 1000:.0f} ms = "
-        f"{_gib_s(m['batch0_bytes'], m['batch0_s']):.2f} GiB/s, {_gib_s(m['batch0_bytes'], m['batch0_s']) / x:.0%} of raw"),
-    ("KV exchange, whole (live: resumed requests compute between its turns)", lambda m, x, xw:
-        f"{m['exchange_bytes'] / 2**20:.1f} MiB in {m['exchange_s'] * 1000:.0f} ms, "
-        f"{_gib_s(m['exchange_bytes'], m['exchange_s']) / x:.0%} of raw"),
-    # Both members pull at once (each the layers the other kept): the same bytes swapped.
-    ("weights pulled back per rank, both ranks at once", lambda m, x, xw:
+    ("drop latency (decision to group serving)", lambda m: f"{m['drop_s'] * 1000:.0f} ms"),
+    ("weights to KV (the drop's memory step, slowest rank)", lambda m: f"{m['weights_to_kv_s'] * 1000:.1f} ms"),
+    ("KV exchange, first batch (before requests resume)", lambda m:
+        f"{m['batch0_bytes'] / 2**20:.1f} MiB in {m['batch0_s'] * 1000:.0f} ms, {m['batch0_gib_s']:.2f} GiB/s, "
+        f"{m['batch0_vs_raw']:.0%} of raw"),
+    ("KV exchange, whole (live: resumed requests compute between its turns)", lambda m:
+        f"{m['exchange_bytes'] / 2**20:.1f} MiB in {m['exchange_s'] * 1000:.0f} ms, {m['exchange_vs_raw']:.0%} of raw"),
+    ("weights pulled back per rank, both ranks at once", lambda m:
         f"{m['weight_bytes'] / 2**20:.1f} MiB in {m['weights_s'] * 1000:.0f} ms, "
-        f"{m['weights_s'] / (2 * m['weight_bytes'] / (xw * 2**30)):.2f}x bytes/bandwidth of the same swap"),
-    ("restore latency (decision to replicas serving)", lambda m, x, xw: f"{m['restore_s'] * 1000:.0f} ms"),
+        f"{m['pull_vs_raw']:.2f}x bytes/bandwidth of the same swap"),
+    ("restore latency (decision to replicas serving)", lambda m: f"{m['restore_s'] * 1000:.0f} ms"),
 ]
-"""The table's rows: a label and a cell from one extension's medians and the raw rates."""
+"""The table's rows: a label and a cell from one extension's medians."""
 
 
 def part2(store: Path, memory: str, cost: Path, reps: int) -> dict:

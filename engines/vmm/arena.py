@@ -25,11 +25,15 @@ class VirtualRange:
         self.chunks: list[Chunk] = []
         self.mapped = 0
 
+    def check_room(self, nbytes: int) -> None:
+        """Raise unless ``nbytes`` more can be mapped."""
+        if self.mapped + nbytes > self.capacity:
+            raise VmmError(f"{nbytes} bytes of chunks do not fit: {self.mapped} of {self.capacity} "
+                           "reserved bytes are mapped")
+
     def push(self, chunk: Chunk) -> None:
         """Map ``chunk`` right after the chunks already mapped."""
-        if self.mapped + chunk.nbytes > self.capacity:
-            raise VmmError(f"a chunk of {chunk.nbytes} bytes does not fit: {self.mapped} of "
-                           f"{self.capacity} reserved bytes are mapped")
+        self.check_room(chunk.nbytes)
         self.driver.map(self.address + self.mapped, chunk.nbytes, chunk.handle)
         self.chunks.append(chunk)
         self.mapped += chunk.nbytes

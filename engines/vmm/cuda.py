@@ -13,7 +13,7 @@ import torch
 
 from engines.vmm.driver import VmmError
 
-INSTALL_HINT = "pip install 'kunserve-orchestrator[cuda]' (cuda-bindings for the installed driver's CUDA major)"
+INSTALL_HINT = "pip install 'kunserve-orchestrator[cuda]' (cuda-bindings 12.x)"
 
 
 class _DeviceBytes:

@@ -21,6 +21,7 @@ from engines.vmm.driver import VmmError
 # Linux's values (the same on x86-64 and arm64); Python's mmap module lacks MAP_FIXED.
 _PROT_NONE, _PROT_RW = 0, mmap.PROT_READ | mmap.PROT_WRITE
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000
+_MAP_POPULATE = 0x8000
 _RESERVE = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE
 
 
@@ -77,7 +78,11 @@ class HostDriver:
         os.close(int(handle))  # the pages go once no mapping holds them
 
     def map(self, address: int, nbytes: int, handle: object) -> None:
-        self._mmap(address, nbytes, _PROT_RW, _MAP_SHARED | _MAP_FIXED, int(handle), "mapping a chunk")
+        # Populated: the page tables are filled now, in one pass, as cuMemMap does, rather
+        # than by a fault per 4 KiB page at first touch (the weight pull on restore, which
+        # receives into freshly mapped chunks, went from 72 to 56 ms: perf.bench_kunserve).
+        self._mmap(address, nbytes, _PROT_RW, _MAP_SHARED | _MAP_FIXED | _MAP_POPULATE, int(handle),
+                   "mapping a chunk")
 
     def unmap(self, address: int, nbytes: int) -> None:
         # Replacing the mapping keeps the range reserved (munmap would let anything land there).

@@ -53,7 +53,7 @@ def test_a_chunk_carries_its_bytes_from_one_range_to_another(arena):
 def test_range_and_arena_errors_name_the_problem(arena):
     rng = VirtualRange(arena.driver, arena.granularity)
     rng.push(arena.chunk(1))
-    with pytest.raises(VmmError, match="does not fit"):
+    with pytest.raises(VmmError, match="do not fit"):
         rng.push(arena.chunk(1))
     with pytest.raises(VmmError, match="larger than the range"):
         rng.view(2 * arena.granularity)
@@ -102,8 +102,10 @@ def test_remapped_pool_refuses_the_commit_interface(arena):
         pool.shrink(3)
     with pytest.raises(ValueError, match="cannot shrink"):
         pool.detach_chunks(7)
-    with pytest.raises(VmmError, match="does not fit"):
-        pool.extend([arena.chunk(pool.max_pages * pool.page_bytes)])
+    pages = pool.num_pages
+    with pytest.raises(VmmError, match="do not fit"):
+        pool.extend([arena.chunk(1), arena.chunk(pool.max_pages * pool.page_bytes)])
+    assert pool.num_pages == pages and len(pool.detach_chunks(pages)) == 0  # all or nothing: none mapped
 
 
 def test_only_a_remapped_pool_takes_chunks():
