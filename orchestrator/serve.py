@@ -99,7 +99,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "memory onto the KV pool's tail (CUDA virtual memory, needs cuda-bindings; "
                         "shared memory on CPU), commit frees them and commits pages (CPU); auto: "
                         "remap on CUDA, commit on CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (each rank takes one GPU)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu or cuda (rank r takes GPU r mod count; ranks sharing a GPU need --device-memory)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: store's on CPU, bf16 on CUDA)")
     p.add_argument("--model-name", default=None, help="model name in the API (default: the store's folder name)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank (default: 1)")
