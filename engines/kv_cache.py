@@ -51,7 +51,6 @@ class KVPool:
         shape = (max_pages, 2, page_size, self.num_kv_heads, self.head_size)
         self._mapping: mmap.mmap | None = None
         self._range: VirtualRange | None = None
-        self.arena = arena
         self.lazy = lazy and device.type == "cpu"
         """Pages become resident when first written, not when committed (the oracle's
         unbounded pool: only the KV in use takes memory)."""
