@@ -135,6 +135,11 @@ class Controller:
             grouped = [r for r in ranks if len(self.topology.ranks_of_rank(r)) > 1]
             if grouped:
                 raise ValueError(f"ranks {grouped} are already in a group; restore it first")
+            stuck = [r for r in ranks if r in self._ranks and not self._ranks[r].can_grow_kv]
+            if stuck:
+                raise ValueError(f"ranks {stuck} cannot turn dropped weights into KV: their CUDA KV pool needs "
+                                 "the virtual-memory driver (pip install 'kunserve-orchestrator[cuda]', then "
+                                 "--kv-extension remap)")
             if len(ranks) not in self._splits or len(ranks) > self._num_layers:
                 raise ValueError(f"no {len(ranks)}-way split: the store has splits {self._splits} for a "
                                  f"{self._num_layers}-layer model")

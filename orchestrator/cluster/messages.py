@@ -98,6 +98,9 @@ class RankInfo:
     stage: int = 0
     group_size: int = 1
     layer_range: tuple[int, int] = (0, 0)
+    can_grow_kv: bool = True
+    """Whether a drop can turn this rank's weights into KV (not a CUDA pool without the
+    virtual-memory driver)."""
 
 
 @dataclass

@@ -160,6 +160,12 @@ class RankEngine:
         tensors += [t for t in (w.embedding, w.final_norm, w.lm_head) if t is not None]
         return {t.data_ptr(): t for t in tensors}
 
+    @property
+    def can_grow_kv(self) -> bool:
+        """Whether a drop can turn weights into KV pages here: on a CPU always, on CUDA only
+        with the virtual-memory driver (a remapped pool)."""
+        return self.kv.remapped or self.kv.data.device.type == "cpu"
+
     def weight_memory(self) -> int:
         """Memory behind the weights (whole chunks for the arena's buffers)."""
         if self.arena is None:
@@ -211,13 +217,13 @@ class RankEngine:
         if self.held != LayerRange(0, self.cfg.num_hidden_layers):
             raise EngineError(f"rank already dropped to layers {self.held}")
         w, cfg = self.weights, self.cfg
-        if self.kv.data.device.type != "cpu" and not self.kv.remapped:
+        if not self.can_grow_kv:
             raise EngineError("this rank's KV pool cannot grow on CUDA without the virtual-memory driver "
                               "(cuda-bindings): refusing to drop weights that could not become KV")
         t0 = time.perf_counter()
+        before = w.resident_bytes()
         # The arena's buffers, whose chunks a remap takes back (and only those: holding any
         # other tensor here would keep its memory from being freed).
-        before = w.resident_bytes()
         buffers = {p: t for p, t in self._weight_buffers().items() if self.arena.owns(t)} if self.kv.remapped else {}
         first, last = layers.start == 0, layers.end == cfg.num_hidden_layers
         if not last:

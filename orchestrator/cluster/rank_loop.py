@@ -133,7 +133,8 @@ class RankLoop:
         plan = self.engine.plan
         return RankInfo(self.rank, self.engine.kv.num_pages, self.engine.weight_memory(), self.engine.kv.nbytes,
                         self.device_memory, self.engine.resident_growth(), plan.workspace_bytes,
-                        "replica" if size == 1 else "group", inst, stage, size, (layers.start, layers.end))
+                        "replica" if size == 1 else "group", inst, stage, size, (layers.start, layers.end),
+                        self.engine.can_grow_kv)
 
     # Delivery (local when the destination is this rank) --------------------------------------
     def to_leader(self, instance: int, msg: object) -> None:

@@ -1,0 +1,23 @@
+"""The controller refuses a drop that a rank could not carry out, before anything moves."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.cluster.controller import Controller
+from orchestrator.cluster.messages import RankInfo
+from orchestrator.cluster.topology import Topology
+from orchestrator.dispatch import make_dispatch_policy
+
+
+def test_a_rank_whose_kv_pool_cannot_grow_is_refused_with_the_fix_named():
+    sent = []
+    c = Controller(Topology.parse(None, 2), "model", None, 128, 8, make_dispatch_policy("least_loaded"),
+                   lambda *msg: sent.append(msg), lambda topology: None, splits=[1, 2], num_layers=6)
+    c.on_rank_info(RankInfo(0, 10, 100, 100, 1000, 0))
+    c.on_rank_info(RankInfo(1, 10, 100, 100, 1000, 0, can_grow_kv=False))  # CUDA, no cuda-bindings
+    with pytest.raises(ValueError, match=r"ranks \[1\] cannot turn dropped weights into KV.*\[cuda\]"):
+        c.drop([0, 1], wait_s=1)
+    assert c.topology.instances == ((0,), (1,)) and c.events == [] and not sent  # nothing started
+    c.on_rank_info(RankInfo(1, 10, 100, 100, 1000, 0))  # the same rank, able to grow its pool
+    assert c._begin_drop((0, 1)) == (0, 1)  # accepted: the drop order is queued for the main loop
