@@ -42,9 +42,9 @@ class CudaDriver:
         torch.empty(1, device=self.device)  # torch creates (and makes current) its context
         try:
             self._call("cuInit", 0)
+        except VmmError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the bindings raise their own types for a missing driver
-            if isinstance(exc, VmmError):
-                raise
             raise VmmError(f"the CUDA driver library could not be loaded: {exc}") from None
         cu_device = self._call("cuDeviceGet", index)
         self._context = self._call("cuDevicePrimaryCtxRetain", cu_device)

@@ -35,6 +35,12 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
+def resident_bytes() -> int:
+    """The process's resident memory (Linux /proc): a CPU's "memory in use"."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE
+
+
 class HostDriver:
     """``VmmDriver`` over process memory, for ``torch.device("cpu")``."""
 
@@ -94,5 +100,4 @@ class HostDriver:
         return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
 
     def memory_in_use(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * mmap.PAGESIZE
+        return resident_bytes()

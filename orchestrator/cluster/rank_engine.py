@@ -28,6 +28,7 @@ from engines.mapping import LayerRange
 from engines.runner import StageRunner
 from engines.store import EngineStore
 from engines.vmm import Arena, VmmError, make_driver
+from engines.vmm.host import resident_bytes
 from engines.weights import LayerWeights, release_freed_memory
 from orchestrator.cluster.weight_memory import ChunkMemory, RegionMemory, WeightMemory
 
@@ -35,12 +36,6 @@ KV_EXTENSIONS = ("auto", "commit", "remap")
 """How a drop grows the KV pool; ``auto`` is ``remap`` on CUDA and ``commit`` on a CPU."""
 
 logger = logging.getLogger(__name__)
-
-
-def resident_bytes() -> int:
-    """The process's resident memory (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 @dataclass(frozen=True)

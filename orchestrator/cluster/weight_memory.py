@@ -16,6 +16,7 @@ Both fall back to fresh memory for a buffer they cannot hold.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -35,13 +36,6 @@ class WeightMemory(Protocol):
         """Give back the memory nobody took (call once, after the last ``take``)."""
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 class RegionMemory:
     """Aligned pieces of one flat, committed region (or fresh memory without one)."""
 
@@ -53,7 +47,7 @@ class RegionMemory:
         self.used = 0
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = _numel(shape)
+        numel = math.prod(shape)
         r = self.region
         if r is not None and r.dtype == dtype and self.used + numel <= r.numel():
             out = r[self.used:self.used + numel].view(shape)
@@ -79,7 +73,7 @@ class ChunkMemory:
         self.chunks = list(chunks)
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = _numel(shape)
+        numel = math.prod(shape)
         size = round_up(numel * dtype.itemsize, self.arena.granularity)
         # Exact sizes only: a small tensor must not take a layer's chunk from the layer.
         chunk = next((c for c in self.chunks if c.nbytes == size), None)
