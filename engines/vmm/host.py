@@ -86,7 +86,8 @@ class HostDriver:
     def map(self, address: int, nbytes: int, handle: object) -> None:
         # Populated: the page tables are filled now, in one pass, as cuMemMap does, rather
         # than by a fault per 4 KiB page at first touch (the weight pull on restore, which
-        # receives into freshly mapped chunks, went from 72 to 56 ms: perf.bench_kunserve).
+        # receives into freshly mapped chunks: 72 ms in a run of perf.bench_kunserve
+        # without it, 56 ms in a later run with it).
         self._mmap(address, nbytes, _PROT_RW, _MAP_SHARED | _MAP_FIXED | _MAP_POPULATE, int(handle),
                    "mapping a chunk")
 
