@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from orchestrator.policies import POLICIES, get_policy
 from orchestrator.triton.server import DEFAULT_REPOSITORY, MODEL_DIRS, TritonConfig
 
 logger = logging.getLogger(__name__)
+
+MAX_UNIX_PATH = 107
+"""Longest path Linux takes for a Unix socket (``sun_path`` is 108 bytes with the NUL)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,15 @@ class ServeConfig:
     micro-batches jointly (lookahead), balanced by estimated time."""
     triton: TritonConfig | None = None
     """Also serve through a Triton Inference Server started on the controller's host."""
+    relay_socket: Path | None = None
+    """Unix socket of the ingress's Triton relay; default with ``triton``: a private one in the
+    temporary directory (``default_relay_socket``), none without."""
+
+    def relay_path(self) -> Path | None:
+        """Where the Triton relay listens, or None when nothing needs it."""
+        if self.relay_socket is not None:
+            return self.relay_socket
+        return default_relay_socket() if self.triton is not None else None
 
     @property
     def ingress_port(self) -> int:
@@ -72,6 +86,15 @@ class ServeConfig:
         t = self.triton
         if t is not None and self.ingress_port in (t.http_port, t.grpc_port, t.metrics_port):
             raise ValueError(f"--http-port {self.ingress_port} is also one of Triton's ports; pick another")
+        relay = self.relay_path()
+        if relay is not None and len(os.fsencode(relay)) > MAX_UNIX_PATH:
+            raise ValueError(f"--relay-socket {relay} is longer than a Unix socket path may be "
+                             f"({MAX_UNIX_PATH} bytes); pick a shorter path (or TMPDIR)")
+
+
+def default_relay_socket() -> Path:
+    """A socket path private to this process (a stale one left by a dead ingress is replaced)."""
+    return Path(tempfile.gettempdir()) / f"kunserve-relay-{os.getpid()}.sock"
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -129,6 +152,11 @@ def _add_triton_args(p: argparse.ArgumentParser) -> None:
                    help="model repository holding kunserve/ (default: this checkout's triton_repo)")
     g.add_argument("--tritonserver", type=Path, default=None,
                    help="tritonserver binary to run (default: PATH, then the nvidia-pytriton wheel's)")
+    g.add_argument("--relay-socket", type=Path, default=None,
+                   help="Unix socket on which the ingress takes requests from the Triton model "
+                        "(default with --triton: a private path in the temporary directory). Set it to "
+                        "run your own tritonserver with triton_repo/ on this host: pass the same path in "
+                        "the model's relay_socket parameter or the KUNSERVE_RELAY_SOCKET variable")
 
 
 def _triton_config(args: argparse.Namespace) -> TritonConfig | None:
@@ -148,7 +176,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         transport=args.transport, kv_extension=args.kv_extension, device=args.device, dtype=args.dtype,
         model_name=args.model_name, threads=args.threads, admin_token=args.admin_token, cost_model=args.cost_model, swap_space=args.swap_space,
-        triton=_triton_config(args))
+        triton=_triton_config(args), relay_socket=args.relay_socket)
 
 
 def rank_device(name: str, rank: int) -> torch.device:

@@ -121,7 +121,7 @@ def _start_triton(cfg: ServeConfig, ingress, controller: Controller):
         return None
     from orchestrator.triton.frontend import TritonFrontend
 
-    frontend = TritonFrontend(cfg.triton, ingress.url, controller.healthy)
+    frontend = TritonFrontend(cfg.triton, ingress.url, ingress.relay_socket, controller.healthy)
     frontend.start()
     return frontend
 
@@ -142,7 +142,8 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
         num_layers=store.config.num_hidden_layers, reshape_policy=make_policy(get_policy(cfg.policy).reshape, mem),
         migration_policy=LlumnixPolicy() if get_policy(cfg.policy).migration else None)
     loop.controller = controller
-    ingress = IngressServer(controller, cfg.host, cfg.ingress_port, admin_token=cfg.admin_token)
+    ingress = IngressServer(controller, cfg.host, cfg.ingress_port, admin_token=cfg.admin_token,
+                            relay_socket=cfg.relay_path())
     ingress.start()
     return ingress
 

@@ -1,4 +1,5 @@
-"""The HTTP ingress: OpenAI-compatible routes, admin routes, and the thread that serves them.
+"""The HTTP ingress: OpenAI-compatible routes, admin routes, and the thread that serves them
+(with the Triton relay's socket, ``relay.py``, when asked for).
 
 ``build_app`` makes the aiohttp application for a backend; ``IngressServer`` runs it in a
 daemon thread with its own event loop, so the controller's own loop (MPI polling) is never
@@ -15,24 +16,23 @@ import logging
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from orchestrator.ingress.admin import add_admin_routes
+from orchestrator.ingress.answer import Answer, admit
 from orchestrator.ingress.http_util import BACKEND_KEY, read_json
-from orchestrator.ingress.backend import BackendUnavailable, IngressBackend, QueueFullError, TokenEvent
-from orchestrator.ingress.detokenizer import IncrementalDecoder
-from orchestrator.ingress.stop_strings import StopStringMatcher
-from orchestrator.ingress.metrics import CONTENT_TYPE, IngressStats, RequestTiming, render_metrics
+from orchestrator.ingress.backend import IngressBackend
+from orchestrator.ingress.metrics import CONTENT_TYPE, IngressStats, render_metrics
+from orchestrator.ingress.relay import RelayServer
 from orchestrator.ingress.openai_protocol import (
     ApiError,
     Kind,
-    ParsedRequest,
     error_body,
     error_type,
     full_response,
-    parse_request,
     stream_chunk,
     usage_chunk,
 )
@@ -99,137 +99,80 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, kind: Kind, request_id: str) -> web.StreamResponse:
     arrival = time.monotonic()  # before reading the body: TTFT counts from arrival
-    backend = request.app[BACKEND_KEY]
     body = await read_json(request)
-    parsed = parse_request(kind, body, backend, request_id, arrival_time=arrival)
+    answer = admit(request.app[BACKEND_KEY], request.app[STATS_KEY], kind, body, request_id, arrival)
     try:
-        queue = backend.submit(parsed.request)
-    except QueueFullError as exc:
-        raise ApiError(429, f"the server is overloaded, retry later ({exc})") from None
-    except BackendUnavailable as exc:
-        raise ApiError(503, f"the cluster is not serving ({exc})") from None
-    stats = request.app[STATS_KEY]
-    stats.prompt_tokens += len(parsed.request.prompt_token_ids)
-    stats.in_flight += 1
-    answer = _Answer(request, parsed, queue)
-    try:
-        if parsed.stream:
-            return await answer.stream()
-        return await answer.collect()
+        if answer.parsed.stream:
+            return await _HttpAnswer(request, answer).stream()
+        return await _HttpAnswer(request, answer).collect()
     finally:
-        stats.in_flight -= 1
-        answer.close()
+        answer.end()
 
 
-class _Answer:
-    """Consumes one request's ``TokenEvent``s and answers it, streamed or whole.
+class _HttpAnswer:
+    """Answers one HTTP request from its ``Answer``: Server-Sent Events or one JSON body."""
 
-    Whatever ends the answer early (the client going away, cancellation, an error while
-    writing), ``close`` aborts the request in the cluster, once.
-    """
-
-    def __init__(self, request: web.Request, parsed: ParsedRequest, queue: asyncio.Queue[TokenEvent]) -> None:
+    def __init__(self, request: web.Request, answer: Answer) -> None:
         self.request = request
-        self.parsed = parsed
-        self.queue = queue
-        self.backend = request.app[BACKEND_KEY]
-        self.stats = request.app[STATS_KEY]
-        self.timing = RequestTiming(arrival_time=parsed.request.arrival_time)
-        self.decoder = IncrementalDecoder(self.backend.tokenizer)
-        self.stops = StopStringMatcher(parsed.stop)
-        self.done = False
-
-    @property
-    def request_id(self) -> str:
-        return self.parsed.request.request_id
-
-    async def next_event(self) -> TokenEvent:
-        event = await self.queue.get()
-        self.stats.on_tokens(self.timing, len(event.token_ids))
-        if event.finished or event.error is not None:
-            self.done = True  # an error ends the request in the cluster too: nothing to abort
-            if event.error is None:
-                self.stats.on_finish(self.timing, event.finish_reason)
-        return event
+        self.answer = answer
 
     async def collect(self) -> web.Response:
         """Wait for the whole answer; a cluster error becomes a 500."""
+        answer = self.answer
         parts: list[str] = []
         token_ids: list[int] = []
         while True:
-            event = await self.next_event()
+            event = await answer.next_event()
             if event.error is not None:
                 raise ApiError(500, f"the request failed in the cluster: {event.error}")
             token_ids.extend(event.token_ids)
-            text, finish_reason = self._text_of(event)
+            text, finish_reason = answer.text_of(event)
             parts.append(text)
             if finish_reason is not None:
                 break
-        return web.json_response(full_response(self.parsed, "".join(parts), token_ids, finish_reason, event))
-
-    def _text_of(self, event: TokenEvent) -> tuple[str, str | None]:
-        """New text of an event (held back while it may start a stop string) and the
-        finish reason once the answer is over: the cluster's, or ``stop`` when a stop
-        string ended it, in which case the request is aborted in the cluster."""
-        text = self.stops.push(self.decoder.push(event.token_ids) if event.token_ids else "")
-        if self.stops.stopped:
-            self.close(reason="stop")
-            return text, "stop"
-        if not event.finished:
-            return text, None
-        return text + self.stops.push(self.decoder.flush()) + self.stops.flush(), event.finish_reason
+        return web.json_response(full_response(answer.parsed, "".join(parts), token_ids, finish_reason, event))
 
     async def stream(self) -> web.StreamResponse:
         """Send Server-Sent Events: one chunk per event, the finish chunk, then ``[DONE]``."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         try:
             await resp.prepare(self.request)
-            if self.parsed.kind == "chat":
-                await self.send(resp, stream_chunk(self.parsed, "", [], role=True))
+            if self.answer.parsed.kind == "chat":
+                await self.send(resp, stream_chunk(self.answer.parsed, "", [], role=True))
             while not await self._stream_event(resp):
                 pass
             await resp.write_eof()
         except ConnectionResetError:
-            logger.debug("client of %s went away mid-stream", self.request_id)
+            logger.debug("client of %s went away mid-stream", self.answer.request_id)
         except Exception:  # noqa: BLE001 - headers are sent: end the stream, not the server
-            logger.exception("internal error streaming %s", self.request_id)
-            self.stats.on_error(error_type(500))
+            logger.exception("internal error streaming %s", self.answer.request_id)
+            self.answer.stats.on_error(error_type(500))
             with contextlib.suppress(Exception):  # best effort: the client may be gone too
                 await self.send(resp, error_body(500, "internal server error"))
         return resp
 
     async def _stream_event(self, resp: web.StreamResponse) -> bool:
         """Send one event's chunk; True once the stream is over."""
-        event = await self.next_event()
+        answer = self.answer
+        event = await answer.next_event()
         if event.error is not None:
-            self.stats.on_error(error_type(500))
+            answer.stats.on_error(error_type(500))
             await self.send(resp, error_body(500, f"the request failed in the cluster: {event.error}"))
             return True
-        text, finish_reason = self._text_of(event)
+        text, finish_reason = answer.text_of(event)
         if text or event.token_ids or finish_reason is not None:
-            await self.send(resp, stream_chunk(self.parsed, text, event.token_ids, finish_reason=finish_reason,
+            await self.send(resp, stream_chunk(answer.parsed, text, event.token_ids, finish_reason=finish_reason,
                                                last=event if finish_reason is not None else None))
         if finish_reason is None:
             return False
-        if self.parsed.include_usage:
-            await self.send(resp, usage_chunk(self.parsed, len(self.decoder.token_ids)))
+        if answer.parsed.include_usage:
+            await self.send(resp, usage_chunk(answer.parsed, len(answer.decoder.token_ids)))
         await resp.write(b"data: [DONE]\n\n")
         return True
 
     @staticmethod
     async def send(resp: web.StreamResponse, body: dict[str, Any]) -> None:
         await resp.write(f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode())
-
-    def close(self, reason: str = "abort") -> None:
-        """Abort the request in the cluster unless its last event came (``reason``: why)."""
-        if self.done:
-            return
-        self.done = True
-        self.stats.on_finish(self.timing, reason)
-        try:
-            self.backend.abort(self.request_id)
-        except Exception:  # noqa: BLE001 - the client is gone either way; keep serving
-            logger.exception("aborting %s failed", self.request_id)
 
 
 # ----------------------------------------------------------------------------- other routes
@@ -269,8 +212,10 @@ class IngressServer:
 
     def __init__(self, backend: IngressBackend, host: str = "127.0.0.1", port: int = 8000,
                  shutdown_timeout: float = 5.0,
-                 admin_token: str | None = None) -> None:
+                 admin_token: str | None = None, relay_socket: Path | None = None) -> None:
         self.admin_token = admin_token
+        self.relay_socket = relay_socket
+        """Where the Triton relay listens (``relay.py``); None: no relay."""
         self.backend = backend
         self.host = host
         self.stats = IngressStats()
@@ -342,11 +287,17 @@ class IngressServer:
                                handler_cancellation=True,
                                shutdown_timeout=self._shutdown_timeout)
         await runner.setup()
+        relay: RelayServer | None = None
         try:
             site = web.TCPSite(runner, self.host, self._requested_port)
             await site.start()
             self._port = runner.addresses[0][1]
+            if self.relay_socket is not None:
+                relay = RelayServer(self.backend, self.stats, self.relay_socket)
+                await relay.start()
             self._ready.set()
             await self._stop_event.wait()
         finally:
+            if relay is not None:
+                await relay.close()
             await runner.cleanup()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Callable
 
 from orchestrator.triton.server import TritonConfig, TritonError, TritonProcess
@@ -25,9 +26,10 @@ LOAD_RETRY_S = 5.0
 class TritonFrontend:
     """Owns the ``tritonserver`` child of the controller rank."""
 
-    def __init__(self, cfg: TritonConfig, ingress_url: str, healthy: Callable[[], bool]) -> None:
+    def __init__(self, cfg: TritonConfig, ingress_url: str, relay_socket: Path,
+                 healthy: Callable[[], bool]) -> None:
         self.cfg = cfg
-        self.process = TritonProcess(cfg, ingress_url)
+        self.process = TritonProcess(cfg, ingress_url, relay_socket)
         self._healthy = healthy
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -9,7 +9,7 @@ inputs  ``text_input`` BYTES, ``max_tokens`` INT32, ``stream`` BOOL,
         ``stop_words`` BYTES;
 outputs ``text_output`` BYTES and ``output_ids`` INT32 (the generated tokens), and
         ``num_preemptions`` / ``num_migrations`` INT32 (how often the cluster preempted or
-        migrated the request; final on the last response).
+        migrated the request; on the last response only).
 
 Semantics follow TensorRT-LLM's backend where it has them: with no sampling input the
 decoding is greedy; ``end_id`` ends generation (in addition to the model's end-of-sequence
@@ -23,7 +23,6 @@ here is tested without a server.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,58 +159,35 @@ class Chunk:
 
 
 class IngressStreamError(RuntimeError):
-    """The ingress answered with an error (the message is its own, for the client)."""
+    """The ingress answered with an error: its message (for the client) and HTTP-like status."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
-class StreamAssembler:
-    """Turns the ingress's Server-Sent Events into the chunks to send to the client.
+class FrameAssembler:
+    """Turns the ingress relay's frames (``orchestrator/ingress/relay_wire.py``) into the
+    chunks to send to the client.
 
-    Streamed requests get one chunk per ingress event (the last one marked final);
-    non-streamed ones get a single final chunk with everything, the prompt first unless
-    ``exclude_input_in_output``.
+    Streamed requests get one chunk per frame (the last one marked final); non-streamed
+    ones get a single final chunk with everything, the prompt first unless
+    ``exclude_input_in_output``. An error frame raises ``IngressStreamError``.
     """
 
     request: TritonGenerateRequest
-    _buffer: bytes = b""
     _text: list[str] = field(default_factory=list)
     _ids: list[int] = field(default_factory=list)
-    done: bool = False
 
-    def feed(self, data: bytes) -> list[Chunk]:
-        """Consume raw bytes from the response body; return the chunks now complete."""
-        self._buffer += data
-        chunks: list[Chunk] = []
-        while b"\n\n" in self._buffer and not self.done:
-            event, self._buffer = self._buffer.split(b"\n\n", 1)
-            chunk = self._event(event)
-            if chunk is not None:
-                chunks.append(chunk)
-        return chunks
-
-    def _event(self, event: bytes) -> Chunk | None:
-        lines = [ln[5:].strip() for ln in event.split(b"\n") if ln.startswith(b"data:")]
-        if not lines:
-            return None
-        payload = b"\n".join(lines)
-        if payload == b"[DONE]":
-            self.done = True
-            return None
-        body = json.loads(payload)
-        if "error" in body:
-            raise IngressStreamError(body["error"].get("message", str(body["error"])))
-        choices = body.get("choices") or []
-        if not choices:
-            return None  # a usage chunk
-        choice = choices[0]
-        chunk = Chunk(choice.get("text", ""), list(choice.get("token_ids", [])),
-                      final=choice.get("finish_reason") is not None,
-                      finish_reason=choice.get("finish_reason"),
-                      num_preemptions=int(choice.get("num_preemptions", 0)),
-                      num_migrations=int(choice.get("num_migrations", 0)))
-        return self._route(chunk)
-
-    def _route(self, chunk: Chunk) -> Chunk | None:
+    def feed(self, frame: dict[str, Any]) -> Chunk | None:
+        """The chunk to send for one frame, if any."""
+        if "error" in frame:
+            raise IngressStreamError(str(frame["error"]), int(frame.get("status") or 500))
+        reason = frame.get("finish_reason")
+        chunk = Chunk(frame.get("text", ""), list(frame.get("token_ids", ())), final=reason is not None,
+                      finish_reason=reason, num_preemptions=int(frame.get("num_preemptions", 0)),
+                      num_migrations=int(frame.get("num_migrations", 0)))
         if self.request.stream:
             return chunk
         self._text.append(chunk.text)
@@ -219,24 +195,21 @@ class StreamAssembler:
         if not chunk.final:
             return None
         prefix = "" if self.request.exclude_input_in_output else self.request.prompt
-        return Chunk(prefix + "".join(self._text), self._ids, final=True, finish_reason=chunk.finish_reason,
+        return Chunk(prefix + "".join(self._text), self._ids, final=True, finish_reason=reason,
                      num_preemptions=chunk.num_preemptions, num_migrations=chunk.num_migrations)
 
 
 def output_arrays(chunk: Chunk) -> dict[str, np.ndarray]:
-    """The output tensors of one response, with the batch dimension of 1. The counts are the
-    request's preemptions and migrations so far (final on the last response)."""
-    return {"text_output": np.array([[chunk.text.encode("utf-8")]], dtype=np.object_),
-            "output_ids": np.array([chunk.token_ids], dtype=np.int32).reshape(1, -1),
-            "num_preemptions": np.array([[chunk.num_preemptions]], dtype=np.int32),
-            "num_migrations": np.array([[chunk.num_migrations]], dtype=np.int32)}
+    """The output tensors of one response, with the batch dimension of 1. The final response
+    also carries the request's preemption and migration counts; the others leave them out,
+    as each tensor costs a copy through the Python backend's shared memory."""
+    arrays = {"text_output": np.array([[chunk.text.encode("utf-8")]], dtype=np.object_),
+              "output_ids": np.array([chunk.token_ids], dtype=np.int32).reshape(1, -1)}
+    if chunk.final:
+        arrays["num_preemptions"] = np.array([[chunk.num_preemptions]], dtype=np.int32)
+        arrays["num_migrations"] = np.array([[chunk.num_migrations]], dtype=np.int32)
+    return arrays
 
 
-def ingress_error_message(status: int, body: bytes) -> str:
-    """The message of an error answer from the ingress (its JSON error body)."""
-    try:
-        err = json.loads(body).get("error", {})
-        message = err.get("message") if isinstance(err, dict) else str(err)
-    except (ValueError, AttributeError):
-        message = body.decode("utf-8", errors="replace")[:500]
-    return message or f"the ingress answered HTTP {status}"
+TRITON_ERROR_CODES = {400: "INVALID_ARG", 429: "UNAVAILABLE", 503: "UNAVAILABLE", 500: "INTERNAL"}
+"""The Triton error code for each status the ingress answers with."""

@@ -46,6 +46,9 @@ MODEL_DIRS = ("kunserve", "kunserve_unary")
 INGRESS_URL_ENV = "KUNSERVE_INGRESS_URL"
 """How the launcher tells ``model.py`` where the ingress is (the stub inherits the environment)."""
 
+RELAY_SOCKET_ENV = "KUNSERVE_RELAY_SOCKET"
+"""Where ``model.py`` sends requests: the ingress's relay socket (``orchestrator/ingress/relay.py``)."""
+
 METRICS_MODEL_ENV = "KUNSERVE_METRICS_MODEL"
 """The one served name whose stub mirrors the cluster's metrics (mirroring twice would clash)."""
 
@@ -177,9 +180,10 @@ def prepare_repository(cfg: TritonConfig, work_dir: Path) -> Path:
 class TritonProcess:
     """One ``tritonserver`` child: start, health, explicit model load/unload, stop."""
 
-    def __init__(self, cfg: TritonConfig, ingress_url: str) -> None:
+    def __init__(self, cfg: TritonConfig, ingress_url: str, relay_socket: Path) -> None:
         self.cfg = cfg
         self.ingress_url = ingress_url
+        self.relay_socket = relay_socket
         self._work_dir = Path(tempfile.mkdtemp(prefix="kunserve-triton-"))
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -195,6 +199,7 @@ class TritonProcess:
         cmd = self._command(install, repo)
         env = dict(os.environ, **install.env)
         env[INGRESS_URL_ENV] = self.ingress_url
+        env[RELAY_SOCKET_ENV] = str(self.relay_socket)
         env[METRICS_MODEL_ENV] = next(iter(self.cfg.served()))
         logger.info("starting %s", " ".join(cmd))
         self._proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, start_new_session=True)

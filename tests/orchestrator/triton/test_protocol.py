@@ -1,18 +1,15 @@
-"""TensorRT-LLM tensors -> completion requests, and the ingress's SSE -> responses."""
+"""TensorRT-LLM tensors -> completion requests, and the ingress relay's frames -> responses."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
 from orchestrator.triton.protocol import (
+    FrameAssembler,
     IngressStreamError,
     InputError,
-    StreamAssembler,
     TritonGenerateRequest,
-    ingress_error_message,
     output_arrays,
     parse_inputs,
 )
@@ -75,55 +72,48 @@ def test_bad_inputs_name_the_tensor(change, message):
         parse_inputs(t)
 
 
-def sse(*events) -> bytes:
-    return b"".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode() for e in events)
+def frame(text, ids, finish=None, **extra):
+    return {"id": 1, "text": text, "token_ids": ids, "finish_reason": finish, **extra}
 
 
-def chunk(text, ids, finish=None):
-    return {"choices": [{"index": 0, "text": text, "token_ids": ids, "finish_reason": finish}]}
+def feed_all(asm, *frames):
+    return [c for f in frames if (c := asm.feed(f)) is not None]
 
 
-def test_streamed_chunks_are_relayed_one_per_event_even_when_split_across_reads():
-    asm = StreamAssembler(TritonGenerateRequest(prompt="p", max_tokens=3, stream=True))
-    raw = sse(chunk(" a", [1]), chunk(" b", [2]), chunk("", [], "length"), "[DONE]")
-    out = []
-    for i in range(0, len(raw), 7):  # arbitrary network reads
-        out += asm.feed(raw[i:i + 7])
+def test_streamed_chunks_are_relayed_one_per_frame():
+    asm = FrameAssembler(TritonGenerateRequest(prompt="p", max_tokens=3, stream=True))
+    out = feed_all(asm, frame(" a", [1]), frame(" b", [2]), frame("", [], "length"))
     assert [(c.text, c.token_ids, c.final) for c in out] == [(" a", [1], False), (" b", [2], False), ("", [], True)]
-    assert out[-1].finish_reason == "length" and asm.done
+    assert out[-1].finish_reason == "length"
 
 
 @pytest.mark.parametrize("exclude,text", [(True, " a b"), (False, "p a b")])
 def test_unstreamed_answer_is_one_final_chunk_with_or_without_the_prompt(exclude, text):
-    asm = StreamAssembler(TritonGenerateRequest(prompt="p", max_tokens=2, exclude_input_in_output=exclude))
-    out = asm.feed(sse(chunk(" a", [1]), chunk(" b", [2], "length"), "[DONE]"))
+    asm = FrameAssembler(TritonGenerateRequest(prompt="p", max_tokens=2, exclude_input_in_output=exclude))
+    out = feed_all(asm, frame(" a", [1]), frame(" b", [2], "length"))
     assert len(out) == 1 and out[0].final and out[0].text == text and out[0].token_ids == [1, 2]
 
 
 def test_final_chunk_carries_the_requests_preemptions_and_migrations():
-    asm = StreamAssembler(TritonGenerateRequest(prompt="p", max_tokens=2))
-    last = chunk(" b", [2], "length")
-    last["choices"][0].update(num_preemptions=2, num_migrations=1)
-    (out,) = asm.feed(sse(chunk(" a", [1]), last, "[DONE]"))
+    asm = FrameAssembler(TritonGenerateRequest(prompt="p", max_tokens=2))
+    (out,) = feed_all(asm, frame(" a", [1]), frame(" b", [2], "length", num_preemptions=2, num_migrations=1))
     arrays = output_arrays(out)
     assert arrays["num_preemptions"].tolist() == [[2]] and arrays["num_migrations"].tolist() == [[1]]
 
 
-def test_error_event_mid_stream_raises_with_the_ingress_message():
-    asm = StreamAssembler(TritonGenerateRequest(prompt="p", max_tokens=2, stream=True))
-    with pytest.raises(IngressStreamError, match="the request failed in the cluster: rank 1 died"):
-        asm.feed(sse(chunk(" a", [1]), {"error": {"message": "the request failed in the cluster: rank 1 died"}}))
+def test_error_frame_raises_with_the_ingress_message_and_status():
+    asm = FrameAssembler(TritonGenerateRequest(prompt="p", max_tokens=2, stream=True))
+    asm.feed(frame(" a", [1]))
+    with pytest.raises(IngressStreamError, match="the request failed in the cluster: rank 1 died") as info:
+        asm.feed({"id": 1, "error": "the request failed in the cluster: rank 1 died", "status": 500})
+    assert info.value.status == 500
 
 
-def test_output_arrays_have_the_batch_dimension():
+def test_output_arrays_have_the_batch_dimension_and_counts_only_when_final():
     from orchestrator.triton.protocol import Chunk
     out = output_arrays(Chunk("é", [5, 6]))
     assert out["text_output"].shape == (1, 1) and out["text_output"][0, 0] == "é".encode()
     assert out["output_ids"].dtype == np.int32 and out["output_ids"].tolist() == [[5, 6]]
-    assert output_arrays(Chunk("", [], final=True))["output_ids"].shape == (1, 0)
-
-
-def test_ingress_error_message_reads_the_openai_error_body():
-    body = json.dumps({"error": {"message": "prompt too long", "type": "BadRequestError", "code": 400}}).encode()
-    assert ingress_error_message(400, body) == "prompt too long"
-    assert ingress_error_message(502, b"<html>bad gateway</html>") == "<html>bad gateway</html>"
+    assert set(out) == {"text_output", "output_ids"}
+    final = output_arrays(Chunk("", [], final=True))
+    assert final["output_ids"].shape == (1, 0) and final["num_migrations"].tolist() == [[0]]

@@ -1,9 +1,10 @@
 """Triton Python backend model ``kunserve``: a thin relay to the orchestrator's ingress.
 
-Each request's tensors are validated (``orchestrator.triton.protocol``) and sent to the
-ingress as a streamed completion; the relays run on an asyncio loop in a thread of the
-stub. A client that cancels or goes away is noticed through ``is_cancelled()`` and the
-ingress connection is closed, which aborts the request in the cluster and frees its KV.
+Each request's tensors are validated (``orchestrator.triton.protocol``) and sent, from
+``execute`` itself, to the ingress's relay socket (``orchestrator/ingress/relay.py``); a
+reader thread turns the answer frames into responses. A client that cancels or goes away
+is noticed through ``is_cancelled()`` and the request is cancelled on the relay, which
+aborts it in the cluster and frees its KV.
 
 The same file serves two configurations: decoupled (``kunserve``: one response per chunk
 with ``stream`` true, a single response otherwise; gRPC streaming and ``/generate_stream``)
@@ -13,36 +14,35 @@ and unary (``kunserve_unary``: one response per request, for HTTP ``/infer`` and
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import threading
 import time
 import urllib.request
-from typing import Callable
+from concurrent.futures import Future
+from typing import Any, Callable
 
-import aiohttp
 import triton_python_backend_utils as pb_utils
 
 from orchestrator.triton.metrics_bridge import MetricsMirror, parse_prometheus
 from orchestrator.triton.protocol import (
     INPUTS,
+    TRITON_ERROR_CODES,
     Chunk,
+    FrameAssembler,
     IngressStreamError,
     InputError,
-    StreamAssembler,
-    TritonGenerateRequest,
-    ingress_error_message,
     output_arrays,
     parse_inputs,
 )
-from orchestrator.triton.server import INGRESS_URL_ENV, METRICS_MODEL_ENV
+from orchestrator.triton.relay_client import RelayClient, RelayUnavailable
+from orchestrator.triton.server import INGRESS_URL_ENV, METRICS_MODEL_ENV, RELAY_SOCKET_ENV
 
 logger = logging.getLogger("kunserve.triton")
 
 CANCEL_POLL_S = 0.02
-"""How often a relay checks whether its client cancelled (bounded by the next token too)."""
+"""How often open requests are checked for a client that cancelled or went away."""
 
 METRICS_PERIOD_S = 1.0
 
@@ -55,29 +55,78 @@ def _error_response(message: str, code_name: str = "INVALID_ARG") -> "pb_utils.I
     return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
+def _response(chunk: Chunk) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in output_arrays(chunk).items()])
+
+
+class _Relayed:
+    """One request on the relay: frames in (reader thread), responses out, cancellation
+    checks (watcher thread). ``deliver(response, final)`` hands a response to Triton."""
+
+    def __init__(self, req, deliver: Callable[[Any, bool], None], is_cancelled: Callable[[], bool]) -> None:
+        self.assembler = FrameAssembler(req)
+        self.deliver = deliver
+        self.is_cancelled = is_cancelled
+        self.rid: int | None = None
+        self.finished = False
+        self.lock = threading.Lock()
+        """Orders the final response against the cancellation check: Triton 2.51 frees a
+        request's response factory with its final response, and is_cancelled() on it then
+        crashes the server."""
+
+    def on_frame(self, frame: dict) -> None:
+        try:
+            chunk = self.assembler.feed(frame)
+        except IngressStreamError as exc:
+            self.finish(_error_response(str(exc), TRITON_ERROR_CODES.get(exc.status, "INTERNAL")))
+            return
+        if chunk is not None:
+            with self.lock:
+                if not self.finished:
+                    self.finished = chunk.final
+                    self.deliver(_response(chunk), chunk.final)
+
+    def finish(self, response) -> None:
+        with self.lock:
+            if not self.finished:
+                self.finished = True
+                self.deliver(response, True)
+
+    def cancelled(self) -> bool:
+        """True (and the request answered CANCELLED) when its client gave up."""
+        with self.lock:
+            if self.finished or not self.is_cancelled():
+                return False
+            self.finished = True
+        self.deliver(_error_response("the request was cancelled", "CANCELLED"), True)
+        return True
+
+
 class TritonPythonModel:
-    """Relays requests to the cluster's ingress (``KUNSERVE_INGRESS_URL`` or ``ingress_url``)."""
+    """Relays requests to the cluster's ingress (relay socket: ``KUNSERVE_RELAY_SOCKET`` or
+    the ``relay_socket`` parameter; ``/health`` and ``/metrics``: ``ingress_url``)."""
 
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         self.url = (os.environ.get(INGRESS_URL_ENV) or params.get("ingress_url") or "http://127.0.0.1:8000").rstrip("/")
+        relay_path = os.environ.get(RELAY_SOCKET_ENV) or params.get("relay_socket")
+        if not relay_path:
+            raise pb_utils.TritonModelException(
+                "no relay socket: start the cluster with `serve --triton` (which sets it), or with "
+                "`serve --relay-socket PATH` and set this model's relay_socket parameter to PATH")
         self.name = args["model_name"]
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         _wait_for_ingress(self.url, float(params.get("ingress_wait_s") or 120))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="kunserve-relay", daemon=True)
-        self.thread.start()
-        self.session = asyncio.run_coroutine_threadsafe(self._open_session(), self.loop).result()
+        self.relay = RelayClient(relay_path)
+        self.open: dict[int, _Relayed] = {}
+        self.open_lock = threading.Lock()
         self._stopping = threading.Event()
+        threading.Thread(target=self._watch_cancellations, name="kunserve-cancel", daemon=True).start()
         if self.name == os.environ.get(METRICS_MODEL_ENV, "kunserve"):
             # Its own thread: metric updates are blocking IPC calls and must not hold up relays.
             threading.Thread(target=self._mirror_metrics, name="kunserve-metrics", daemon=True).start()
-        logger.info("model %s relays to %s", self.name, self.url)
-
-    async def _open_session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=None))
+        logger.info("model %s relays to %s", self.name, relay_path)
 
     def execute(self, requests: list) -> list | None:
         if self.decoupled:
@@ -92,87 +141,62 @@ class TritonPythonModel:
         """Decoupled: one response per chunk through the request's response sender."""
         sender = request.get_response_sender()
         try:
-            req = parse_inputs({name: _input(request, name) for name in INPUTS})
+            req = parse_inputs(_inputs(request))
         except InputError as exc:
             sender.send(_error_response(str(exc)), flags=FINAL)
             return
 
-        finished = False
+        def deliver(response, final: bool) -> None:
+            if final:
+                _send_quietly(sender, response)
+            else:
+                sender.send(response, flags=0)
 
-        def emit(chunk: Chunk) -> None:
-            nonlocal finished
-            outputs = [pb_utils.Tensor(n, a) for n, a in output_arrays(chunk).items()]
-            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if chunk.final else 0)
-            finished = finished or chunk.final
-
-        def cancelled() -> bool:
-            # Never ask once the final response is sent: Triton 2.51 frees the response
-            # factory then, and is_cancelled() on it crashes the server.
-            return not finished and sender.is_cancelled()
-
-        async def serve() -> None:
-            error = await self._serve(req, emit, cancelled)
-            if error is not None and not finished:
-                _send_quietly(sender, error)
-
-        asyncio.run_coroutine_threadsafe(serve(), self.loop)
+        self._submit(req, _Relayed(req, deliver, sender.is_cancelled))
 
     def _start_unary(self, request):
         """Non-decoupled: a future of the request's single response (or the error at once)."""
         try:
-            req = parse_inputs({name: _input(request, name) for name in INPUTS})
+            req = parse_inputs(_inputs(request))
         except InputError as exc:
             return _error_response(str(exc))
         if req.stream:
             return _error_response(f"stream=true needs a decoupled model (this one, {self.name!r}, answers "
                                    "once); use the kunserve model through gRPC streaming or /generate_stream")
-        final: list[Chunk] = []
+        answer: Future = Future()
+        self._submit(req, _Relayed(req, lambda response, final: answer.set_result(response), request.is_cancelled))
+        return answer
 
-        async def serve():
-            error = await self._serve(req, final.append, request.is_cancelled)
-            if error is not None:
-                return error
-            outputs = [pb_utils.Tensor(n, a) for n, a in output_arrays(final[-1]).items()]
-            return pb_utils.InferenceResponse(output_tensors=outputs)
+    def _submit(self, req, relayed: _Relayed) -> None:
+        def on_frame(frame: dict) -> None:
+            relayed.on_frame(frame)
+            if relayed.finished:
+                self._forget(relayed)
 
-        return asyncio.run_coroutine_threadsafe(serve(), self.loop)
+        with self.open_lock:
+            try:
+                relayed.rid = self.relay.submit(req.completion_body(), on_frame)
+            except RelayUnavailable as exc:
+                relayed.finish(_error_response(str(exc), "UNAVAILABLE"))
+                return
+            self.open[relayed.rid] = relayed
 
-    async def _serve(self, req: TritonGenerateRequest, emit: Callable[[Chunk], None],
-                     cancelled: Callable[[], bool]):
-        """Relay one request, cancelling it when the client does; an error response or None."""
-        relay = asyncio.ensure_future(self._relay(req, emit))
-        while not relay.done():
-            await asyncio.wait({relay}, timeout=CANCEL_POLL_S)
-            if not relay.done() and cancelled():
-                relay.cancel()  # closes the ingress connection: the cluster aborts the request
-                return _error_response("the request was cancelled", "CANCELLED")
-        try:
-            relay.result()
-            return None
-        except asyncio.CancelledError:
-            return _error_response("the request was cancelled", "CANCELLED")
-        except (IngressStreamError, InputError) as exc:
-            return _error_response(str(exc))
-        except aiohttp.ClientError as exc:
-            return _error_response(f"the cluster's ingress at {self.url} is unreachable: {exc}", "UNAVAILABLE")
-        except Exception as exc:  # noqa: BLE001 - one request's failure must not kill the model
-            logger.exception("relaying a request failed")
-            return _error_response(f"internal error: {exc}", "INTERNAL")
+    def _forget(self, relayed: _Relayed) -> None:
+        with self.open_lock:
+            self.open.pop(relayed.rid, None)
 
-    async def _relay(self, req: TritonGenerateRequest, emit: Callable[[Chunk], None]) -> None:
-        async with self.session.post(self.url + "/v1/completions", json=req.completion_body()) as resp:
-            if resp.status != 200:
-                raise IngressStreamError(ingress_error_message(resp.status, await resp.read()))
-            assembler = StreamAssembler(req)
-            sent_final = False
-            async for data in resp.content.iter_any():
-                for chunk in assembler.feed(data):
-                    emit(chunk)
-                    sent_final = sent_final or chunk.final
-                if assembler.done:
-                    break
-            if not sent_final:
-                raise IngressStreamError("the cluster ended the stream without finishing the request")
+    def _watch_cancellations(self) -> None:
+        """Cancel on the relay every request whose client cancelled or went away."""
+        while not self._stopping.wait(CANCEL_POLL_S):
+            with self.open_lock:
+                relays = list(self.open.values())
+            for relayed in relays:
+                try:
+                    if relayed.cancelled():
+                        self.relay.cancel(relayed.rid)
+                        self._forget(relayed)
+                except Exception:  # noqa: BLE001 - one request's check must not stop the others'
+                    logger.exception("checking request %s for cancellation failed", relayed.rid)
 
     def _mirror_metrics(self) -> None:
         """Copy the ingress's /metrics into Triton's custom metrics, once a second."""
@@ -186,14 +210,12 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self._stopping.set()
-        asyncio.run_coroutine_threadsafe(self.session.close(), self.loop).result(timeout=5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
+        self.relay.close()  # the ingress aborts whatever is still open
 
 
-def _input(request, name: str):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+def _inputs(request) -> dict:
+    """The request's tensors by name, as numpy arrays (one pass over what was sent)."""
+    return {t.name(): t.as_numpy() for t in request.inputs() if t.name() in INPUTS}
 
 
 def _send_quietly(sender, response) -> None:

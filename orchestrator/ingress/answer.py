@@ -1,0 +1,101 @@
+"""One request's answer, whatever carries it: the cluster's token events turned into text.
+
+``Answer`` consumes a request's ``TokenEvent``s, detokenizes them incrementally, holds back
+text that may start a stop string, keeps the ingress's statistics, and aborts the request
+in the cluster (once) when the answer ends before its last event. The HTTP routes
+(``server.py``) and the Triton relay (``relay.py``) put their own framing around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from typing import Any
+
+from orchestrator.ingress.backend import BackendUnavailable, IngressBackend, QueueFullError, TokenEvent
+from orchestrator.ingress.detokenizer import IncrementalDecoder
+from orchestrator.ingress.metrics import IngressStats, RequestTiming
+from orchestrator.ingress.openai_protocol import ApiError, Kind, ParsedRequest, parse_request
+from orchestrator.ingress.stop_strings import StopStringMatcher
+
+logger = logging.getLogger(__name__)
+
+
+def admit(backend: IngressBackend, stats: IngressStats, kind: Kind, body: Any, request_id: str,
+          arrival_time: float) -> "Answer":
+    """Validate, tokenize and submit one request body; its ``Answer``, or ``ApiError`` (400 for a
+    bad body, 429 when the cluster's queue is full, 503 when it is not serving).
+
+    The caller must call ``Answer.end()`` when it is done with the answer, however it ends.
+    """
+    parsed = parse_request(kind, body, backend, request_id, arrival_time=arrival_time)
+    try:
+        queue = backend.submit(parsed.request)
+    except QueueFullError as exc:
+        raise ApiError(429, f"the server is overloaded, retry later ({exc})") from None
+    except BackendUnavailable as exc:
+        raise ApiError(503, f"the cluster is not serving ({exc})") from None
+    stats.prompt_tokens += len(parsed.request.prompt_token_ids)
+    stats.in_flight += 1
+    return Answer(backend, stats, parsed, queue)
+
+
+class Answer:
+    """Consumes one request's events; ``close`` aborts it in the cluster unless it finished."""
+
+    def __init__(self, backend: IngressBackend, stats: IngressStats, parsed: ParsedRequest,
+                 queue: asyncio.Queue[TokenEvent]) -> None:
+        self.backend = backend
+        self.stats = stats
+        self.parsed = parsed
+        self.queue = queue
+        self.timing = RequestTiming(arrival_time=parsed.request.arrival_time)
+        self.decoder = IncrementalDecoder(backend.tokenizer)
+        self.stops = StopStringMatcher(parsed.stop)
+        self.done = False
+        self._ended = False
+
+    @property
+    def request_id(self) -> str:
+        return self.parsed.request.request_id
+
+    async def next_event(self) -> TokenEvent:
+        """The next event of the request, counted in the statistics."""
+        event = await self.queue.get()
+        self.stats.on_tokens(self.timing, len(event.token_ids))
+        if event.finished or event.error is not None:
+            self.done = True  # an error ends the request in the cluster too: nothing to abort
+            if event.error is None:
+                self.stats.on_finish(self.timing, event.finish_reason)
+        return event
+
+    def text_of(self, event: TokenEvent) -> tuple[str, str | None]:
+        """New text of an event (held back while it may start a stop string) and the
+        finish reason once the answer is over: the cluster's, or ``stop`` when a stop
+        string ended it, in which case the request is aborted in the cluster."""
+        text = self.stops.push(self.decoder.push(event.token_ids) if event.token_ids else "")
+        if self.stops.stopped:
+            self.close(reason="stop")
+            return text, "stop"
+        if not event.finished:
+            return text, None
+        return text + self.stops.push(self.decoder.flush()) + self.stops.flush(), event.finish_reason
+
+    def close(self, reason: str = "abort") -> None:
+        """Abort the request in the cluster unless its last event came (``reason``: why)."""
+        if self.done:
+            return
+        self.done = True
+        self.stats.on_finish(self.timing, reason)
+        try:
+            self.backend.abort(self.request_id)
+        except Exception:  # noqa: BLE001 - the client is gone either way; keep serving
+            logger.exception("aborting %s failed", self.request_id)
+
+    def end(self) -> None:
+        """The answer is over for its carrier: abort the request if it has not finished."""
+        if not self._ended:
+            self._ended = True
+            self.stats.in_flight -= 1
+            self.close()
