@@ -56,6 +56,9 @@ class Controller:
         self._send = send_to_leader
         self._start_regroup = start_regroup
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake = threading.Event()
+        """Set whenever the ingress posts a command: the rank loop's idle wait ends at once,
+        instead of at its next poll (up to 2 ms later, on every request's TTFT)."""
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._stats: dict[int, InstanceStats] = {}
@@ -92,11 +95,15 @@ class Controller:
                 raise QueueFullError(f"{queued} requests are waiting for a first token "
                                      f"(--max-queued-requests {self._max_queued})")
             self._streams[req.request_id] = _Stream(asyncio.get_running_loop(), q)
-        self._inbox.put(("submit", req))
+        self._post(("submit", req))
         return q
 
+    def _post(self, command: tuple[str, object]) -> None:
+        self._inbox.put(command)
+        self.wake.set()
+
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._post(("abort", request_id))
 
     def healthy(self) -> bool:
         return self._ready
@@ -109,7 +116,7 @@ class Controller:
             self._ready = False
             self._reason_down = "the cluster is regrouping"
         self._regrouped.clear()
-        self._inbox.put(("regroup", topology))
+        self._post(("regroup", topology))
         if not self._regrouped.wait(timeout=30):
             raise ValueError("regrouping did not finish within 30 s")
 
@@ -146,7 +153,7 @@ class Controller:
             self._epoch += 1
             for r in ranks:
                 self._reshaping[r] = ("drop", ranks, self._epoch)
-        self._inbox.put(("drop", ranks))
+        self._post(("drop", ranks))
         return ranks
 
     def restore(self, ranks: list[int] | None = None, wait_s: float = 60.0) -> list[tuple[int, ...]]:
@@ -173,7 +180,7 @@ class Controller:
                     self._reshaping[r] = ("restore", g, self._epoch)
                 self._restored[g[0]] = set()
         for g in groups:
-            self._inbox.put(("restore", g))
+            self._post(("restore", g))
         return groups
 
     def plan(self) -> dict:

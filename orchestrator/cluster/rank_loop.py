@@ -4,7 +4,8 @@ Each turn: receive control messages, stage steps and stage results; let the cont
 (rank 0) dispatch the ingress's requests; let the instance leader launch work; report.
 When a turn finds nothing to do the loop backs off with short sleeps (0.1 ms growing to
 0.3 ms while pipeline work is pending, 2 ms otherwise) instead of spinning, so that idle
-ranks leave the cores to ranks that compute.
+ranks leave the cores to ranks that compute. The controller's rank is woken early by the
+ingress, so a new request does not wait for its next poll.
 """
 
 from __future__ import annotations
@@ -173,8 +174,17 @@ class RankLoop:
             if did:
                 idle = 0.0001
             else:
-                time.sleep(idle)
+                self._idle_wait(idle)
                 idle = min(idle * 2, self._max_idle_sleep())
+
+    def _idle_wait(self, seconds: float) -> None:
+        """Sleep through an idle turn. The controller's rank wakes as soon as the ingress
+        posts a command; other ranks' messages arrive over MPI and wait for the next poll."""
+        if self.controller is None:
+            time.sleep(seconds)
+            return
+        self.controller.wake.wait(seconds)
+        self.controller.wake.clear()  # before the next turn reads the inbox: no post is missed
 
     def _max_idle_sleep(self) -> float:
         # A stage of a group, or a leader with micro-batches out, expects work within a step:
