@@ -26,7 +26,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import queue
 import statistics
 import subprocess
 import sys
@@ -232,38 +231,34 @@ def _served_model(ingress: str) -> str:
 
 def triton_hop(args: argparse.Namespace) -> HopResult:
     """Same prompt, one at a time, alternately direct and through Triton (ABBA order)."""
-    import tritonclient.grpc as grpcclient
+    return asyncio.run(_triton_hop(args))
 
-    from perf.triton_client import generate_inputs
 
-    client = grpcclient.InferenceServerClient(args.grpc)
-    answers: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: answers.put((result, error)))
-    loop = asyncio.new_event_loop()
-    session = loop.run_until_complete(_session())
+async def _triton_hop(args: argparse.Namespace) -> HopResult:
+    """Both clients in one thread on one event loop (aiohttp; tritonclient's asyncio gRPC
+    over one open stream), so neither side pays a thread hand-off the other does not."""
+    import aiohttp
+
     direct, through = [], []
-    try:
-        for i in range(args.hop_pairs):
+    async with aiohttp.ClientSession() as session, _TritonStream(args.grpc, args.model) as triton:
+        for i in range(args.hop_pairs + HOP_WARMUP):
             prompt = f"Request {i}: say something."
-            order = (0, 1) if i % 2 == 0 else (1, 0)
-            for which in order:
-                if which == 0:
-                    direct.append(loop.run_until_complete(_ingress_ttft(session, args.ingress, prompt)))
+            pair = {}
+            for side in (("ingress", "triton") if i % 2 == 0 else ("triton", "ingress")):
+                if side == "ingress":
+                    pair[side] = await _ingress_ttft(session, args.ingress, prompt)
                 else:
-                    through.append(_triton_ttft(client, answers, args.model, prompt, generate_inputs, grpcclient))
-    finally:
-        client.stop_stream()
-        loop.run_until_complete(session.close())
-        loop.close()
+                    pair[side] = await triton.ttft(prompt)
+            if i >= HOP_WARMUP:
+                direct.append(pair["ingress"])
+                through.append(pair["triton"])
     diffs = sorted(t - d for d, t in zip(direct, through))
     return HopResult(len(diffs), statistics.median(direct) * 1e3, statistics.median(through) * 1e3,
                      statistics.median(diffs) * 1e3, diffs[int(0.9 * (len(diffs) - 1))] * 1e3)
 
 
-async def _session():
-    import aiohttp
-
-    return aiohttp.ClientSession()
+HOP_WARMUP = 5
+"""Pairs sent before the measured ones (connections, caches)."""
 
 
 async def _ingress_ttft(session, url: str, prompt: str) -> float:
@@ -278,18 +273,54 @@ async def _ingress_ttft(session, url: str, prompt: str) -> float:
     return first - t0
 
 
-def _triton_ttft(client, answers: queue.Queue, model: str, prompt: str, generate_inputs, grpcclient) -> float:
-    t0 = time.perf_counter()
-    client.async_stream_infer(model, generate_inputs(grpcclient, prompt, 2, True), enable_empty_final_response=True)
-    first = None
-    while True:
-        result, error = answers.get(timeout=60)
-        if error is not None:
-            raise SystemExit(f"error: a Triton request failed: {error}")
-        if first is None:
-            first = time.perf_counter()
-        if result.get_response().parameters["triton_final_response"].bool_param:
-            return first - t0
+class _TritonStream:
+    """One gRPC stream to Triton (``tritonclient.grpc.aio``); ``ttft`` sends a request on it
+    and returns the seconds to its first response, once its final one is in."""
+
+    def __init__(self, target: str, model: str) -> None:
+        self.target, self.model = target, model
+        self._requests: asyncio.Queue = asyncio.Queue()
+        self._responses: asyncio.Queue = asyncio.Queue()
+
+    async def __aenter__(self) -> "_TritonStream":
+        import tritonclient.grpc.aio as aio
+
+        self._client = aio.InferenceServerClient(self.target)
+        self._call = self._client.stream_infer(self._feed())
+        self._reader = asyncio.ensure_future(self._read())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._requests.put(None)
+        self._reader.cancel()
+        self._call.cancel()
+        await self._client.close()
+
+    async def _feed(self):
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        async for result, error in self._call:
+            await self._responses.put((time.perf_counter(), result, error))
+
+    async def ttft(self, prompt: str) -> float:
+        import tritonclient.grpc as grpcclient
+
+        from perf.triton_client import generate_inputs
+
+        request = {"model_name": self.model, "enable_empty_final_response": True,
+                   "inputs": generate_inputs(grpcclient, prompt, 2, True)}
+        t0 = time.perf_counter()
+        await self._requests.put(request)
+        first = None
+        while True:
+            at, result, error = await asyncio.wait_for(self._responses.get(), 60)
+            if error is not None:
+                raise SystemExit(f"error: a Triton request failed: {error}")
+            first = at if first is None else first
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return first - t0
 
 
 # ----------------------------------------------------------------------------- report
@@ -302,7 +333,7 @@ def summary_markdown(points: list[LoadResult], hop: HopResult | None, settings: 
         lines.append(f"| {p.load} | {p.requests} | {p.ttft_p50_ms:.1f} | {p.ttft_p99_ms:.1f} | {p.itl_p50_ms:.1f} | "
                      f"{p.itl_p99_ms:.1f} | {p.output_tok_s:.1f} | {p.request_s:.2f} |")
     if hop is not None:
-        lines += ["", f"Triton hop, Python clients ({hop.pairs} paired requests, one at a time): TTFT p50 direct "
+        lines += ["", f"Triton hop, Python asyncio clients ({hop.pairs} paired requests, one at a time): TTFT p50 direct "
                       f"{hop.ingress_ttft_p50_ms:.2f} ms, through Triton {hop.triton_ttft_p50_ms:.2f} ms; "
                       f"paired difference p50 {hop.paired_diff_p50_ms:.2f} ms, p90 {hop.paired_diff_p90_ms:.2f} ms"]
         pa = hop.perf_analyzer
