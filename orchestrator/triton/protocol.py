@@ -211,5 +211,9 @@ def output_arrays(chunk: Chunk) -> dict[str, np.ndarray]:
     return arrays
 
 
-TRITON_ERROR_CODES = {400: "INVALID_ARG", 429: "UNAVAILABLE", 503: "UNAVAILABLE", 500: "INTERNAL"}
-"""The Triton error code for each status the ingress answers with."""
+def triton_error_code(status: int) -> str:
+    """The Triton error code (a ``pb_utils.TritonError`` attribute) for an ingress status:
+    the client's fault, the cluster's load or state, or the cluster's failure."""
+    if status in (429, 503):
+        return "UNAVAILABLE"
+    return "INVALID_ARG" if 400 <= status < 500 else "INTERNAL"

@@ -12,6 +12,7 @@ from orchestrator.triton.protocol import (
     TritonGenerateRequest,
     output_arrays,
     parse_inputs,
+    triton_error_code,
 )
 
 
@@ -117,3 +118,9 @@ def test_output_arrays_have_the_batch_dimension_and_counts_only_when_final():
     assert set(out) == {"text_output", "output_ids"}
     final = output_arrays(Chunk("", [], final=True))
     assert final["output_ids"].shape == (1, 0) and final["num_migrations"].tolist() == [[0]]
+
+
+@pytest.mark.parametrize("status,code", [(400, "INVALID_ARG"), (404, "INVALID_ARG"), (429, "UNAVAILABLE"),
+                                         (503, "UNAVAILABLE"), (500, "INTERNAL")])
+def test_ingress_statuses_map_onto_triton_error_codes(status, code):
+    assert triton_error_code(status) == code

@@ -28,13 +28,13 @@ import triton_python_backend_utils as pb_utils
 from orchestrator.triton.metrics_bridge import MetricsMirror, parse_prometheus
 from orchestrator.triton.protocol import (
     INPUTS,
-    TRITON_ERROR_CODES,
     Chunk,
     FrameAssembler,
     IngressStreamError,
     InputError,
     output_arrays,
     parse_inputs,
+    triton_error_code,
 )
 from orchestrator.triton.relay_client import RelayClient, RelayUnavailable
 from orchestrator.triton.server import INGRESS_URL_ENV, METRICS_MODEL_ENV, RELAY_SOCKET_ENV
@@ -78,7 +78,7 @@ class _Relayed:
         try:
             chunk = self.assembler.feed(frame)
         except IngressStreamError as exc:
-            self.finish(_error_response(str(exc), TRITON_ERROR_CODES.get(exc.status, "INTERNAL")))
+            self.finish(_error_response(str(exc), triton_error_code(exc.status)))
             return
         if chunk is not None:
             with self.lock:
@@ -91,6 +91,11 @@ class _Relayed:
             if not self.finished:
                 self.finished = True
                 self.deliver(response, True)
+
+    def abandon(self) -> None:
+        """No more responses: Triton refused one (the client is gone)."""
+        with self.lock:
+            self.finished = True
 
     def cancelled(self) -> bool:
         """True (and the request answered CANCELLED) when its client gave up."""
@@ -169,7 +174,12 @@ class TritonPythonModel:
 
     def _submit(self, req, relayed: _Relayed) -> None:
         def on_frame(frame: dict) -> None:
-            relayed.on_frame(frame)
+            try:
+                relayed.on_frame(frame)
+            except Exception as exc:  # noqa: BLE001 - Triton refused a response: stop the request
+                logger.warning("request %s: sending a response failed (%s); cancelling it", relayed.rid, exc)
+                relayed.abandon()
+                self.relay.cancel(relayed.rid)
             if relayed.finished:
                 self._forget(relayed)
 
