@@ -147,6 +147,7 @@ def perf_analyzer_intervals(tools: Tools, args: argparse.Namespace, inputs: Path
     out.mkdir(parents=True, exist_ok=True)
     intervals.write_text("\n".join(map(str, gaps)) + "\n")
     export = out / "profile_export.json"
+    export.unlink(missing_ok=True)  # perf_analyzer refuses to overwrite an earlier run's
     cmd = [str(tools.perf_analyzer), "-m", args.model, "--async", "-i", "grpc", "--streaming",
            "-u", args.grpc, "--service-kind", "triton", "--shape", "max_tokens:1", "--shape", "text_input:1",
            "--request-intervals", str(intervals), "--input-data", str(inputs),
