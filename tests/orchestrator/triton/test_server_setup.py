@@ -77,6 +77,15 @@ def test_ingress_moves_off_tritons_default_ports():
         _parse("--triton", "--http-port", "8001")
 
 
+def test_relay_socket_is_private_with_triton_named_when_asked_and_none_otherwise(tmp_path):
+    assert _parse().relay_path() is None
+    private = _parse("--triton").relay_path()
+    assert private.name == f"kunserve-relay-{os.getpid()}.sock"
+    assert _parse("--relay-socket", str(tmp_path / "r.sock")).relay_path() == tmp_path / "r.sock"
+    with pytest.raises(ValueError, match="longer than a Unix socket path may be"):
+        _parse("--relay-socket", "/tmp/" + "x" * 120)
+
+
 def test_unary_config_declares_the_same_tensors_as_the_streaming_one():
     """Triton configs cannot include each other: the two copies must not drift apart."""
     import re
