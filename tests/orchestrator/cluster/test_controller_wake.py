@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 from engines.sampling import SamplingParams
 from orchestrator.cluster.controller import Controller
+from orchestrator.cluster.rank_loop import RankLoop
 from orchestrator.cluster.topology import Topology
 from orchestrator.dispatch import make_dispatch_policy
 from orchestrator.ingress.backend import GenerateRequest
@@ -20,16 +22,15 @@ def test_a_submitted_request_ends_the_loops_idle_wait_at_once():
     c.set_ready(True)
     woke = []
 
-    def idle_loop():  # what RankLoop._idle_wait does on the controller's rank, with a long sleep
+    def idle_loop():  # the controller rank's idle turn, with a long sleep
         start = time.monotonic()
-        c.wake.wait(30)
+        RankLoop._idle_wait(SimpleNamespace(controller=c), 30)
         woke.append(time.monotonic() - start)
-        c.wake.clear()
         c.poll()
 
     loop_thread = threading.Thread(target=idle_loop)
     loop_thread.start()
-    time.sleep(0.05)  # let it block in its wait
+    time.sleep(0.05)  # let it block in its wait (the post would also end it had it not)
 
     async def submit():
         c.submit(GenerateRequest("r1", [1, 2, 3], SamplingParams(max_tokens=2)))
