@@ -152,6 +152,9 @@ def _add_triton_args(p: argparse.ArgumentParser) -> None:
                    help="model repository holding kunserve/ (default: this checkout's triton_repo)")
     g.add_argument("--tritonserver", type=Path, default=None,
                    help="tritonserver binary to run (default: PATH, then the nvidia-pytriton wheel's)")
+    g.add_argument("--triton-arg", action="append", default=[], metavar="FLAG",
+                   help="one more tritonserver flag, after kunserve's own; repeat for more. Join it with '=', "
+                        "as it starts with '--': --triton-arg=--trace-config=level=TIMESTAMPS")
     g.add_argument("--relay-socket", type=Path, default=None,
                    help="Unix socket on which the ingress takes requests from the Triton model "
                         "(default with --triton: a private path in the temporary directory). Set it to "
@@ -165,7 +168,7 @@ def _triton_config(args: argparse.Namespace) -> TritonConfig | None:
     names = tuple(n.strip() for n in args.triton_model_names.split(",") if n.strip())
     return TritonConfig(host=args.triton_host, http_port=args.triton_http_port, grpc_port=args.triton_grpc_port,
                         metrics_port=args.triton_metrics_port, model_names=names,
-                        repository=args.triton_repo, binary=args.tritonserver)
+                        repository=args.triton_repo, binary=args.tritonserver, extra_args=tuple(args.triton_arg))
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:

@@ -73,6 +73,8 @@ class TritonConfig:
     """A specific ``tritonserver``; default: PATH, then the ``nvidia-pytriton`` wheel's."""
     log_verbose: int = 0
     start_timeout_s: float = 60.0
+    extra_args: tuple[str, ...] = ()
+    """More ``tritonserver`` flags, after this module's own (tracing, for instance)."""
 
     def __post_init__(self) -> None:
         if not self.model_names:
@@ -214,7 +216,7 @@ class TritonProcess:
                "--exit-timeout-secs", "10", "--log-verbose", str(c.log_verbose)]
         if install.backend_dir is not None:
             cmd += ["--backend-directory", str(install.backend_dir)]
-        return cmd
+        return cmd + list(c.extra_args)
 
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from orchestrator.serve import add_serve_args, config_from_args
-from orchestrator.triton.server import (DEFAULT_REPOSITORY, TritonConfig, TritonError, find_tritonserver,
-                                        prepare_repository)
+from orchestrator.triton.server import (DEFAULT_REPOSITORY, TritonConfig, TritonError, TritonInstall,
+                                        TritonProcess, find_tritonserver, prepare_repository)
 
 
 def test_served_names_map_aliases_onto_model_directories():
@@ -75,6 +75,15 @@ def test_ingress_moves_off_tritons_default_ports():
     assert cfg.triton.served() == {"kunserve": "kunserve", "kunserve_unary": "kunserve_unary"}
     with pytest.raises(ValueError, match="--http-port 8001 is also one of Triton's ports"):
         _parse("--triton", "--http-port", "8001")
+
+
+def test_triton_args_are_passed_after_kunserves_own(tmp_path):
+    cfg = _parse("--triton", "--triton-arg=--trace-config=level=TIMESTAMPS", "--triton-arg=--log-info=false")
+    cmd = TritonProcess(cfg.triton, "http://127.0.0.1:8080", tmp_path / "relay.sock")._command(
+        TritonInstall(tmp_path / "tritonserver", None), tmp_path)
+    assert cmd[-2:] == ["--trace-config=level=TIMESTAMPS", "--log-info=false"]
+    assert cmd[cmd.index("--grpc-port") + 1] == "8001"
+    assert _parse("--triton").triton.extra_args == ()
 
 
 def test_relay_socket_is_private_with_triton_named_when_asked_and_none_otherwise(tmp_path):
