@@ -238,45 +238,58 @@ def triton_hop(args: argparse.Namespace) -> HopResult:
 async def _triton_hop(args: argparse.Namespace) -> HopResult:
     """Both clients in one thread on one event loop (aiohttp; tritonclient's asyncio gRPC
     over one open stream), so neither side pays a thread hand-off the other does not."""
+    pairs = await paired_requests(args.ingress, args.grpc, args.model, args.hop_pairs)
+    direct = [first - sent for (sent, first), _ in pairs]
+    through = [first - sent for _, (sent, first) in pairs]
+    diffs = sorted(t - d for d, t in zip(direct, through))
+    return HopResult(len(diffs), statistics.median(direct) * 1e3, statistics.median(through) * 1e3,
+                     statistics.median(diffs) * 1e3, diffs[int(0.9 * (len(diffs) - 1))] * 1e3)
+
+
+Stamps = tuple[float, float]
+"""A request's send time and its first token's arrival at the client (``time.monotonic``)."""
+
+
+async def paired_requests(ingress: str, grpc: str, model: str, pairs: int) -> list[tuple[Stamps, Stamps]]:
+    """``pairs`` prompts, each sent directly to the ingress and through Triton, one request
+    at a time, alternating which goes first; (direct, through Triton) stamps per prompt,
+    after ``HOP_WARMUP`` unmeasured pairs."""
     import aiohttp
 
-    direct, through = [], []
-    async with aiohttp.ClientSession() as session, _TritonStream(args.grpc, args.model) as triton:
-        for i in range(args.hop_pairs + HOP_WARMUP):
+    out = []
+    async with aiohttp.ClientSession() as session, _TritonStream(grpc, model) as triton:
+        for i in range(pairs + HOP_WARMUP):
             prompt = f"Request {i}: say something."
             pair = {}
             for side in (("ingress", "triton") if i % 2 == 0 else ("triton", "ingress")):
                 if side == "ingress":
-                    pair[side] = await _ingress_ttft(session, args.ingress, prompt)
+                    pair[side] = await _ingress_first(session, ingress, prompt)
                 else:
-                    pair[side] = await triton.ttft(prompt)
+                    pair[side] = await triton.first(prompt)
             if i >= HOP_WARMUP:
-                direct.append(pair["ingress"])
-                through.append(pair["triton"])
-    diffs = sorted(t - d for d, t in zip(direct, through))
-    return HopResult(len(diffs), statistics.median(direct) * 1e3, statistics.median(through) * 1e3,
-                     statistics.median(diffs) * 1e3, diffs[int(0.9 * (len(diffs) - 1))] * 1e3)
+                out.append((pair["ingress"], pair["triton"]))
+    return out
 
 
 HOP_WARMUP = 5
 """Pairs sent before the measured ones (connections, caches)."""
 
 
-async def _ingress_ttft(session, url: str, prompt: str) -> float:
+async def _ingress_first(session, url: str, prompt: str) -> Stamps:
     body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}
-    t0 = time.perf_counter()
+    sent = time.monotonic()
     async with session.post(url + "/v1/completions", json=body) as resp:
         async for line in resp.content:
             if line.startswith(b"data: {") and b'"token_ids": [' in line and b'"token_ids": []' not in line:
-                first = time.perf_counter()
+                first = time.monotonic()
                 break
         await resp.read()
-    return first - t0
+    return sent, first
 
 
 class _TritonStream:
-    """One gRPC stream to Triton (``tritonclient.grpc.aio``); ``ttft`` sends a request on it
-    and returns the seconds to its first response, once its final one is in."""
+    """One gRPC stream to Triton (``tritonclient.grpc.aio``); ``first`` sends a request on it
+    and returns when it was sent and when its first response came, once its final one is in."""
 
     def __init__(self, target: str, model: str) -> None:
         self.target, self.model = target, model
@@ -303,16 +316,16 @@ class _TritonStream:
 
     async def _read(self) -> None:
         async for result, error in self._call:
-            await self._responses.put((time.perf_counter(), result, error))
+            await self._responses.put((time.monotonic(), result, error))
 
-    async def ttft(self, prompt: str) -> float:
+    async def first(self, prompt: str) -> Stamps:
         import tritonclient.grpc as grpcclient
 
         from perf.triton_client import generate_inputs
 
         request = {"model_name": self.model, "enable_empty_final_response": True,
                    "inputs": generate_inputs(grpcclient, prompt, 2, True)}
-        t0 = time.perf_counter()
+        sent = time.monotonic()
         await self._requests.put(request)
         first = None
         while True:
@@ -321,7 +334,7 @@ class _TritonStream:
                 raise SystemExit(f"error: a Triton request failed: {error}")
             first = at if first is None else first
             if result.get_response().parameters["triton_final_response"].bool_param:
-                return first - t0
+                return sent, first
 
 
 # ----------------------------------------------------------------------------- report
