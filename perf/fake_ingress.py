@@ -42,22 +42,27 @@ class StampingBackend(FakeBackend):
         return super().submit(req)
 
     async def _emit(self, req: GenerateRequest, queue: asyncio.Queue[TokenEvent]) -> None:
+        """One token per gap, the first a gap after admission. Each comes from a worker
+        thread, as the cluster's come from the rank loop's: the event loop's own timers
+        round their waits up to whole milliseconds (epoll), which would skew the gap by where
+        the loop last went idle."""
         admitted = self._admitted.pop(req.request_id)
-        await super()._emit(req, _FirstTokenStamp(queue, lambda: os.write(
-            self._fd, f"{admitted} {time.monotonic_ns()}\n".encode())))
+        loop = asyncio.get_running_loop()
+        due = admitted / 1e9
+        out = self.output_for(req.prompt_token_ids, req.sampling.max_tokens)
+        for i, tok in enumerate(out):
+            due += self.token_delay
+            await loop.run_in_executor(None, _idle_until, due)
+            if i == 0:
+                os.write(self._fd, f"{admitted} {time.monotonic_ns()}\n".encode())
+            queue.put_nowait(TokenEvent(req.request_id, [tok]))
+        reason = "length" if len(out) == req.sampling.max_tokens else "stop"
+        queue.put_nowait(TokenEvent(req.request_id, [], finished=True, finish_reason=reason))
 
 
-class _FirstTokenStamp:
-    """The request's queue as the fake's emitter sees it: the first token is stamped."""
-
-    def __init__(self, queue: asyncio.Queue[TokenEvent], on_first) -> None:
-        self.queue, self.on_first = queue, on_first
-
-    def put_nowait(self, event: TokenEvent) -> None:
-        if self.on_first is not None and event.token_ids:
-            self.on_first()
-            self.on_first = None
-        self.queue.put_nowait(event)
+def _idle_until(due: float) -> None:
+    """The gap itself: nothing runs (what is measured is everything around it)."""
+    time.sleep(max(0.0, due - time.monotonic()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
