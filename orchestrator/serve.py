@@ -64,6 +64,8 @@ class ServeConfig:
     relay_socket: Path | None = None
     """Unix socket of the ingress's Triton relay; default with ``triton``: a private one in the
     temporary directory (``default_relay_socket``), none without."""
+    request_log: Path | None = None
+    """File the ingress appends a JSON line to per request (``orchestrator/ingress/request_log.py``)."""
 
     def relay_path(self) -> Path | None:
         """Where the Triton relay listens, or None when nothing needs it."""
@@ -131,6 +133,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="cost model from python -m perf.profile_cost; enables lookahead micro-batches in groups")
     p.add_argument("--admin-token", default=None,
                    help="require 'Authorization: Bearer TOKEN' on POST /admin/* (drop, restore, regroup)")
+    p.add_argument("--request-log", type=Path, default=None, metavar="PATH",
+                   help="append one JSON line per request to PATH when it ends: id, route (http or triton), "
+                        "arrival, first token and end (time.monotonic), TTFT, tokens, finish reason")
     _add_triton_args(p)
 
 
@@ -179,7 +184,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         transport=args.transport, kv_extension=args.kv_extension, device=args.device, dtype=args.dtype,
         model_name=args.model_name, threads=args.threads, admin_token=args.admin_token, cost_model=args.cost_model, swap_space=args.swap_space,
-        triton=_triton_config(args), relay_socket=args.relay_socket)
+        triton=_triton_config(args), relay_socket=args.relay_socket, request_log=args.request_log)
 
 
 def rank_device(name: str, rank: int) -> torch.device:

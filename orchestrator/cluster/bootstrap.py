@@ -143,7 +143,7 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
         migration_policy=LlumnixPolicy() if get_policy(cfg.policy).migration else None)
     loop.controller = controller
     ingress = IngressServer(controller, cfg.host, cfg.ingress_port, admin_token=cfg.admin_token,
-                            relay_socket=cfg.relay_path())
+                            relay_socket=cfg.relay_path(), request_log=cfg.request_log)
     ingress.start()
     return ingress
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from typing import Any
 
@@ -23,9 +24,10 @@ logger = logging.getLogger(__name__)
 
 
 def admit(backend: IngressBackend, stats: IngressStats, kind: Kind, body: Any, request_id: str,
-          arrival_time: float) -> "Answer":
+          arrival_time: float, route: str = "http") -> "Answer":
     """Validate, tokenize and submit one request body; its ``Answer``, or ``ApiError`` (400 for a
-    bad body, 429 when the cluster's queue is full, 503 when it is not serving).
+    bad body, 429 when the cluster's queue is full, 503 when it is not serving). ``route``
+    names the carrier in the request log (``http``, ``triton``).
 
     The caller must call ``Answer.end()`` when it is done with the answer, however it ends.
     """
@@ -38,19 +40,24 @@ def admit(backend: IngressBackend, stats: IngressStats, kind: Kind, body: Any, r
         raise ApiError(503, f"the cluster is not serving ({exc})") from None
     stats.prompt_tokens += len(parsed.request.prompt_token_ids)
     stats.in_flight += 1
-    return Answer(backend, stats, parsed, queue)
+    return Answer(backend, stats, parsed, queue, route)
 
 
 class Answer:
     """Consumes one request's events; ``close`` aborts it in the cluster unless it finished."""
 
     def __init__(self, backend: IngressBackend, stats: IngressStats, parsed: ParsedRequest,
-                 queue: asyncio.Queue[TokenEvent]) -> None:
+                 queue: asyncio.Queue[TokenEvent], route: str = "http") -> None:
         self.backend = backend
         self.stats = stats
         self.parsed = parsed
         self.queue = queue
-        self.timing = RequestTiming(arrival_time=parsed.request.arrival_time)
+        request = parsed.request
+        self.timing = RequestTiming(arrival_time=request.arrival_time, request_id=request.request_id, route=route,
+                                    prompt_tokens=len(request.prompt_token_ids))
+        self.finish_reason: str | None = None
+        """How the request ended: the cluster's reason, ``stop`` (a stop string), ``abort``
+        (its carrier gave up) or ``error``; None while it runs."""
         self.decoder = IncrementalDecoder(backend.tokenizer)
         self.stops = StopStringMatcher(parsed.stop)
         self.done = False
@@ -66,6 +73,7 @@ class Answer:
         self.stats.on_tokens(self.timing, len(event.token_ids))
         if event.finished or event.error is not None:
             self.done = True  # an error ends the request in the cluster too: nothing to abort
+            self.finish_reason = "error" if event.error is not None else event.finish_reason
             if event.error is None:
                 self.stats.on_finish(self.timing, event.finish_reason)
         return event
@@ -87,6 +95,7 @@ class Answer:
         if self.done:
             return
         self.done = True
+        self.finish_reason = reason
         self.stats.on_finish(self.timing, reason)
         try:
             self.backend.abort(self.request_id)
@@ -99,3 +108,5 @@ class Answer:
             self._ended = True
             self.stats.in_flight -= 1
             self.close()
+            if self.stats.request_log is not None:
+                self.stats.request_log.write(self.timing, self.finish_reason, time.monotonic())

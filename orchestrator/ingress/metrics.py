@@ -12,8 +12,12 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from orchestrator.ingress.backend import ClusterState
+
+if TYPE_CHECKING:
+    from orchestrator.ingress.request_log import RequestLog
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,10 @@ class RequestTiming:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_output_tokens: int = 0
+    request_id: str = ""
+    route: str = ""
+    """What carried it: ``http`` or ``triton`` (the request log's field)."""
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -80,6 +88,8 @@ class IngressStats:
     generation_tokens: int = 0
     in_flight: int = 0
     """Generation requests the ingress is answering now."""
+    request_log: RequestLog | None = None
+    """Where each admitted request is written when it ends (``serve --request-log``)."""
 
     def on_tokens(self, timing: RequestTiming, n: int, now: float | None = None) -> None:
         """``n`` new output tokens of a request arrived."""

@@ -114,7 +114,8 @@ class _Connection:
             return
         srv = self.server
         try:
-            answer = admit(srv.backend, srv.stats, "completion", body, f"trt-{uuid.uuid4().hex}", arrival)
+            answer = admit(srv.backend, srv.stats, "completion", body, f"trt-{uuid.uuid4().hex}", arrival,
+                            route="triton")
         except ApiError as exc:
             srv.stats.on_error(error_type(exc.status))
             self.send({"id": rid, "error": exc.message, "status": exc.status})

@@ -27,6 +27,7 @@ from orchestrator.ingress.http_util import BACKEND_KEY, read_json
 from orchestrator.ingress.backend import IngressBackend
 from orchestrator.ingress.metrics import CONTENT_TYPE, IngressStats, render_metrics
 from orchestrator.ingress.relay import RelayServer
+from orchestrator.ingress.request_log import RequestLog
 from orchestrator.ingress.openai_protocol import (
     ApiError,
     Kind,
@@ -212,13 +213,19 @@ class IngressServer:
 
     def __init__(self, backend: IngressBackend, host: str = "127.0.0.1", port: int = 8000,
                  shutdown_timeout: float = 5.0,
-                 admin_token: str | None = None, relay_socket: Path | None = None) -> None:
+                 admin_token: str | None = None, relay_socket: Path | None = None,
+                 request_log: Path | None = None) -> None:
         self.admin_token = admin_token
         self.relay_socket = relay_socket
         """Where the Triton relay listens (``relay.py``); None: no relay."""
         self.backend = backend
         self.host = host
         self.stats = IngressStats()
+        if request_log is not None:
+            try:
+                self.stats.request_log = RequestLog(request_log)
+            except OSError as exc:
+                raise OSError(f"--request-log {request_log}: cannot open it for appending ({exc.strerror})") from None
         self._requested_port = port
         self._port: int | None = None
         self._shutdown_timeout = shutdown_timeout
@@ -301,3 +308,5 @@ class IngressServer:
             if relay is not None:
                 await relay.close()
             await runner.cleanup()
+            if self.stats.request_log is not None:
+                self.stats.request_log.close()  # after the cleanup, which ends (and logs) open requests

@@ -86,6 +86,11 @@ def test_triton_args_are_passed_after_kunserves_own(tmp_path):
     assert _parse("--triton").triton.extra_args == ()
 
 
+def test_request_log_option():
+    assert _parse().request_log is None
+    assert str(_parse("--request-log", "/tmp/requests.jsonl").request_log) == "/tmp/requests.jsonl"
+
+
 def test_relay_socket_is_private_with_triton_named_when_asked_and_none_otherwise(tmp_path):
     assert _parse().relay_path() is None
     private = _parse("--triton").relay_path()
