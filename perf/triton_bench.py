@@ -184,6 +184,10 @@ class HopResult:
     triton_ttft_p50_ms: float
     paired_diff_p50_ms: float
     paired_diff_p90_ms: float
+    transport_diff_p50_ms: float | None = None
+    """The same pairs, each side's TTFT less the ingress's own for that request (its request
+    log): what remains is the way in and out, so the model's time and its noise cancel."""
+    transport_diff_p90_ms: float | None = None
     perf_analyzer: dict | None = None
     """The same comparison with perf_analyzer (C++) as the client both ways (via genai-perf):
     rounds, requests per side, pooled TTFT medians, median of the per-round differences."""
@@ -235,6 +239,20 @@ def triton_hop(args: argparse.Namespace) -> HopResult:
     return asyncio.run(_triton_hop(args))
 
 
+def transport_diffs(pairs: list[tuple[Stamps, Stamps]], records: list[dict]) -> list[float]:
+    """Per pair, (client TTFT - ingress TTFT) through Triton minus the same directly, in
+    seconds; each request's record is the one the ingress logged arriving inside its window."""
+    def outside_ingress(stamps: Stamps) -> float:
+        sent, first = stamps
+        inside = [r for r in records if sent <= r["arrival"] <= first and r["first_token"] is not None]
+        if len(inside) != 1:
+            raise SystemExit(f"error: {len(inside)} request-log records arrived inside one request's "
+                             "window; the hop's requests must go one at a time to a cluster serving nothing else")
+        return (first - sent) - (inside[0]["first_token"] - inside[0]["arrival"])
+
+    return sorted(outside_ingress(t) - outside_ingress(d) for d, t in pairs)
+
+
 async def _triton_hop(args: argparse.Namespace) -> HopResult:
     """Both clients in one thread on one event loop (aiohttp; tritonclient's asyncio gRPC
     over one open stream), so neither side pays a thread hand-off the other does not."""
@@ -242,8 +260,18 @@ async def _triton_hop(args: argparse.Namespace) -> HopResult:
     direct = [first - sent for (sent, first), _ in pairs]
     through = [first - sent for _, (sent, first) in pairs]
     diffs = sorted(t - d for d, t in zip(direct, through))
-    return HopResult(len(diffs), statistics.median(direct) * 1e3, statistics.median(through) * 1e3,
-                     statistics.median(diffs) * 1e3, diffs[int(0.9 * (len(diffs) - 1))] * 1e3)
+    hop = HopResult(len(diffs), statistics.median(direct) * 1e3, statistics.median(through) * 1e3,
+                    statistics.median(diffs) * 1e3, _p90(diffs) * 1e3)
+    if args.request_log is not None:
+        from orchestrator.ingress.request_log import read_request_log
+
+        transport = transport_diffs(pairs, read_request_log(args.request_log))
+        hop.transport_diff_p50_ms, hop.transport_diff_p90_ms = statistics.median(transport) * 1e3, _p90(transport) * 1e3
+    return hop
+
+
+def _p90(sorted_values: list[float]) -> float:
+    return sorted_values[int(0.9 * (len(sorted_values) - 1))]
 
 
 Stamps = tuple[float, float]
@@ -350,6 +378,9 @@ def summary_markdown(points: list[LoadResult], hop: HopResult | None, settings: 
         lines += ["", f"Triton hop, Python asyncio clients ({hop.pairs} paired requests, one at a time): TTFT p50 direct "
                       f"{hop.ingress_ttft_p50_ms:.2f} ms, through Triton {hop.triton_ttft_p50_ms:.2f} ms; "
                       f"paired difference p50 {hop.paired_diff_p50_ms:.2f} ms, p90 {hop.paired_diff_p90_ms:.2f} ms"]
+        if hop.transport_diff_p50_ms is not None:
+            lines += ["", f"Triton hop without the model's time (each TTFT less the ingress's own, from its request "
+                          f"log), same pairs: p50 {hop.transport_diff_p50_ms:.2f} ms, p90 {hop.transport_diff_p90_ms:.2f} ms"]
         pa = hop.perf_analyzer
         if pa:
             lines += ["", f"Triton hop, perf_analyzer both ways ({pa['rounds']} alternating rounds, "
@@ -390,6 +421,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="alternating perf_analyzer rounds for the hop, each side (default: 6; 0 skips)")
     p.add_argument("--hop-requests", type=int, default=40, help="requests per side and round (default: 40)")
     p.add_argument("--hop-only", action="store_true", help="measure only the Triton hop (no genai-perf/perf_analyzer)")
+    p.add_argument("--request-log", type=Path, default=None,
+                   help="the cluster's --request-log, read to take the model's time out of the hop "
+                        "(default: the cluster this script starts writes OUT/requests.jsonl; none with --attach)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -415,7 +449,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.attach:
         from perf.triton_client import TritonCluster
 
-        cluster = TritonCluster(args.ranks, args.engine_dir, device_memory=args.device_memory, model_names="kunserve")
+        args.request_log = args.out / "requests.jsonl"
+        args.request_log.unlink(missing_ok=True)
+        cluster = TritonCluster(args.ranks, args.engine_dir, "--request-log", str(args.request_log),
+                                device_memory=args.device_memory, model_names="kunserve")
         print(f"starting the cluster ({args.ranks} ranks) behind Triton ...", flush=True)
         cluster.start()
         args.grpc, args.ingress = cluster.grpc_target, cluster.url
