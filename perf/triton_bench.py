@@ -190,14 +190,16 @@ class HopResult:
     transport_diff_p90_ms: float | None = None
     perf_analyzer: dict | None = None
     """The same comparison with perf_analyzer (C++) as the client both ways (via genai-perf):
-    rounds, requests per side, pooled TTFT medians, median of the per-round differences."""
+    rounds, requests per side, pooled TTFT medians and the median of the per-round
+    differences (``ttft_*``), and the same without the model's time (``transport_*``)."""
 
 
 def triton_hop_perf_analyzer(tools: Tools, args: argparse.Namespace, out: Path) -> dict:
     """Alternating genai-perf rounds at concurrency 1, the same synthetic prompts both ways:
-    the ingress's OpenAI completions (HTTP) and Triton (gRPC streaming)."""
+    the ingress's OpenAI completions (HTTP) and Triton (gRPC streaming). With the cluster's
+    request log, also each request's TTFT less the ingress's own (``time_outside_ingress``)."""
     model_name = _served_model(args.ingress)
-    direct, through, diffs = [], [], []
+    stamps: dict[str, list[list[Stamps]]] = {"ingress": [], "triton": []}
     for i in range(args.hop_rounds):
         common = ["--streaming", "--tokenizer", str(args.tokenizer), "--synthetic-input-tokens-mean", "16",
                   "--synthetic-input-tokens-stddev", "0", "--output-tokens-mean", "2", "--concurrency", "1",
@@ -207,23 +209,36 @@ def triton_hop_perf_analyzer(tools: Tools, args: argparse.Namespace, out: Path) 
                              args.ingress.removeprefix("http://"), "--extra-inputs", "temperature:0"],
                  "triton": ["-m", args.model, "--endpoint-type", "kserve", "--backend", "tensorrtllm",
                             "-u", args.grpc]}
-        ttfts = {}
         for side, extra in (sides.items() if i % 2 == 0 else reversed(list(sides.items()))):
             d = out / f"round{i}-{side}"
             d.mkdir(parents=True, exist_ok=True)
             _run([str(tools.genai_perf), "profile", *extra, *common, "--artifact-dir", str(d)], tools.env,
                  d / "genai-perf.log")
-            ttfts[side] = _ttfts(next(d.rglob("profile_export.json")))
-        direct += ttfts["ingress"]
-        through += ttfts["triton"]
-        diffs.append(statistics.median(ttfts["triton"]) - statistics.median(ttfts["ingress"]))
-    return {"rounds": args.hop_rounds, "requests_per_side": len(direct),
-            "ingress_ttft_p50_ms": statistics.median(direct), "triton_ttft_p50_ms": statistics.median(through),
-            "round_diff_p50_ms": statistics.median(diffs)}
+            stamps[side].append(_request_stamps(next(d.rglob("profile_export.json"))))
+    result = {"rounds": args.hop_rounds, "requests_per_side": sum(map(len, stamps["ingress"])),
+              **_side_by_side(stamps, lambda s: s[1] - s[0], "ttft_")}
+    if args.request_log is not None:
+        from orchestrator.ingress.request_log import read_request_log
+
+        records = read_request_log(args.request_log)
+        result.update(_side_by_side(stamps, lambda s: time_outside_ingress(s, records), "transport_"))
+    return result
 
 
-def _ttfts(export: Path) -> list[float]:
-    return [(r["response_timestamps"][0] - r["timestamp"]) / 1e6
+def _side_by_side(stamps: dict[str, list[list[Stamps]]], value, prefix: str) -> dict[str, float]:
+    """Pooled medians of ``value`` per side (ms) and the median of the rounds' differences."""
+    per_round = {side: [[value(s) * 1e3 for s in rnd] for rnd in rounds] for side, rounds in stamps.items()}
+    pooled = {side: statistics.median(v for rnd in rounds for v in rnd) for side, rounds in per_round.items()}
+    diffs = [statistics.median(t) - statistics.median(d) for d, t in zip(per_round["ingress"], per_round["triton"])]
+    return {f"{prefix}ingress_p50_ms": pooled["ingress"], f"{prefix}triton_p50_ms": pooled["triton"],
+            f"{prefix}round_diff_p50_ms": statistics.median(diffs)}
+
+
+def _request_stamps(export: Path) -> list[Stamps]:
+    """(sent, first response) of each request in a profile export, on ``time.monotonic``'s
+    clock: perf_analyzer stamps with the wall clock, whose offset is taken right after the run."""
+    offset = time.time() - time.monotonic()
+    return [(r["timestamp"] / 1e9 - offset, r["response_timestamps"][0] / 1e9 - offset)
             for e in json.loads(export.read_text())["experiments"] for r in e["requests"] if r.get("response_timestamps")]
 
 
@@ -239,18 +254,20 @@ def triton_hop(args: argparse.Namespace) -> HopResult:
     return asyncio.run(_triton_hop(args))
 
 
-def transport_diffs(pairs: list[tuple[Stamps, Stamps]], records: list[dict]) -> list[float]:
-    """Per pair, (client TTFT - ingress TTFT) through Triton minus the same directly, in
-    seconds; each request's record is the one the ingress logged arriving inside its window."""
-    def outside_ingress(stamps: Stamps) -> float:
-        sent, first = stamps
-        inside = [r for r in records if sent <= r["arrival"] <= first and r["first_token"] is not None]
-        if len(inside) != 1:
-            raise SystemExit(f"error: {len(inside)} request-log records arrived inside one request's "
-                             "window; the hop's requests must go one at a time to a cluster serving nothing else")
-        return (first - sent) - (inside[0]["first_token"] - inside[0]["arrival"])
+def time_outside_ingress(stamps: Stamps, records: list[dict]) -> float:
+    """A request's TTFT as its client saw it less the ingress's own TTFT for it (seconds):
+    the way in and out. Its record is the one the ingress logged arriving inside its window."""
+    sent, first = stamps
+    inside = [r for r in records if sent <= r["arrival"] <= first and r["first_token"] is not None]
+    if len(inside) != 1:
+        raise SystemExit(f"error: {len(inside)} request-log records arrived inside one request's "
+                         "window; the hop's requests must go one at a time to a cluster serving nothing else")
+    return (first - sent) - (inside[0]["first_token"] - inside[0]["arrival"])
 
-    return sorted(outside_ingress(t) - outside_ingress(d) for d, t in pairs)
+
+def transport_diffs(pairs: list[tuple[Stamps, Stamps]], records: list[dict]) -> list[float]:
+    """Per pair, the time outside the ingress through Triton minus directly (seconds), sorted."""
+    return sorted(time_outside_ingress(t, records) - time_outside_ingress(d, records) for d, t in pairs)
 
 
 async def _triton_hop(args: argparse.Namespace) -> HopResult:
@@ -384,9 +401,14 @@ def summary_markdown(points: list[LoadResult], hop: HopResult | None, settings: 
         pa = hop.perf_analyzer
         if pa:
             lines += ["", f"Triton hop, perf_analyzer both ways ({pa['rounds']} alternating rounds, "
-                          f"{pa['requests_per_side']} requests a side): TTFT p50 direct {pa['ingress_ttft_p50_ms']:.2f} ms, "
-                          f"through Triton {pa['triton_ttft_p50_ms']:.2f} ms; median of the rounds' differences "
-                          f"{pa['round_diff_p50_ms']:.2f} ms"]
+                          f"{pa['requests_per_side']} requests a side): TTFT p50 direct {pa['ttft_ingress_p50_ms']:.2f} ms, "
+                          f"through Triton {pa['ttft_triton_p50_ms']:.2f} ms; median of the rounds' differences "
+                          f"{pa['ttft_round_diff_p50_ms']:.2f} ms"]
+            if "transport_round_diff_p50_ms" in pa:
+                lines += ["", f"Triton hop without the model's time, perf_analyzer, same rounds: TTFT less the "
+                              f"ingress's own p50 direct {pa['transport_ingress_p50_ms']:.2f} ms, through Triton "
+                              f"{pa['transport_triton_p50_ms']:.2f} ms; median of the rounds' differences "
+                              f"{pa['transport_round_diff_p50_ms']:.2f} ms"]
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from perf.triton_bench import transport_diffs
+from perf.triton_bench import time_outside_ingress, transport_diffs
 
 
 def _record(arrival: float, ttft: float) -> dict:
@@ -24,3 +24,31 @@ def test_a_window_without_its_record_is_refused():
     pairs = [((10.0, 10.08), (11.0, 11.08))]
     with pytest.raises(SystemExit, match="0 request-log records arrived inside one request's window"):
         transport_diffs(pairs, [_record(10.001, 0.079)])
+
+
+def test_perf_analyzer_rounds_side_by_side_with_and_without_the_models_time(tmp_path):
+    import json
+    import time
+
+    from perf.triton_bench import _request_stamps, _side_by_side
+
+    # One round a side, two requests each; perf_analyzer stamps with the wall clock.
+    wall = time.time()
+    export = tmp_path / "profile_export.json"
+    export.write_text(json.dumps({"experiments": [{"requests": [
+        {"timestamp": int(wall * 1e9), "response_timestamps": [int((wall + 0.0812) * 1e9)]},
+        {"timestamp": int((wall + 1) * 1e9), "response_timestamps": [int((wall + 1.0902) * 1e9)]},
+        {"timestamp": int((wall + 2) * 1e9), "response_timestamps": []}]}]}))
+    triton = _request_stamps(export)
+    assert len(triton) == 2 and abs(triton[0][0] - (time.monotonic() - (time.time() - wall))) < 0.01
+    # The direct side, ten seconds earlier: TTFTs 80.5 and 89.5 ms; the ingress's own 80 and 89.
+    direct = [(triton[0][0] - 10, triton[0][0] - 10 + 0.0805), (triton[1][0] - 10, triton[1][0] - 10 + 0.0895)]
+    records = [_record(direct[0][0] + 0.0003, 0.080), _record(direct[1][0] + 0.0003, 0.089),
+               _record(triton[0][0] + 0.0005, 0.080), _record(triton[1][0] + 0.0005, 0.089)]
+    stamps = {"ingress": [direct], "triton": [triton]}
+
+    ttft = _side_by_side(stamps, lambda s: s[1] - s[0], "ttft_")
+    assert ttft["ttft_round_diff_p50_ms"] == pytest.approx(0.7, abs=1e-3)  # 85.7 - 85.0
+    transport = _side_by_side(stamps, lambda s: time_outside_ingress(s, records), "transport_")
+    assert transport["transport_ingress_p50_ms"] == pytest.approx(0.5, abs=1e-3)
+    assert transport["transport_round_diff_p50_ms"] == pytest.approx(0.7, abs=1e-3)
