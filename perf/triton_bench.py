@@ -14,7 +14,11 @@
    its profile export.
 5. The Triton hop: identical requests sent alternately to the ingress (``/v1/completions``,
    streamed) and through Triton (gRPC stream), TTFT of each measured by the client; the
-   median of the paired differences is the hop's cost.
+   median of the paired differences is the hop's cost. Python asyncio clients in pairs,
+   then perf_analyzer in alternating rounds. The cluster started here writes its request
+   log (``serve --request-log``); each TTFT less the ingress's own for that request gives
+   the hop again without the model's time, whose noise a noisy host makes larger than
+   the hop.
 
 Everything raw is kept under ``--out``; ``summary.md`` and ``summary.json`` hold the tables.
 """

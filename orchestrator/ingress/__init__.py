@@ -5,5 +5,5 @@ bodies into ``GenerateRequest``s and results into OpenAI responses, ``answer.py`
 request's token events into text (stop strings, statistics, aborts), ``metrics.py`` keeps
 the Prometheus statistics, ``server.py`` holds the routes and the server thread, and
 ``relay.py`` (wire format in ``relay_wire.py``) takes the Triton model's requests over a
-Unix socket.
+Unix socket, and ``request_log.py`` writes a line per request (``serve --request-log``).
 """
