@@ -192,6 +192,10 @@ class HopResult:
     """The same pairs, each side's TTFT less the ingress's own for that request (its request
     log): what remains is the way in and out, so the model's time and its noise cancel."""
     transport_diff_p90_ms: float | None = None
+    transport_ingress_p50_ms: float | None = None
+    """Median time outside the ingress (client TTFT less the ingress's own), direct."""
+    transport_triton_p50_ms: float | None = None
+    """The same through Triton."""
     perf_analyzer: dict | None = None
     """The same comparison with perf_analyzer (C++) as the client both ways (via genai-perf):
     rounds, requests per side, pooled TTFT medians and the median of the per-round
@@ -286,8 +290,11 @@ async def _triton_hop(args: argparse.Namespace) -> HopResult:
     if args.request_log is not None:
         from orchestrator.ingress.request_log import read_request_log
 
-        transport = transport_diffs(pairs, read_request_log(args.request_log))
+        records = read_request_log(args.request_log)
+        transport = transport_diffs(pairs, records)
         hop.transport_diff_p50_ms, hop.transport_diff_p90_ms = statistics.median(transport) * 1e3, _p90(transport) * 1e3
+        hop.transport_ingress_p50_ms, hop.transport_triton_p50_ms = (
+            statistics.median(time_outside_ingress(side, records) for side in sides) * 1e3 for sides in zip(*pairs))
     return hop
 
 
@@ -401,7 +408,9 @@ def summary_markdown(points: list[LoadResult], hop: HopResult | None, settings: 
                       f"paired difference p50 {hop.paired_diff_p50_ms:.2f} ms, p90 {hop.paired_diff_p90_ms:.2f} ms"]
         if hop.transport_diff_p50_ms is not None:
             lines += ["", f"Triton hop without the model's time (each TTFT less the ingress's own, from its request "
-                          f"log), same pairs: p50 {hop.transport_diff_p50_ms:.2f} ms, p90 {hop.transport_diff_p90_ms:.2f} ms"]
+                          f"log), same pairs: outside the ingress p50 direct {hop.transport_ingress_p50_ms:.2f} ms, "
+                          f"through Triton {hop.transport_triton_p50_ms:.2f} ms; paired difference "
+                          f"p50 {hop.transport_diff_p50_ms:.2f} ms, p90 {hop.transport_diff_p90_ms:.2f} ms"]
         pa = hop.perf_analyzer
         if pa:
             lines += ["", f"Triton hop, perf_analyzer both ways ({pa['rounds']} alternating rounds, "
