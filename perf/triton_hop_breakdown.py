@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,7 +70,8 @@ def measure_gap(args: argparse.Namespace, gap_ms: float) -> GapResult:
     stamps_file, trace_file = out / "ingress-stamps.txt", out / "triton-trace.json"
     for f in (stamps_file, trace_file):
         f.unlink(missing_ok=True)
-    relay = Path(tempfile.mkdtemp(prefix="kunserve-hop-")) / "relay.sock"
+    relay_dir = Path(tempfile.mkdtemp(prefix="kunserve-hop-"))
+    relay = relay_dir / "relay.sock"
     port = free_port()
     ingress = subprocess.Popen(
         [sys.executable, "-m", "perf.fake_ingress", "--port", str(port), "--relay-socket", str(relay),
@@ -94,6 +96,7 @@ def measure_gap(args: argparse.Namespace, gap_ms: float) -> GapResult:
             triton.stop()  # writes the trace file
         ingress.kill()
         ingress.wait()
+        shutil.rmtree(relay_dir, ignore_errors=True)
     return split(gap_ms, pairs, read_stamps(stamps_file), read_trace(trace_file))
 
 
@@ -104,6 +107,8 @@ def read_stamps(path: Path) -> list[tuple[int, int]]:
 
 def read_trace(path: Path) -> list[dict[str, int]]:
     """Triton's trace: per request, each timestamp's first occurrence (the first response's)."""
+    if not path.is_file():
+        raise SystemExit(f"error: tritonserver wrote no trace to {path} (its log is above)")
     by_id: dict[int, dict[str, int]] = {}
     for entry in json.loads(path.read_text()):
         for ts in entry.get("timestamps", ()):
