@@ -4,8 +4,9 @@
 
 Serves the real ``IngressServer`` (HTTP and the Triton relay) over the tests' fake backend
 (``tests/orchestrator/ingress/fake_backend.py``), which answers each prompt with its own
-tokens reversed. No model runs: the first token comes after ``--gap-ms`` of idle time, the
-stand-in for a prefill when what is measured is everything around it. Each request's
+tokens reversed. No model runs and nothing is computed: the first token comes after
+``--gap-ms`` of idle time, so that the hop around it can be measured with and without an
+idle spell before the answer (it is reported as a gap, never as model time). Each request's
 admission and first token are appended to ``--stamps`` as ``admit_ns first_ns`` lines
 (CLOCK_MONOTONIC, the clock of Triton's trace timestamps), for
 ``perf.triton_hop_breakdown``. Prints ``ready`` once serving; runs until killed.

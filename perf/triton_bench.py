@@ -266,11 +266,20 @@ def time_outside_ingress(stamps: Stamps, records: list[dict]) -> float:
     """A request's TTFT as its client saw it less the ingress's own TTFT for it (seconds):
     the way in and out. Its record is the one the ingress logged arriving inside its window."""
     sent, first = stamps
-    inside = [r for r in records if sent <= r["arrival"] <= first and r["first_token"] is not None]
-    if len(inside) != 1:
-        raise SystemExit(f"error: {len(inside)} request-log records arrived inside one request's "
-                         "window; the hop's requests must go one at a time to a cluster serving nothing else")
-    return (first - sent) - (inside[0]["first_token"] - inside[0]["arrival"])
+    record = one_inside(records, sent, first, key=lambda r: r["arrival"])
+    if record["first_token"] is None:
+        raise SystemExit(f"error: request {record['id']} has no first token in the request log ({record['finish_reason']})")
+    return (first - sent) - (record["first_token"] - record["arrival"])
+
+
+def one_inside(items: list, start, end, key):
+    """The one item whose ``key`` falls in ``[start, end]``: a request's own record, when
+    requests go one at a time (anything else is refused, naming the count)."""
+    found = [item for item in items if start <= key(item) <= end]
+    if len(found) != 1:
+        raise SystemExit(f"error: {len(found)} records fall inside one request's window ({start}..{end}); "
+                         "the hop's requests must go one at a time to a server serving nothing else")
+    return found[0]
 
 
 def transport_diffs(pairs: list[tuple[Stamps, Stamps]], records: list[dict]) -> list[float]:

@@ -42,7 +42,7 @@ from pathlib import Path
 from orchestrator.triton.server import TritonConfig, TritonProcess
 from perf.cluster_client import free_port
 from perf.mpi_launch import REPO_ROOT
-from perf.triton_bench import Stamps, paired_requests
+from perf.triton_bench import Stamps, one_inside, paired_requests
 
 TRITON_SEGMENTS = ("client -> Triton read", "Triton core -> backend called", "backend -> ingress admitted",
                    "gap (first token)", "ingress -> response complete", "gRPC send", "-> client")
@@ -123,9 +123,9 @@ def split(gap_ms: float, pairs: list[tuple[Stamps, Stamps]], stamps: list[tuple[
     triton_rows, direct_rows, hop, hop_in, hop_out = [], [], [], [], []
     for (d_sent, d_first), (t_sent, t_first) in pairs:
         d0, d1, t0, t1 = (int(x * 1e9) for x in (d_sent, d_first, t_sent, t_first))
-        d_admit, d_token = _within(stamps, d0, d1, key=lambda s: s[0])
-        t_admit, t_token = _within(stamps, t0, t1, key=lambda s: s[0])
-        tr = _within(trace, t0, t1, key=lambda t: t["REQUEST_START"])
+        d_admit, d_token = one_inside(stamps, d0, d1, key=lambda s: s[0])
+        t_admit, t_token = one_inside(stamps, t0, t1, key=lambda s: s[0])
+        tr = one_inside(trace, t0, t1, key=lambda t: t["REQUEST_START"])
         triton_rows.append((tr["GRPC_WAITREAD_END"] - t0, tr["COMPUTE_START"] - tr["GRPC_WAITREAD_END"],
                             t_admit - tr["COMPUTE_START"], t_token - t_admit,
                             tr["INFER_RESPONSE_COMPLETE"] - t_token,
@@ -137,14 +137,6 @@ def split(gap_ms: float, pairs: list[tuple[Stamps, Stamps]], stamps: list[tuple[
     return GapResult(gap_ms, len(pairs), statistics.median(hop) / 1e6, statistics.median(hop_in) / 1e6,
                      statistics.median(hop_out) / 1e6, _medians_us(TRITON_SEGMENTS, triton_rows),
                      _medians_us(DIRECT_SEGMENTS, direct_rows))
-
-
-def _within(items: list, start: int, end: int, key):
-    found = [item for item in items if start <= key(item) <= end]
-    if len(found) != 1:
-        raise SystemExit(f"error: {len(found)} records fall inside one request's window "
-                         f"({start}..{end} ns); requests must go one at a time")
-    return found[0]
 
 
 def _medians_us(names: tuple[str, ...], rows: list[tuple[int, ...]]) -> dict[str, float]:
