@@ -191,22 +191,36 @@ class Scheduler:
                 return False
         return True
 
+    def requeue(self, req: Request) -> None:
+        """Queue a request whose KV pages the caller has already freed (a move that failed),
+        to be recomputed from its tokens: a preemption, counted as one."""
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.block_table = []
+        req.num_computed_tokens = 0
+        self._queue_preempted(req)
+
     def _preempt(self, req: Request, swap: bool = True) -> None:
         self.running.remove(req)
         # Swap out before freeing: the pages still hold the KV. A full swap space recomputes.
         req.swapped = swap and self.swapper is not None and self.swapper.swap_out(req)
         self.blocks.free(req)
-        req.status = RequestStatus.PREEMPTED
-        req.num_preemptions += 1
-        self.counts["preemptions"] += 1
         if req.swapped:
             req.num_swaps += 1
             self.counts["swaps"] += 1
         else:
             req.num_computed_tokens = 0
-        self.waiting.appendleft(req)
+        self._queue_preempted(req)
         logger.debug("preempted %s (%s of %d tokens)", req.request_id,
                      "swap" if req.swapped else "recompute", req.num_computed_tokens or req.num_tokens)
+
+    def _queue_preempted(self, req: Request) -> None:
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.counts["preemptions"] += 1
+        self.waiting.appendleft(req)
 
     def update(self, sched: SchedulerOutput, result: StepOutput) -> list[Request]:
         """Apply a step's result; return the requests that finished."""

@@ -28,8 +28,14 @@ def free_port() -> int:
 class ServingCluster:
     """``mpirun -n N python -m orchestrator serve ...`` in its own process group."""
 
-    def __init__(self, n: int, store: Path, *args: str, device_memory: str = "64MiB") -> None:
+    started: list["ServingCluster"] = []
+    """Every cluster started in this process, oldest first (the tests read their logs)."""
+
+    def __init__(self, n: int, store: Path, *args: str, device_memory: str = "64MiB",
+                 env: dict[str, str] | None = None) -> None:
+        """``env``: variables added to the job's environment (the tests' fault hooks, say)."""
         self.n = n
+        self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(tempfile.mkstemp(prefix="kunserve-cluster-", suffix=".log")[1])
@@ -37,6 +43,9 @@ class ServingCluster:
             sys.executable, "-m", "orchestrator", "serve", "--engine-dir", str(store),
             "--http-port", str(self.port), "--device-memory", device_memory, *args]
         self.proc: subprocess.Popen | None = None
+        self.killed = False
+        """``stop`` had to SIGKILL the job: it did not end on SIGTERM within its timeout."""
+        self._log_read = 0
 
     def __enter__(self) -> "ServingCluster":
         self.start()
@@ -46,9 +55,10 @@ class ServingCluster:
         self.stop()
 
     def start(self, timeout: float = 90.0) -> None:
+        ServingCluster.started.append(self)
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -92,6 +102,14 @@ class ServingCluster:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def new_output(self) -> str:
+        """What the job printed since the previous call (all of it on the first)."""
+        with open(self.log, "rb") as f:
+            f.seek(self._log_read)
+            data = f.read()
+        self._log_read += len(data)
+        return data.decode(errors="replace")
+
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
@@ -100,6 +118,7 @@ class ServingCluster:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
                 break
+            self.killed = sig == signal.SIGKILL
             try:
                 return self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

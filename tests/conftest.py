@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,26 @@ def smollm2_store(tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("smollm2") / "store"
     write_store(open_source("smollm2"), store, [1, 2], progress=False)
     return store
+
+
+LOG_PROBLEM = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
+"""A server log line that a cluster test must either not produce or declare."""
+
+
+@pytest.fixture(autouse=True)
+def serving_logs_are_clean(request):
+    """Fail a test whose serving clusters logged a warning, an error or a traceback that the
+    test did not declare with ``@pytest.mark.expect_log(pattern, ...)`` (regular
+    expressions searched in each line). A problem the cluster recovered from (an exchange
+    recomputed, a batch timed out) otherwise passes unseen.
+
+    Each cluster's log is read from where the previous test's check stopped, so a cluster
+    shared by a module's tests is checked test by test."""
+    yield
+    from perf.cluster_client import ServingCluster
+
+    allowed = [re.compile(p) for m in request.node.iter_markers("expect_log") for p in m.args]
+    bad = [line for c in ServingCluster.started for line in c.new_output().splitlines()
+           if LOG_PROBLEM.search(line) and not any(p.search(line) for p in allowed)]
+    if bad:
+        pytest.fail("the servers logged problems this test did not expect:\n" + "\n".join(bad[:20]), pytrace=False)

@@ -16,6 +16,7 @@ from engines.store import EngineStore
 from engines.tokenizer import Tokenizer
 from engines.weights import LayerWeights
 from orchestrator.cluster.controller import Controller
+from orchestrator.cluster.faults import Faults
 from orchestrator.cluster.rank_engine import RankEngine
 from orchestrator.cluster.rank_loop import RankLoop
 from orchestrator.cluster.topology import Topology
@@ -46,7 +47,8 @@ def _agree(comm: MPI.Comm, error: str | None) -> None:
         raise StartupError(err if rank == 0 or err.startswith("rank") else f"rank {rank}: {err}")
 
 
-def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology, CostModel | None]:
+def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology, CostModel | None, Faults]:
+    faults = Faults.from_env()
     store = EngineStore(cfg.engine_dir)
     world = comm.Get_size()
     topology = Topology.parse(cfg.groups, world)
@@ -64,7 +66,7 @@ def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology, Cost
         kv_pages = cfg.max_num_seqs * -(-ctx // cfg.page_size) * store.config.num_hidden_layers
     engine = RankEngine(store, device, dtype, memory, cfg.page_size, kv_pages=kv_pages,
                         kv_extension=cfg.kv_extension)
-    return engine, topology, cost
+    return engine, topology, cost, faults
 
 
 def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
@@ -73,12 +75,12 @@ def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     if args.log_level.upper() != "DEBUG":  # one line per request (and per metrics scrape) is noise
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    engine = topology = loop = ingress = cost = triton = None
+    engine = topology = loop = ingress = cost = triton = faults = None
     try:
         err = None
         try:
             cfg = config_from_args(args)
-            engine, topology, cost = _build(comm, cfg)
+            engine, topology, cost, faults = _build(comm, cfg)
         except (EngineError, ValueError, OSError) as exc:
             err = str(exc)
         _agree(comm, err)
@@ -87,7 +89,7 @@ def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
         sched = SchedulerConfig(cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                 preemption_mode=policy.preemption, swap_space_bytes=cfg.swap_space)
         loop = RankLoop(comm, engine, topology, kv_pages, sched, make_transport(cfg.transport, comm),
-                        engine.plan.device_memory, cost)
+                        engine.plan.device_memory, cost, faults)
         err = None
         if rank == 0:
             try:

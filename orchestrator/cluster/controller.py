@@ -290,6 +290,11 @@ class Controller:
         elif kind == "exchange":
             c["exchange_bytes"] = c.get("exchange_bytes", 0) + event["bytes"]
             c["exchange_seconds"] = c.get("exchange_seconds", 0.0) + event["seconds"]
+            c["exchange_slices"] = c.get("exchange_slices", 0) + event["slices"]
+            c["exchange_recomputes"] = c.get("exchange_recomputes", 0) + event["recomputed"]
+        elif kind == "restore_moves":
+            c["restore_slices"] = c.get("restore_slices", 0) + event["slices"]
+            c["restore_recomputes"] = c.get("restore_recomputes", 0) + event["recomputed"]
         elif kind == "migration":
             c["migrations"] = c.get("migrations", 0) + 1
             c["migration_bytes"] = c.get("migration_bytes", 0) + event["bytes"]

@@ -228,6 +228,7 @@ class InstanceDriver:
                 mb.chunks.append(ScheduledChunk(by_seq[p.seq_id].request, p.num_tokens, offset[p.seq_id]))
                 offset[p.seq_id] += p.num_tokens
             self._launch(mb)
+            self.scheduler.counts["lookahead_microbatches"] += 1
         # Tokens the plan left for later keep their pages; they are scheduled again next round.
         return True
 

@@ -24,8 +24,7 @@ def on_drop_group(loop, msg: DropGroup) -> None:
     driver = loop.driver
     if driver is None or len(driver.ranks) != 1:
         raise RuntimeError(f"rank {loop.rank} got a drop order but is not a replica")
-    if driver.updates:
-        loop.to_controller(driver.report())  # tokens produced before the drop still reach clients
+    loop.to_controller(driver.report())  # tokens and counts from before the drop still reach the controller
     exported = driver.export_requests(home=loop.rank)
     stage = msg.ranks.index(loop.rank)
     ranges = group_ranges(loop, msg.ranks)

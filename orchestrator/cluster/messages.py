@@ -222,6 +222,13 @@ class ExchangeBatch:
     batch: int
     moves: list[KvMove]
 
+    @property
+    def purpose(self) -> str:
+        """``exchange`` (a drop's), ``restore`` (KV moving home) or ``migration``."""
+        if self.epoch >= MIGRATION_EPOCH:
+            return "migration"
+        return "restore" if self.batch == RESTORE_BATCH else "exchange"
+
 
 @dataclass
 class ExchangeDone:
@@ -296,6 +303,8 @@ class Restored:
 MIGRATION_EPOCH = 1 << 30
 """Exchange batches with an epoch from here on move a migrating request's KV (the
 migration id is ``epoch - MIGRATION_EPOCH``); lower epochs belong to drops."""
+RESTORE_BATCH = -1
+"""The batch number of a restore's one batch of moves (a drop's batches count from 0)."""
 
 
 @dataclass

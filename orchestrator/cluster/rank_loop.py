@@ -21,11 +21,12 @@ from mpi4py import MPI
 from engines.config import parse_dtype
 from orchestrator.block_manager import PoolSpec
 from orchestrator.cluster.controller import Controller
+from orchestrator.cluster.faults import Faults
 from orchestrator.cluster.instance import InstanceDriver, StageWorker
 from orchestrator.cluster.kv_mover import KvMover
 from orchestrator.cluster.migration import MigrationSource, MigrationTarget
 from orchestrator.cluster.member import on_drop_group, on_split_group
-from orchestrator.cluster.messages import (MIGRATION_EPOCH, TAG_CONTROL, TAG_HIDDEN, TAG_RESULT, TAG_STAGE,
+from orchestrator.cluster.messages import (MIGRATION_EPOCH, RESTORE_BATCH, TAG_CONTROL, TAG_HIDDEN, TAG_RESULT, TAG_STAGE,
                                            AbortRequest, AddRequest, DropGroup, ExchangeAbort, ExchangeBatch,
                                            ExchangeDone, GroupFormed, InstanceReport, MemberReady, MigrationCancel,
                                            MigrationCommit, MigrationDone, MigrationOffer, MigrationReply, RankFailed,
@@ -83,8 +84,10 @@ class RankLoop:
 
     def __init__(self, comm: MPI.Comm, engine: RankEngine, topology: Topology, kv_pages: list[int],
                  sched_config: SchedulerConfig, transport: Transport, device_memory: int,
-                 cost_model: CostModel | None = None) -> None:
+                 cost_model: CostModel | None = None, faults: Faults | None = None) -> None:
         self.comm = comm
+        self.faults = faults or Faults()
+        """Fallback paths taken on purpose (tests only; see ``faults``)."""
         self.rank = comm.Get_rank()
         self.world = comm.Get_size()
         self.engine = engine
@@ -272,14 +275,15 @@ class RankLoop:
             else:
                 self.formation.on_member_ready(msg)
         elif isinstance(msg, ExchangeBatch):
-            self.mover.start(msg)
+            if not (self.faults.exchange_stall and msg.purpose == "exchange"):
+                self.mover.start(msg)
         elif isinstance(msg, ExchangeAbort):
             self.mover.abort(msg.epoch, msg.batch)
         elif isinstance(msg, ExchangeDone) and msg.epoch >= MIGRATION_EPOCH:
             if not self.migration_target.on_exchange_done(msg):
                 self.migration_source.on_exchange_done(msg)
         elif isinstance(msg, ExchangeDone):
-            if msg.batch == -1 and self.split is not None:
+            if msg.batch == RESTORE_BATCH and self.split is not None:
                 self.split.on_exchange_done(msg)
             elif self.formation is not None:
                 self.formation.on_exchange_done(msg)

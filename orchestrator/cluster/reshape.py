@@ -22,17 +22,17 @@ import time
 from dataclasses import dataclass, field
 
 from engines.mapping import LayerRange
+from engines.paging import OutOfPages
 from orchestrator.block_manager import PoolSpec
 from orchestrator.cluster.instance import InstanceDriver
 from orchestrator.cluster.messages import (ExchangeAbort, ExchangeBatch, ExchangeDone, ExportedRequest, GroupFormed,
-                                           KvMove, MemberReady, ReshapeEvent, SplitGroup)
-from orchestrator.request import Request, RequestStatus
+                                           KvMove, MemberReady, RESTORE_BATCH, ReshapeEvent, SplitGroup)
+from orchestrator.request import Request
 
 logger = logging.getLogger(__name__)
 
 EXCHANGE_BATCH_REQUESTS = 8
 """Stale requests per exchange batch (the reference's choice): bounds the work in flight."""
-EXCHANGE_TIMEOUT_S = 30.0
 
 
 class FormationState(enum.IntEnum):
@@ -69,6 +69,10 @@ class Formation:
     started: float = field(default_factory=time.monotonic)
     exchange_started: float = 0.0
     bytes_moved: int = 0
+    slices: int = 0
+    """Layer slices (one request's pages of one layer) moved by finished batches."""
+    recomputed: int = 0
+    """Stale requests that fell back to recomputation (owners' pools full, a batch timed out)."""
     batch_log: list[tuple[int, float]] = field(default_factory=list)
     """(bytes, slowest member's seconds) per finished batch."""
 
@@ -120,6 +124,7 @@ class Formation:
                         self.ranks, self.bytes_moved / 2**20, seconds, now - self.started)
             self.loop.to_controller(ReshapeEvent("exchange", self.ranks, {
                 "bytes": self.bytes_moved, "seconds": seconds, "batches": self.next_batch,
+                "slices": self.slices, "recomputed": self.recomputed,
                 "since_drop_order_s": now - self.started,
                 "batch_bytes": [b for b, _ in self.batch_log], "batch_seconds": [t for _, t in self.batch_log]}))
             self.loop.driver.scheduler.blocks.audit(self.loop.driver.requests.values())
@@ -132,7 +137,7 @@ class Formation:
         for req, home in batch:
             try:
                 req_moves = self._plan_request(req, home, blocks)
-            except Exception as exc:  # the owners' pools are full: recompute this one instead
+            except OutOfPages as exc:  # the owners' pools are full: recompute this one instead
                 logger.warning("cannot exchange %s (%s): recomputing it", req.request_id, exc)
                 self._recompute(req, home, [])
                 continue
@@ -140,7 +145,7 @@ class Formation:
             kept.append((req, home))
         moves.sort(key=lambda m: m.layer)  # layer by layer, the same order on every member
         b = _PendingBatch(self.next_batch, moves, kept, {r for m in moves for r in (m.src_rank, m.dst_rank)},
-                          time.monotonic() + EXCHANGE_TIMEOUT_S)
+                          time.monotonic() + self.loop.faults.exchange_timeout_s)
         self.next_batch += 1
         self.pending[b.batch] = b
         if not b.waiting_for:
@@ -161,7 +166,7 @@ class Formation:
                 dst = blocks.allocate_in(owner, len(pages))
                 allocated.append((owner, dst))
                 moves.append(KvMove(req.request_id, layer, self.ranks[home], pages, self.ranks[owner], dst))
-        except Exception:
+        except OutOfPages:
             for owner, dst in allocated:
                 blocks.release(owner, dst)
             raise
@@ -176,7 +181,7 @@ class Formation:
         b.member_seconds = max(b.member_seconds, msg.seconds)
         logger.info("exchange batch %d: rank %d received %.1f MiB in %.3f s (batch launched %.3f s ago)",
                     msg.batch, msg.rank, msg.bytes_moved / 2**20, msg.seconds,
-                    time.monotonic() - b.deadline + EXCHANGE_TIMEOUT_S)
+                    time.monotonic() - b.deadline + self.loop.faults.exchange_timeout_s)
         if not b.waiting_for:
             self._finish(b)
 
@@ -193,6 +198,7 @@ class Formation:
             driver.release_held(req)
         self.batch_log.append((sum(len(m.src_pages) for m in b.moves) * self.loop.engine.kv.page_bytes,
                                b.member_seconds))
+        self.slices += len(b.moves)
         del self.pending[b.batch]
 
     def _abort(self, b: _PendingBatch) -> None:
@@ -206,19 +212,18 @@ class Formation:
         del self.pending[b.batch]
 
     def _recompute(self, req: Request, home: int, extra: list[tuple[int, list[int]]]) -> None:
-        """Fallback: free the request's pages and queue it for recomputation (tokens kept)."""
+        """Fallback: free the request's pages and queue it for recomputation (tokens kept).
+
+        A stale request's pages are all in its home pool, not in the pools of the layers'
+        new owners, so they are released here rather than by the scheduler."""
         driver = self.loop.driver
         blocks = driver.scheduler.blocks
         blocks.release(home, [p for row in req.block_table for p in row])
         for pool, pages in extra:
             blocks.release(pool, pages)
-        req.block_table = []
-        driver.scheduler.release(req)
-        req.num_computed_tokens = 0
-        req.num_preemptions += 1
-        req.status = RequestStatus.PREEMPTED
-        driver.scheduler.waiting.appendleft(req)
+        driver.scheduler.requeue(req)
         driver.release_held(req)
+        self.recomputed += 1
 
 
 class SplitState(enum.IntEnum):
@@ -239,6 +244,8 @@ class Split:
     moves: list[KvMove] = field(default_factory=list)
     waiting_for: set[int] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
+    recomputed: int = 0
+    """Requests with KV that no member could hold: they are recomputed after the split."""
 
     def poll(self) -> None:
         driver: InstanceDriver = self.loop.driver
@@ -266,13 +273,15 @@ class Split:
         if req.num_computed_tokens == 0:
             blocks.free(req)  # pages reserved for a chunk that never ran (lookahead left it)
             return min(range(g), key=lambda m: load[m])
-        for m in sorted(range(g), key=lambda m: -blocks.allocators[m].num_free_below(driver.base_pages[m])):
+        members = [] if self.loop.faults.restore_no_room else range(g)
+        for m in sorted(members, key=lambda m: -blocks.allocators[m].num_free_below(driver.base_pages[m])):
             moves = self._plan_moves(req, m, driver, blocks)
             if moves is not None:
                 self.moves += moves
                 return m
         logger.warning("restore: no member can hold %s's KV; it will be recomputed", req.request_id)
         driver.scheduler.preempt(req)
+        self.recomputed += 1
         return min(range(g), key=lambda m: load[m])
 
     def _plan_moves(self, req: Request, m: int, driver: InstanceDriver, blocks) -> list[KvMove] | None:
@@ -284,7 +293,7 @@ class Split:
                 continue
             try:
                 dst = blocks.allocate_in(m, len(pages), below=base)
-            except Exception:
+            except OutOfPages:
                 for mm, d in allocated:
                     blocks.release(mm, d)
                 return None
@@ -299,13 +308,13 @@ class Split:
         if not self.waiting_for:
             self._split()
             return
-        msg = ExchangeBatch(self.epoch, -1, self.moves)
+        msg = ExchangeBatch(self.epoch, RESTORE_BATCH, self.moves)
         for rank in sorted(self.waiting_for):
             self.loop.send_to_rank(rank, msg)
         logger.info("restore of group %s: moving %d layer slices home", driver.ranks, len(self.moves))
 
     def on_exchange_done(self, msg: ExchangeDone) -> None:
-        if msg.epoch != self.epoch or msg.batch != -1:
+        if msg.epoch != self.epoch or msg.batch != RESTORE_BATCH:
             return
         self.waiting_for.discard(msg.rank)
         if not self.waiting_for and self.state == SplitState.MOVING:
@@ -319,11 +328,14 @@ class Split:
             req = driver.requests[mv.request_id]
             req.block_table[mv.layer] = mv.dst_pages
         self.loop.to_controller(ReshapeEvent("restore_moves", driver.ranks, {
-            "slices": len(self.moves), "seconds": time.monotonic() - self.started}))
+            "slices": len(self.moves), "recomputed": self.recomputed, "seconds": time.monotonic() - self.started}))
         for m, alloc in enumerate(blocks.allocators):
             used_above = alloc.num_pages - driver.base_pages[m] - (alloc.num_free - alloc.num_free_below(driver.base_pages[m]))
             if used_above:
                 raise RuntimeError(f"restore: {used_above} pages of rank {driver.ranks[m]}'s extension still in use")
+        # This driver retires with the split: its last tokens and counts reach the controller
+        # first (a request whose last step just returned would otherwise lose that token).
+        self.loop.to_controller(driver.report())
         per_member: list[list[ExportedRequest]] = [[] for _ in driver.ranks]
         for er in driver.export_requests(home=-1):
             m = self.assignment[er.request_id]

@@ -167,6 +167,13 @@ def _reshape_counters(state: ClusterState) -> dict[str, tuple[str, float]]:
         "kunserve_exchange_bytes_total": ("KV bytes moved by live exchanges after drops.",
                                           c.get("exchange_bytes", 0)),
         "kunserve_exchange_seconds_total": ("Time spent in live KV exchanges.", c.get("exchange_seconds", 0.0)),
+        "kunserve_exchange_recomputes_total": ("Requests a drop recomputed instead of exchanging their KV "
+                                               "(owners' pools full, a batch timed out).",
+                                               c.get("exchange_recomputes", 0)),
+        "kunserve_restore_recomputes_total": ("Requests a restore recomputed (no member could hold their KV).",
+                                              c.get("restore_recomputes", 0)),
+        "kunserve_lookahead_microbatches_total": ("Micro-batches formed jointly by lookahead (--cost-model).",
+                                                  c.get("lookahead_microbatches", 0)),
         "kunserve_restore_weight_bytes_total": ("Weight bytes pulled back from peers on restores.",
                                                 c.get("weight_bytes", 0)),
         "kunserve_restore_weight_seconds_total": ("Time spent pulling weights back (per rank, summed).",

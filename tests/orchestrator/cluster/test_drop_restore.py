@@ -1,6 +1,15 @@
 """KunServe's central invariant under mpirun: greedy tokens are identical whether or not a
 drop happens mid-generation, whether or not a restore follows, across repeated cycles,
-including requests still in prefill at the drop; every KV page is accounted for after."""
+including requests still in prefill at the drop; every KV page is accounted for after.
+
+Identical tokens alone do not prove the mechanism: greedy recomputation gives the same
+tokens as a live exchange. So every cycle also checks that the mechanism ran: the drop's
+exchange moved bytes for its stale requests and the restore moved KV home, no request was
+recomputed (preempted) on the way, lookahead formed the group's micro-batches when a cost
+model was given, and the KV extension remapped chunks when asked to. The fallbacks (an
+exchange batch that times out, a restore with no room) are taken on purpose through the
+test-only fault hook (``orchestrator.cluster.faults``) and shown correct too.
+"""
 
 from __future__ import annotations
 
@@ -71,6 +80,25 @@ def _check(cluster, results, expected):
     return state
 
 
+def _check_live(results, state, restored: bool):
+    """The drops' stale requests moved their KV (bytes in every batch, no recompute), and a
+    restore under load moved KV home; no request was preempted on the way."""
+    assert all(r.num_preemptions == 0 for r in results), [r.num_preemptions for r in results]
+    counters, events = state["counters"], state["events"]
+    assert counters.get("preemptions", 0) == 0 and counters.get("exchange_recomputes", 0) == 0, counters
+    assert counters.get("restore_recomputes", 0) == 0, counters
+    drops = [e for e in events if e["event"] == "drop"]
+    exchanges = [e for e in events if e["event"] == "exchange"]
+    assert len(exchanges) == len(drops)
+    for drop, ex in zip(drops, exchanges):
+        assert ex["recomputed"] == 0 and ex["slices"] >= drop["stale"], (drop, ex)
+        assert (ex["bytes"] > 0) == (drop["stale"] > 0) and all(b > 0 for b in ex["batch_bytes"]), ex
+    if restored:
+        moves = [e for e in events if e["event"] == "restore_moves"]
+        assert moves and all(m["slices"] > 0 and m["recomputed"] == 0 for m in moves), moves
+        assert counters["restore_slices"] == sum(m["slices"] for m in moves)
+
+
 @pytest.mark.parametrize("n,group,lookahead,extension", [
     (2, [0, 1], False, "commit"), (4, [0, 1, 2, 3], False, "commit"), (2, [0, 1], True, "commit"),
     (4, [0, 1, 2, 3], False, "remap")])
@@ -86,13 +114,20 @@ def test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, cost_
             assert restored[0] == 200 and restored[1]["restored"] == [group], restored
             state = _check(cluster, results, expected)
             assert all(r["role"] == "replica" for r in state["ranks"])
+            _check_live(results, state, restored=True)
             events = state["events"]
         drops = [e for e in events if e["event"] == "drop"]
         assert len(drops) == 2 and len([e for e in events if e["event"] == "restore"]) == 2
         assert sum(e["stale"] for e in drops) > 0, "no request had KV at the drop: the test missed its moment"
+        # The options took effect: lookahead formed micro-batches, the remap remapped chunks.
+        formed = state["counters"].get("lookahead_microbatches", 0)
+        assert formed > 0 if lookahead else formed == 0, state["counters"]
+        dropped = [e for e in events if e["event"] == "weights_dropped"]
+        assert len(dropped) == 2 * n and all((e["remapped"] > 0) == (extension == "remap") for e in dropped), dropped
         # A drop that stays: the group keeps serving in pipeline mode, then a restore with nothing running.
         results, drop, _ = run(_cycle(cluster.url, group, restore=False))
         state = _check(cluster, results, expected)
+        _check_live(results, state, restored=False)
         assert [r["role"] for r in state["ranks"]] == ["group"] * n
         weights = [r["weight_bytes"] for r in state["ranks"]]
         assert max(weights) < sum(weights) / n * 1.5 and sum(weights) < n * state["ranks"][0]["kv_bytes"] * 10
@@ -109,8 +144,9 @@ async def _restore_all(url):
 def test_requests_in_prefill_at_the_drop_continue_identically(tiny_store, expected):
     with ServingCluster(2, tiny_store, "--max-num-batched-tokens", "8") as cluster:
         results, drop, _ = run(_cycle(cluster.url, [0, 1], restore=False))
-        _check(cluster, results, expected)
-        [event] = [e for e in cluster.state()["events"] if e["event"] == "drop"]
+        state = _check(cluster, results, expected)
+        _check_live(results, state, restored=False)
+        [event] = [e for e in state["events"] if e["event"] == "drop"]
         assert event["in_prefill"] > 0, event
 
 
@@ -142,12 +178,52 @@ async def _get_text(url):
             return await r.text()
 
 
+FAULTS = "KUNSERVE_TEST_FAULTS"
+
+
+@pytest.mark.expect_log("test faults in force", r"exchange batch \d+ timed out; recomputing")
+def test_an_exchange_batch_that_times_out_recomputes_its_requests(tiny_store, expected):
+    """The members never post the batch (``exchange_stall``): the leader's timeout recomputes
+    the stale requests, whose tokens stay identical, and the pages they held are freed."""
+    with ServingCluster(2, tiny_store, "--max-num-batched-tokens", "24",
+                        env={FAULTS: "exchange_stall,exchange_timeout_s=1"}) as cluster:
+        results, drop, _ = run(_cycle(cluster.url, [0, 1], restore=False))
+        state = _check(cluster, results, expected)
+        [event] = [e for e in state["events"] if e["event"] == "drop"]
+        [ex] = [e for e in state["events"] if e["event"] == "exchange"]
+        assert event["stale"] > 0 and ex["recomputed"] == event["stale"], (event, ex)
+        assert ex["bytes"] == 0 and ex["slices"] == 0 and ex["seconds"] >= 1.0, ex
+        counters = state["counters"]
+        assert counters["exchange_recomputes"] == counters["preemptions"] == event["stale"], counters
+        assert sum(r.num_preemptions for r in results) == event["stale"]
+
+
+@pytest.mark.expect_log("test faults in force", "no member can hold .* it will be recomputed")
+def test_a_restore_without_room_recomputes_and_loses_no_token(tiny_store, expected):
+    """No member has room for any request's KV (``restore_no_room``): every request that
+    holds KV is recomputed after the split, and each completes with all its tokens,
+    identical to the run without a drop (the split used to lose a request's last token)."""
+    with ServingCluster(2, tiny_store, "--max-num-batched-tokens", "24", env={FAULTS: "restore_no_room"}) as cluster:
+        results, drop, restored = run(_cycle(cluster.url, [0, 1], restore=True))
+        assert restored[0] == 200, restored
+        state = _check(cluster, results, expected)
+        assert all(len(r.token_ids) == n for r, n in zip(results, MAX_TOKENS))
+        [moves] = [e for e in state["events"] if e["event"] == "restore_moves"]
+        assert moves["slices"] == 0 and moves["recomputed"] > 0, moves
+        counters = state["counters"]
+        assert counters["restore_recomputes"] == moves["recomputed"] == counters["preemptions"], counters
+
+
+@pytest.mark.expect_log("test faults in force")
 def test_a_rank_dying_during_a_drop_does_not_hang_the_job(tiny_store):
+    """Rank 1 is killed while the drop's exchange is under way (held open by
+    ``exchange_stall`` with a long timeout, and checked in /admin/state before the kill)."""
     import os
     import signal
     import time
 
-    cluster = ServingCluster(2, tiny_store, "--max-num-batched-tokens", "24")
+    cluster = ServingCluster(2, tiny_store, "--max-num-batched-tokens", "24",
+                             env={FAULTS: "exchange_stall,exchange_timeout_s=120"})
     cluster.start()
     pids = cluster.rank_pids()
 
@@ -159,22 +235,38 @@ def test_a_rank_dying_during_a_drop_does_not_hang_the_job(tiny_store):
             task = asyncio.ensure_future(gen)
             await asyncio.sleep(0.05)
             drop = asyncio.ensure_future(_post(s, cluster.url, "/admin/drop", {"group": [0, 1]}))
-            await asyncio.sleep(0.01)
+            kinds = await _wait_for_event(s, cluster.url, "drop")
+            assert "exchange" not in kinds, "the exchange finished before the kill"
             os.kill(pids[1], signal.SIGKILL)
+            killed = time.monotonic()
             results = await task
             await asyncio.gather(drop, return_exceptions=True)
-            return results
-    t0 = time.monotonic()
-    results = run(go())
+            return results, killed
+    results, killed = run(go())
     code = cluster.proc.wait(timeout=30)
-    assert code != 0 and time.monotonic() - t0 < 30
+    assert code != 0 and time.monotonic() - killed < 30
     # Each request either completed with every token, or ended with an error: none hangs.
     for r, n in zip(results, MAX_TOKENS):
-        assert isinstance(r, Exception) or r.error is not None or len(r.token_ids) == n
-    deadline = time.monotonic() + 10
+        assert not isinstance(r, asyncio.TimeoutError), "a client timed out: the server hung a stream"
+        assert isinstance(r, aiohttp.ClientError) or r.error is not None or len(r.token_ids) == n, r
+    assert any(isinstance(r, aiohttp.ClientError) or r.error is not None for r in results), \
+        "no request was in flight at the kill"
+    deadline = killed + 10
     while any(os.path.exists(f"/proc/{p}") for p in pids):
-        assert time.monotonic() < deadline, "a rank outlived the job"
+        assert time.monotonic() < deadline, "a rank outlived the job by 10 s after the kill"
         time.sleep(0.05)
+
+
+async def _wait_for_event(session, url: str, kind: str, timeout: float = 30.0) -> list[str]:
+    """Poll /admin/state until an event of ``kind`` is recorded; return the event kinds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        async with session.get(url + "/admin/state") as r:
+            kinds = [e["event"] for e in (await r.json())["events"]]
+        if kind in kinds:
+            return kinds
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no {kind} event within {timeout} s")
 
 
 async def _post_once(url, path, body):
