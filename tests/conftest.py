@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.mpi_util import mpirun_available  # noqa: F401 (the fixture behind requires_mpirun)
+
 # Small hosts: one thread per test process keeps runs fast and timings stable.
 torch.set_num_threads(int(os.environ.get("KUNSERVE_TEST_THREADS", "1")))
 

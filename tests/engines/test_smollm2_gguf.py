@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.deps import require
+
 from engines.sampling import SamplingParams
 from orchestrator.config import EngineConfig
 from orchestrator.llm_engine import LLMEngine
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 pytestmark = pytest.mark.slow
 
 PROMPT = "The capital of France is"

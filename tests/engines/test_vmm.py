@@ -15,6 +15,7 @@ import torch
 from engines.kv_cache import KVPool
 from engines.vmm import Arena, VirtualRange, VmmError, make_driver
 from engines.vmm.host import HostDriver
+from tests.deps import require
 
 needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -132,7 +133,7 @@ def test_cuda_driver_calls_convert_their_arguments():
     """Without a GPU the bindings fail only when they load the driver library, after
     converting the arguments: every call the CUDA driver makes gets that far (a wrong
     argument type would raise TypeError first)."""
-    cu = pytest.importorskip("cuda.bindings.driver", reason="cuda-bindings is part of the test extra")
+    cu = require("cuda.bindings.driver")
     from engines.vmm.cuda import CudaDriver, _describe
 
     drv = object.__new__(CudaDriver)  # its __init__ needs a GPU

@@ -10,6 +10,7 @@ from perf.bench_records import (ClusterEvent, RequestRecord, SecondSample, by_po
                                 read_requests_csv, read_samples_csv, write_events_csv,
                                 write_requests_csv, write_samples_csv)
 from perf.bench_stats import SLO, compare, fmt_ms, markdown_table, summarize, summarize_all, write_summary_json
+from tests.deps import require
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -62,7 +63,7 @@ def test_requests_csv_round_trip_is_exact(tmp_path):
 
 
 def test_numpy_scalars_are_written_as_plain_numbers(tmp_path):
-    np = pytest.importorskip("numpy")
+    np = require("numpy")
     r = rec(arrival=np.float64(0.1), output_len=np.int64(5))
     path = tmp_path / "requests.csv"
     write_requests_csv(path, [r])
@@ -211,7 +212,7 @@ def memory_run():
 
 
 def test_plots_write_png_files(tmp_path):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     from perf.bench_plots import plot_all
 
     records = [rec(p, str(k), arrival=k / 10, first=k / 10 + 0.01 * k * s, finish=k / 10 + 0.01 * k * s + 0.2)
@@ -227,7 +228,7 @@ def test_plots_write_png_files(tmp_path):
 
 
 def test_memory_plot_needs_samples_of_that_policy(tmp_path):
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     from perf.bench_plots import plot_memory_timeline
 
     samples, events = memory_run()

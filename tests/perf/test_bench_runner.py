@@ -14,6 +14,7 @@ from perf import bench
 from perf.bench_presets import CPU, GPU, MAX_RANKS, PRESETS, BenchPreset, rank_limit, validate_preset
 from perf.bench_records import read_events_csv, read_requests_csv, read_samples_csv
 from perf.traces import LengthDist, Trace, gamma_bursty
+from tests.deps import require
 from tests.mpi_util import requires_mpirun
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -184,8 +185,8 @@ def test_rank_samples_and_new_events_from_admin_state():
 @requires_mpirun
 def test_smoke_run_two_policies(tiny_store, small_trace, tmp_path, capsys):
     """vllm and kunserve replay the same 6 requests; a policy serve refuses fails alone (exit 1)."""
-    pytest.importorskip("tritonclient.grpc")
-    pytest.importorskip("pytriton")  # the bundled tritonserver
+    require("tritonclient.grpc")
+    require("pytriton")  # the bundled tritonserver
     out = tmp_path / "out"
     code = bench.main(["--trace", str(small_trace), "--store", str(tiny_store), "--ranks", "2",
                        "--device", "cpu", "--device-memory", "64MiB", "--policies", "vllm,no-such-policy,kunserve",

@@ -26,21 +26,25 @@ def test_a_window_without_its_record_is_refused():
         transport_diffs(pairs, [_record(10.001, 0.079)])
 
 
-def test_perf_analyzer_rounds_side_by_side_with_and_without_the_models_time(tmp_path):
+def test_perf_analyzer_rounds_side_by_side_with_and_without_the_models_time(tmp_path, monkeypatch):
     import json
-    import time
 
+    from perf import triton_bench
     from perf.triton_bench import _request_stamps, _side_by_side
 
+    # Fixed clocks: the wall clock runs 1e6 s ahead of the monotonic one.
+    wall = 1_800_000_000.0
+    monkeypatch.setattr(triton_bench.time, "time", lambda: wall + 5.0)
+    monkeypatch.setattr(triton_bench.time, "monotonic", lambda: wall + 5.0 - 1e6)
     # One round a side, two requests each; perf_analyzer stamps with the wall clock.
-    wall = time.time()
     export = tmp_path / "profile_export.json"
     export.write_text(json.dumps({"experiments": [{"requests": [
         {"timestamp": int(wall * 1e9), "response_timestamps": [int((wall + 0.0812) * 1e9)]},
         {"timestamp": int((wall + 1) * 1e9), "response_timestamps": [int((wall + 1.0902) * 1e9)]},
         {"timestamp": int((wall + 2) * 1e9), "response_timestamps": []}]}]}))
     triton = _request_stamps(export)
-    assert len(triton) == 2 and abs(triton[0][0] - (time.monotonic() - (time.time() - wall))) < 0.01
+    assert len(triton) == 2 and triton[0][0] == pytest.approx(wall - 1e6)
+    monkeypatch.undo()
     # The direct side, ten seconds earlier: TTFTs 80.5 and 89.5 ms; the ingress's own 80 and 89.
     direct = [(triton[0][0] - 10, triton[0][0] - 10 + 0.0805), (triton[1][0] - 10, triton[1][0] - 10 + 0.0895)]
     records = [_record(direct[0][0] + 0.0003, 0.080), _record(direct[1][0] + 0.0003, 0.089),

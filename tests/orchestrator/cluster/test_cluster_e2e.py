@@ -4,11 +4,12 @@ engine's greedy tokens, with many concurrent streaming requests; every KV page i
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 import pytest
 
-from tests.mpi_util import requires_mpirun
+from tests.mpi_util import assert_gone, requires_mpirun
 from perf.cluster_client import (ServingCluster, complete, reference_completions, run)
 
 pytestmark = requires_mpirun
@@ -39,6 +40,8 @@ async def burst(url: str, stream: bool = True) -> list:
 def test_greedy_outputs_match_single_process_engine(tiny_store, expected, n, groups):
     args = ["--groups", groups] if groups else []
     with ServingCluster(n, tiny_store, *args) as cluster:
+        pids = cluster.rank_pids()
+        assert len(pids) == n
         state = cluster.state()
         sizes = sorted(len(i["ranks"]) for i in state["instances"])
         assert sizes == sorted({None: [1] * n, "0-1": [2] if n == 2 else [1, 1, 2], "0-3": [4]}[groups])
@@ -53,4 +56,8 @@ def test_greedy_outputs_match_single_process_engine(tiny_store, expected, n, gro
         assert all(r["kv_pages_used"] == 0 for r in state["ranks"]), state
         assert all(i["waiting"] == 0 and i["running"] == 0 for i in state["instances"]), state
         assert state["queued"] == 0
-    assert cluster.proc.returncode is not None
+        stopped = time.monotonic()
+    # mpirun ends on SIGTERM (status 1: it was signalled), without the SIGKILL fallback,
+    # and takes every rank with it.
+    assert not cluster.killed, "the job outlived SIGTERM by 20 s and was killed"
+    assert_gone(pids, stopped, within=10)

@@ -10,7 +10,7 @@ import torch
 
 from perf.cluster_client import ServingCluster, run
 from tests.mpi_util import requires_mpirun
-from tests.orchestrator.cluster.test_drop_restore import _check, _cycle, _generate
+from tests.orchestrator.cluster.test_drop_restore import _check, _check_live, _cycle, _generate
 
 pytestmark = [requires_mpirun, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -32,8 +32,10 @@ def test_two_ranks_on_one_gpu_drop_and_restore_by_remapping(tiny_store):
         for _ in range(2):
             results, drop, restored = run(_cycle(cluster.url, [0, 1], restore=True))
             assert drop[0] == 200 and restored[0] == 200, (drop, restored)
-            _check(cluster, results, baseline)
+            _check_live(results, _check(cluster, results, baseline), restored=True)
         events = cluster.state()["events"]
+        drops = [e for e in events if e["event"] == "drop"]
+        assert sum(e["stale"] for e in drops) > 0, "no request had KV at the drops: the test missed its moment"
         dropped = [e for e in events if e["event"] == "weights_dropped"]
         assert len(dropped) == 4 and all(e["remapped"] > 0 and e["kv_pages_added"] > 0 for e in dropped)
         remap_ms = sorted(e["seconds"] * 1e3 for e in dropped)

@@ -312,6 +312,38 @@ def count_work(monkeypatch, n: int) -> int:
     return counter[0]
 
 
+def count_lines(n: int) -> int:
+    """Python lines executed during one whole ``plan_drop`` call, in any module it reaches
+    (the planner, the snapshots' properties, the plan's validation): a quadratic loop
+    anywhere in the call shows here, whatever it sorts."""
+    import sys
+
+    snap = random_snapshot(n, seed=1)
+    counter = [0]
+
+    def tracer(frame, event, arg):
+        if event == "line":
+            counter[0] += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        plan = planner.plan_drop(snap, MEM)
+    finally:
+        sys.settrace(None)
+    check_invariants(plan, snap, MEM, None)
+    return counter[0]
+
+
+def test_whole_call_grows_like_n_log_n():
+    small, large = count_lines(64), count_lines(1024)
+    assert small > 0
+    # 16x the instances: N log N grows ~27x, N^2 256x; at most 16 lines per N log N (about 4-7 measured).
+    assert large / small < 64, (small, large)
+    for n, work in ((64, small), (1024, large)):
+        assert work <= 16 * n * math.log2(n), (n, work)
+
+
 def test_work_grows_like_n_log_n(monkeypatch):
     small, large = count_work(monkeypatch, 64), count_work(monkeypatch, 1024)
     assert small > 0

@@ -11,6 +11,7 @@ import pytest
 from orchestrator.serve import add_serve_args, config_from_args
 from orchestrator.triton.server import (DEFAULT_REPOSITORY, TritonConfig, TritonError, TritonInstall,
                                         TritonProcess, find_tritonserver, prepare_repository)
+from tests.deps import require
 
 
 def test_served_names_map_aliases_onto_model_directories():
@@ -45,7 +46,7 @@ def test_unary_model_is_the_same_code():
 
 
 def test_bundled_server_gets_the_stub_for_this_python_and_its_libraries(tmp_path, monkeypatch):
-    pytest.importorskip("pytriton")
+    require("pytriton")
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no tritonserver in PATH
     install = find_tritonserver(work_dir=tmp_path)
     assert install.binary.name == "tritonserver" and os.access(install.binary, os.X_OK)

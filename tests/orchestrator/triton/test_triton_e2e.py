@@ -20,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from perf.cluster_client import reference_completions, run
+from tests.deps import require
 from tests.mpi_util import requires_mpirun
 
-pytest.importorskip("tritonclient.grpc")
-pytest.importorskip("pytriton")  # the bundled tritonserver
+require("tritonclient.grpc")
+require("pytriton")  # the bundled tritonserver
 
 from perf.triton_client import GenerateRequest, TritonCluster, generate_inputs, sse_generate, stream_generate  # noqa: E402
 
