@@ -426,6 +426,8 @@ def _settings_lines(p: BenchPreset, specs: list[RequestSpec]) -> list[str]:
         f"serve args `{' '.join(p.serve_args) or '-'}`",
         f"- SLO: TTFT <= {p.slo_ttft_s * 1e3:g} ms, TPOT <= {p.slo_tpot_s * 1e3:g} ms; "
         f"durations are each policy's makespan (run start to last answer)",
+        "- failed requests count as infinite TTFT and E2E in the percentiles and the P99 ratios "
+        "(`failed` in the table when a percentile falls on them); TPOT is over successful requests",
     ]
 
 

@@ -2,11 +2,15 @@
 
 Definitions (all per policy, over one run of ``duration_s`` seconds):
 
-* Latency percentiles (TTFT, TPOT, E2E) are over *successful* requests only (a failed
-  request has no meaningful latency); TPOT additionally skips requests with fewer than two
-  output tokens. Percentiles are ``numpy.percentile(..., method="linear")``: the value at
-  rank ``p/100 * (n-1)`` of the sorted sample, interpolated linearly between neighbours
-  (numpy's default, type 7 of Hyndman & Fan). ``None`` when there is no sample.
+* TTFT and E2E percentiles are over *all* requests, a failed request counting as an
+  infinite latency: a policy that fails its slowest requests must not get a better tail
+  over a smaller set. A percentile that falls on failed requests is ``inf`` (printed
+  "failed", written to JSON as the string ``"inf"``), and so is a ratio against a finite
+  reference; a ratio of two infinite tails is ``None``. TPOT is over successful requests
+  with at least two output tokens (a failed request has no decode speed to count).
+  Percentiles are numpy's ``method="linear"``: the value at rank ``p/100 * (n-1)`` of the
+  sorted sample, interpolated linearly between neighbours (type 7 of Hyndman & Fan), and
+  infinite when the upper neighbour is. ``None`` when there is no sample.
 * Throughput counts successful requests and their output tokens, divided by ``duration_s``.
 * A request *meets the SLO* when it succeeded, its TTFT <= ``slo.ttft_s`` and its TPOT <=
   ``slo.tpot_s`` (a request with fewer than two output tokens has no TPOT and passes that
@@ -17,6 +21,7 @@ Definitions (all per policy, over one run of ``duration_s`` seconds):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -66,11 +71,18 @@ class PolicySummary:
 
 
 def percentiles(values: Sequence[float]) -> tuple[float | None, float | None, float | None]:
-    """P50, P90, P99 of ``values`` by numpy's linear interpolation; Nones when empty."""
+    """P50, P90, P99 of ``values`` by numpy's linear interpolation (``inf`` allowed, for
+    failed requests: a percentile whose upper neighbour is infinite is infinite); Nones
+    when empty."""
     if len(values) == 0:
         return None, None, None
-    p50, p90, p99 = np.percentile(np.asarray(values, dtype=float), PERCENTILES, method="linear")
-    return float(p50), float(p90), float(p99)
+    a = np.sort(np.asarray(values, dtype=float))
+    out = []
+    for p in PERCENTILES:
+        pos = p / 100 * (len(a) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        out.append(math.inf if math.isinf(a[hi]) else float(a[lo] + (a[hi] - a[lo]) * (pos - lo)))
+    return out[0], out[1], out[2]
 
 
 def meets_slo(record: RequestRecord, slo: SLO) -> bool:
@@ -81,10 +93,13 @@ def meets_slo(record: RequestRecord, slo: SLO) -> bool:
     return record.ttft_s <= slo.ttft_s and (tpot is None or tpot <= slo.tpot_s)
 
 
-def _latencies(ok: list[RequestRecord]) -> dict[str, float | None]:
+def _latencies(records: list[RequestRecord]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for metric in ("ttft", "tpot", "e2e"):
-        values = [v for v in (getattr(r, f"{metric}_s") for r in ok) if v is not None]
+        if metric == "tpot":
+            values = [r.tpot_s for r in records if r.ok and r.tpot_s is not None]
+        else:  # a failed request's TTFT and E2E are infinite
+            values = [getattr(r, f"{metric}_s") if r.ok else math.inf for r in records]
         for p, value in zip(PERCENTILES, percentiles(values)):
             out[f"{metric}_p{p}_s"] = value
     return out
@@ -115,7 +130,7 @@ def summarize(records: Iterable[RequestRecord], duration_s: float, slo: SLO,
     return PolicySummary(
         policy=_single_policy(records, policy), duration_s=duration_s,
         requests=len(records), ok=len(ok), failed=len(records) - len(ok),
-        **_latencies(ok),
+        **_latencies(records),
         output_tokens=tokens, throughput_tok_s=tokens / duration_s,
         throughput_req_s=len(ok) / duration_s,
         slo_met=met, slo_attainment=met / len(records) if records else None,
@@ -131,7 +146,7 @@ def summarize_all(records: Iterable[RequestRecord], duration_s: float, slo: SLO)
 
 
 def _ratio(value: float | None, ref: float | None) -> float | None:
-    if value is None or ref is None or ref <= 0:
+    if value is None or ref is None or ref <= 0 or (math.isinf(value) and math.isinf(ref)):
         return None
     return value / ref
 
@@ -142,7 +157,9 @@ def compare(summaries: dict[str, PolicySummary], base: str = "kunserve",
 
     Returns ``{policy: {"p99_ttft_vs_<base>": r, "p99_ttft_vs_<floor>": r}}``; a key is
     left out when its reference policy is absent, and a ratio is None when either P99 is
-    missing or the reference is zero. A ratio above 1 means a slower tail than the reference.
+    missing, the reference is zero, or both are infinite (failed requests reach the P99).
+    A ratio above 1 means a slower tail than the reference; ``inf`` means this policy's
+    P99 falls on failed requests and the reference's does not.
     """
     refs = [name for name in dict.fromkeys((base, floor)) if name in summaries]
     return {
@@ -152,9 +169,12 @@ def compare(summaries: dict[str, PolicySummary], base: str = "kunserve",
 
 
 def fmt_ms(seconds: float | None) -> str:
-    """Seconds as milliseconds with about three significant digits; '-' for None."""
+    """Seconds as milliseconds with about three significant digits; '-' for None, 'failed'
+    for an infinite latency (the percentile falls on failed requests)."""
     if seconds is None:
         return "-"
+    if math.isinf(seconds):
+        return "failed"
     ms = seconds * 1e3
     if abs(ms) >= 100:
         return f"{ms:.0f}"
@@ -168,6 +188,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def _fmt_ratio(value: float | None) -> str:
+    if value is not None and math.isinf(value):
+        return "inf (failed)"
     return "-" if value is None else f"{value:.2f}x"
 
 
@@ -204,12 +226,25 @@ def write_summary_json(path: str | Path, summaries: dict[str, PolicySummary],
                        ratios: dict[str, dict[str, float | None]], slo: SLO, meta: dict) -> None:
     """Write ``{"meta", "slo", "policies": {name: summary fields}, "ratios"}`` as JSON.
 
-    Latencies stay in seconds; missing values are ``null``. ``meta`` must be JSON-serializable.
+    Latencies stay in seconds; missing values are ``null``, infinite ones (percentiles and
+    ratios that fall on failed requests) the string ``"inf"``. ``meta`` must be
+    JSON-serializable.
     """
-    doc = {
+    doc = _finite({
         "meta": meta,
         "slo": asdict(slo),
         "policies": {name: asdict(s) for name, s in summaries.items()},
         "ratios": ratios,
-    }
+    })
     Path(path).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every infinite float replaced by the string ``"inf"`` (strict JSON)."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -135,6 +135,31 @@ def test_slo_attainment_counts_failed_requests_as_misses():
     assert (s.preemptions, s.migrations) == (6, 3)
 
 
+def test_failed_requests_count_as_infinite_ttft_in_percentiles_and_ratios(tmp_path):
+    """A policy that fails its slowest requests gets no better tail over a smaller set."""
+    good = [rec("kunserve", str(k), first=k / 1000, finish=k / 1000 + 0.1) for k in range(1, 101)]
+    # vllm: the same 98 fast requests, and its two slowest failed.
+    fails = [rec("vllm", str(k), first=k / 1000, finish=k / 1000 + 0.1) for k in range(1, 99)]
+    fails += [rec("vllm", f"dead{i}", first=None, finish=None, output_len=0, error="timeout") for i in range(2)]
+    summaries = summarize_all(good + fails, duration_s=10.0, slo=SLO_LOOSE)
+    s = summaries["vllm"]
+    assert s.ttft_p50_s == pytest.approx(0.0505) and s.ttft_p99_s == float("inf") and s.e2e_p99_s == float("inf")
+    assert s.ttft_p90_s == pytest.approx(0.0901)  # below the failed ones: finite
+    assert s.tpot_p99_s == pytest.approx(0.025)   # over successful requests only
+    ratios = compare(summaries)
+    assert ratios["vllm"]["p99_ttft_vs_kunserve"] == float("inf")
+    assert ratios["kunserve"]["p99_ttft_vs_kunserve"] == pytest.approx(1.0)
+    table = markdown_table(summaries, ratios)
+    vllm_row = next(line for line in table.splitlines() if line.startswith("| vllm "))
+    assert "| failed |" in vllm_row and "inf (failed)" in vllm_row
+    path = tmp_path / "summary.json"
+    write_summary_json(path, summaries, ratios, SLO_LOOSE, {})
+    doc = json.loads(path.read_text())  # strict JSON: no Infinity literal
+    assert doc["policies"]["vllm"]["ttft_p99_s"] == "inf" and doc["ratios"]["vllm"]["p99_ttft_vs_kunserve"] == "inf"
+    both = compare({"kunserve": s, "vllm": s})
+    assert both["vllm"]["p99_ttft_vs_kunserve"] is None  # two infinite tails: no ratio
+
+
 def test_summarize_edge_cases():
     empty = summarize([], duration_s=1.0, slo=SLO_LOOSE, policy="oracle")
     assert empty.policy == "oracle" and empty.requests == 0 and empty.ttft_p99_s is None
