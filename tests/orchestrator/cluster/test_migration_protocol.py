@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from engines.sampling import SamplingParams
 from orchestrator.block_manager import BlockManager
 from orchestrator.cluster.messages import (MIGRATION_EPOCH, ExchangeBatch, ExchangeDone, MigrationCancel,
@@ -163,3 +165,45 @@ def test_destination_without_room_refuses():
     MigrationTarget(dst).on_offer(MigrationOffer(3, src=0, request_id="x", num_tokens=100))
     reply = dst.last(MigrationReply)[0]
     assert reply.block_table is None and "no free KV pages" in reply.reason
+
+
+def _deliver_cancels(src: FakeLoop, target: MigrationTarget) -> None:
+    for cancel in src.last(MigrationCancel, to=1):
+        target.on_cancel(cancel)
+
+
+@pytest.mark.parametrize("stage", list(MigrationState)[:-1])
+def test_a_migration_ended_at_each_stage_keeps_the_request_and_frees_the_reservation(stage):
+    """The migration ends early in OFFERED (the destination refuses), COPYING (the request
+    finished), STOPPING (an abort while it waits to stop) or FINAL (an abort while the last
+    pages travel): the request stays at the source with its pages, runs again (not held),
+    nothing is handed over, and the destination's reservation is freed."""
+    src, dst = FakeLoop(0, FakeDriver()), FakeLoop(1, FakeDriver(pages=4 if stage == MigrationState.OFFERED else 64))
+    req = src.driver.running(20)
+    pages_before = [list(row) for row in req.block_table]
+    source, target = MigrationSource(src), MigrationTarget(dst)
+    source.start(StartMigration(7, dst=1, dst_free_tokens=1000))
+    target.on_offer(src.last(MigrationOffer)[0])
+    source.on_reply(dst.last(MigrationReply)[0])
+    if stage == MigrationState.COPYING:
+        req.status = RequestStatus.FINISHED_STOPPED
+        finish_stage(source, src.last(ExchangeBatch, to=0)[0])
+    elif stage == MigrationState.STOPPING:
+        finish_stage(source, src.last(ExchangeBatch, to=0)[0])
+        assert source.out[7].state == MigrationState.STOPPING
+        src.driver.pending_aborts.add(req.request_id)
+        source.poll()
+    elif stage == MigrationState.FINAL:
+        finish_stage(source, src.last(ExchangeBatch, to=0)[0])
+        source.poll()
+        assert source.out[7].state == MigrationState.FINAL
+        src.driver.pending_aborts.add(req.request_id)  # arrives while the last pages travel
+        finish_stage(source, src.last(ExchangeBatch, to=0)[-1])
+    _deliver_cancels(src, target)
+    done = src.to_ctl[-1]
+    assert isinstance(done, MigrationDone) and not done.ok, done
+    assert not source.out and not src.driver.handed and req.seq_id not in src.driver.held
+    assert req.block_table == pages_before  # its KV never left the source's pool
+    assert not target.reserved and not dst.driver.adopted
+    blocks = dst.driver.scheduler.blocks
+    assert blocks.num_free_pages == blocks.num_pages, "the destination kept a reservation"
