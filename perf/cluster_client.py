@@ -103,10 +103,14 @@ class ServingCluster:
         return self.log.read_text(errors="replace")
 
     def new_output(self) -> str:
-        """What the job printed since the previous call (all of it on the first)."""
-        with open(self.log, "rb") as f:
-            f.seek(self._log_read)
-            data = f.read()
+        """What the job printed since the previous call (all of it on the first); nothing
+        once its log is gone."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self._log_read)
+                data = f.read()
+        except FileNotFoundError:
+            return ""
         self._log_read += len(data)
         return data.decode(errors="replace")
 
