@@ -15,7 +15,7 @@ from typing import Any
 
 from engines.errors import EngineError, RequestError
 from engines.sampling import SamplingParams
-from orchestrator.config import EngineConfig, parse_bytes
+from orchestrator.core.config import EngineConfig, parse_bytes
 from orchestrator.serve import add_serve_args, run_serve
 
 logger = logging.getLogger("orchestrator")
@@ -103,7 +103,7 @@ def _read_prompts(path: Path) -> list[dict[str, Any]]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from orchestrator.llm_engine import LLMEngine
+    from orchestrator.core.llm_engine import LLMEngine
 
     if args.prompt is not None:
         rows = [{"prompt": args.prompt}]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.config import parse_bytes, resolve_device
-from orchestrator.policies import POLICIES, get_policy
+from orchestrator.core.config import parse_bytes, resolve_device
+from orchestrator.policy.bundles import POLICIES, get_policy
 from orchestrator.triton.server import DEFAULT_REPOSITORY, MODEL_DIRS, TritonConfig
 
 logger = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Entry point of every rank."""
     from mpi4py import MPI
 
-    from orchestrator.cluster.bootstrap import start_rank
+    from orchestrator.launch import start_rank
 
     comm = MPI.COMM_WORLD
     torch.set_num_threads(args.threads)

@@ -25,8 +25,8 @@ import torch
 
 from engines.sampling import SamplingParams
 from engines.store import EngineStore
-from orchestrator.config import EngineConfig
-from orchestrator.llm_engine import LLMEngine
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
 from perf.cluster_client import ServingCluster, complete
 
 

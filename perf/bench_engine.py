@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from engines.sampling import SamplingParams
-from orchestrator.config import EngineConfig
-from orchestrator.llm_engine import LLMEngine
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
 from perf.hf_reference import load_hf_model
 
 

@@ -197,7 +197,7 @@ def _check_lengths(p: BenchPreset) -> list[str]:
 
 
 def _check_measuring(p: BenchPreset) -> list[str]:
-    from orchestrator.config import parse_bytes
+    from orchestrator.core.config import parse_bytes
 
     errors = [e for name in ("slo_ttft_s", "slo_tpot_s", "drain_timeout_s", "start_timeout_s",
                              "sample_interval_s") for e in _positive(name, getattr(p, name))]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from orchestrator.config import parse_bytes
+from orchestrator.core.config import parse_bytes
 from orchestrator.transport import Transport, make_transport
 
 GiB = 1 << 30

@@ -81,8 +81,15 @@ class ServingCluster:
             return None
 
     def state(self) -> dict:
+        return self.get_json("/admin/state")
+
+    def plan(self) -> dict:
+        """``GET /admin/plan``: the running policy and what its reshape policy would do now."""
+        return self.get_json("/admin/plan")
+
+    def get_json(self, path: str) -> dict:
         import urllib.request
-        with urllib.request.urlopen(self.url + "/admin/state", timeout=5) as r:
+        with urllib.request.urlopen(self.url + path, timeout=5) as r:
             return json.loads(r.read())
 
     def rank_pids(self) -> list[int]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from engines.store import EngineStore
 from engines.tokenizer import Tokenizer
-from orchestrator.ingress.backend import GenerateRequest, TokenEvent
+from orchestrator.contracts import GenerateRequest, TokenEvent
 from orchestrator.ingress.server import IngressServer
 from perf.mpi_launch import REPO_ROOT
 from tests.orchestrator.ingress.fake_backend import FakeBackend

@@ -31,7 +31,7 @@ from engines.runner import StageRunner
 from engines.sampling import SamplingParams
 from engines.step import SeqChunk, StepInput
 from engines.store import EngineStore
-from orchestrator.config import EngineConfig
+from orchestrator.core.config import EngineConfig
 from orchestrator.kunserve.cost_model import CostModel, fit
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from orchestrator.config import parse_bytes
+from orchestrator.core.config import parse_bytes
 
 
 def main(argv: list[str] | None = None) -> int:

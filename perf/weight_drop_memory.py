@@ -17,8 +17,8 @@ import torch
 
 from engines.sampling import SamplingParams
 from engines.weights import release_freed_memory
-from orchestrator.config import EngineConfig
-from orchestrator.llm_engine import LLMEngine
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
 
 MiB = 1 << 20
 

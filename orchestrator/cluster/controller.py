@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from engines.tokenizer import Tokenizer
-from orchestrator.cluster.messages import (AbortRequest, AddRequest, DropGroup, InstanceReport, InstanceStats,
-                                           MigrationDone, RankInfo, RestoreGroup, StartMigration, TokenUpdate)
-from orchestrator.cluster.topology import Topology
-from orchestrator.dispatch import DispatchPolicy, InstanceLoad
-from orchestrator.kunserve.policy import NeverReshape, ReshapePolicy
-from orchestrator.llumnix.policy import LlumnixPolicy
-from orchestrator.ingress.backend import (BackendUnavailable, ClusterState, GenerateRequest, InstanceState,
-                                          QueueFullError, RankState)
+from orchestrator.cluster.messages import (AbortRequest, AddRequest, DropGroup, InstanceReport, MigrationDone,
+                                           RankInfo, RestoreGroup, StartMigration)
+from orchestrator.contracts import (BackendUnavailable, ClusterState, GenerateRequest, InstanceState, InstanceStats,
+                                    QueueFullError, RankState, TokenEvent, Topology)
+from orchestrator.policy.dispatch import DispatchPolicy, InstanceLoad
+from orchestrator.policy.migration import MigrationPolicy
+from orchestrator.policy.reshape import NeverReshape, ReshapePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,9 @@ class Controller:
                  max_queued: int, policy: DispatchPolicy, send_to_leader: Callable[[int, object], None],
                  start_regroup: Callable[[Topology], None], splits: list[int] | None = None,
                  num_layers: int = 0, reshape_policy: ReshapePolicy | None = None,
-                 migration_policy: LlumnixPolicy | None = None) -> None:
+                 migration_policy: MigrationPolicy | None = None, policy_name: str = "vllm") -> None:
+        self.policy_name = policy_name
+        """The serving policy (``serve --policy``) this cluster runs."""
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -188,7 +189,7 @@ class Controller:
         with self._lock:
             topology = self.topology
         plan = self.reshape_policy.plan(topology)
-        body = {"policy": self.reshape_policy.name, "topology": str(topology)}
+        body = {"policy": self.policy_name, "reshape_policy": self.reshape_policy.name, "topology": str(topology)}
         return {**body, **(plan.to_json() if plan is not None else {"groups": [], "reason": "this policy never drops"})}
 
     def _decide(self) -> None:
@@ -255,8 +256,7 @@ class Controller:
                 self._record({"event": msg.kind, "ranks": list(msg.ranks), "time": time.time(), **msg.detail})
                 return
             if isinstance(msg, GroupFormed):
-                groups = [g for g in self.topology.instances if g[0] not in msg.ranks]
-                self.topology = Topology(tuple(sorted(groups + [msg.ranks])))
+                self.topology = self.topology.fuse(msg.ranks)
                 self._move_streams(msg.request_ids, msg.instance)
                 done = msg.ranks
                 self._record({"event": "drop", "ranks": list(msg.ranks), "time": time.time(),
@@ -268,8 +268,7 @@ class Controller:
                 members.add(msg.rank)
                 if members != set(group):
                     return
-                groups = [g for g in self.topology.instances if g != group]
-                self.topology = Topology(tuple(sorted(groups + [(r,) for r in group])))
+                self.topology = self.topology.split(group)
                 done = group
                 self._record({"event": "restore", "ranks": list(group), "time": time.time()})
             for r in done:
@@ -393,7 +392,7 @@ class Controller:
         if stream is not None and stream.instance >= 0:
             self._send(stream.instance, AbortRequest(request_id))
         elif stream is not None:  # not dispatched yet: finish it here
-            self._deliver(TokenUpdate(request_id, [], True, "abort"))
+            self._deliver(TokenEvent(request_id, [], True, "abort"))
 
     def on_report(self, report: InstanceReport) -> None:
         with self._lock:
@@ -403,7 +402,7 @@ class Controller:
         for update in report.updates:
             self._deliver(update)
 
-    def _deliver(self, u: TokenUpdate) -> None:
+    def _deliver(self, u: TokenEvent) -> None:
         with self._lock:
             stream = self._streams.get(u.request_id)
             if stream is None:
@@ -424,4 +423,4 @@ class Controller:
         with self._lock:
             ids = list(self._streams)
         for rid in ids:
-            self._deliver(TokenUpdate(rid, [], True, "abort", reason))
+            self._deliver(TokenEvent(rid, [], True, "abort", reason))

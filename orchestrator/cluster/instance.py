@@ -18,14 +18,14 @@ from dataclasses import replace
 from engines.errors import RequestError
 from engines.mapping import LayerRange
 from engines.step import SeqChunk, StepInput, StepOutput
-from orchestrator.block_manager import BlockManager, PoolSpec
-from orchestrator.cluster.messages import (AddRequest, ExportedRequest, InstanceReport, InstanceStats,
-                                           PoolUsage, StageResult, StageStep, TokenUpdate)
-from orchestrator.cluster.rank_engine import RankEngine
-from orchestrator.request import Request
+from orchestrator.core.block_manager import BlockManager, PoolSpec
+from orchestrator.cluster.messages import AddRequest, ExportedRequest, InstanceReport, StageResult, StageStep
+from engines.rank_engine import RankEngine
+from orchestrator.contracts import InstanceStats, PoolUsage, TokenEvent
+from orchestrator.core.request import Request
 from orchestrator.kunserve.cost_model import CostModel
 from orchestrator.kunserve.lookahead import WorkItem, form_microbatches
-from orchestrator.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+from orchestrator.core.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _swap_space(cfg: SchedulerConfig, engine: RankEngine, pools: list[PoolSpec])
     """Host swap space for swap preemption; a pipelined group (KV on several ranks) recomputes."""
     if cfg.preemption_mode != "swap" or len(pools) != 1:
         return None
-    from orchestrator.swap import HostSwapSpace
+    from orchestrator.core.swap import HostSwapSpace
 
     return HostSwapSpace(engine.kv, cfg.swap_space_bytes)
 
@@ -74,7 +74,7 @@ class InstanceDriver:
         """Seq ids whose KV is being moved (stale after a drop): not schedulable yet."""
         self.paused = False
         """No new micro-batches (a restore is draining the instance)."""
-        self.updates: list[TokenUpdate] = []
+        self.updates: list[TokenEvent] = []
         self._mb_ids = itertools.count()
 
     # Requests in and out -------------------------------------------------------------
@@ -83,7 +83,7 @@ class InstanceDriver:
         try:
             self.scheduler.add(req)
         except RequestError as exc:
-            self.updates.append(TokenUpdate(msg.request_id, [], True, "abort", str(exc)))
+            self.updates.append(TokenEvent(msg.request_id, [], True, "abort", str(exc)))
             return
         self.requests[req.request_id] = req
         self.sent[req.request_id] = 0
@@ -102,7 +102,7 @@ class InstanceDriver:
         new = req.output_token_ids[self.sent[req.request_id]:]
         finished = req.status.finished
         if new or finished:
-            self.updates.append(TokenUpdate(req.request_id, list(new), finished, req.status.finish_reason, req.error,
+            self.updates.append(TokenEvent(req.request_id, list(new), finished, req.status.finish_reason, req.error,
                                             req.num_preemptions, req.num_migrations))
             self.sent[req.request_id] += len(new)
         if finished:
@@ -124,10 +124,6 @@ class InstanceDriver:
         sched.counts.clear()
         updates, self.updates = self.updates, []
         return InstanceReport(stats, updates)
-
-    @property
-    def idle(self) -> bool:
-        return not self.requests and not self.inflight
 
     # Hand-over between instances (drop and restore) -----------------------------------------
     def export_requests(self, home: int) -> list[ExportedRequest]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from engines.mapping import LayerRange
-from orchestrator.block_manager import PoolSpec
+from orchestrator.core.block_manager import PoolSpec
 from orchestrator.cluster.instance import InstanceDriver, StageWorker
 from orchestrator.cluster.messages import DropGroup, MemberReady, ReshapeEvent, Restored, SplitGroup
 from orchestrator.cluster.reshape import Formation

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 from engines.sampling import SamplingParams
 from engines.step import SeqChunk
-from orchestrator.cluster.topology import Topology
-from orchestrator.ingress.backend import TokenEvent
+from orchestrator.contracts import InstanceStats, TokenEvent, Topology
 
 # MPI tags. Control messages are matched by tag; payloads use their own tags.
 TAG_CONTROL = 1      # controller <-> ranks: requests, aborts, updates, stats, regroup, shutdown
@@ -37,48 +36,12 @@ class AbortRequest:
     request_id: str
 
 
-TokenUpdate = TokenEvent
-"""New tokens of one request, leader -> controller: the very event the ingress streams."""
-
-
-@dataclass
-class PoolUsage:
-    rank: int
-    used: int
-    total: int
-
-
-@dataclass
-class InstanceStats:
-    """An instance's load, as its leader sees it."""
-
-    instance: int
-    waiting: int
-    running: int
-    pools: list[PoolUsage]
-    capacity_tokens: int = 0
-    """Tokens its KV pools hold (a group's: what every stage can hold)."""
-    demand_tokens: int = 0
-    """Tokens its running and waiting requests hold or need now."""
-    used_tokens: int = 0
-    queued_tokens: int = 0
-    """Tokens of the requests waiting for admission."""
-    free_tokens: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
-    """Events since the previous report: preemptions, swaps, migrations."""
-
-    @property
-    def free_fraction(self) -> float:
-        total = sum(p.total for p in self.pools)
-        return sum(p.total - p.used for p in self.pools) / total if total else 0.0
-
-
 @dataclass
 class InstanceReport:
     """Leader -> controller: token updates and the instance's load."""
 
     stats: InstanceStats
-    updates: list[TokenUpdate] = field(default_factory=list)
+    updates: list[TokenEvent] = field(default_factory=list)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from engines.paging import pages_for_tokens
 from orchestrator.cluster.messages import (MIGRATION_EPOCH, ExchangeBatch, ExchangeDone, KvMove,
                                            MigrationCancel, MigrationCommit, MigrationDone, MigrationOffer,
                                            MigrationReply, StartMigration)
-from orchestrator.request import Request, RequestStatus
+from orchestrator.core.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from mpi4py import MPI
 
 from engines.config import parse_dtype
-from orchestrator.block_manager import PoolSpec
+from orchestrator.core.block_manager import PoolSpec
 from orchestrator.cluster.controller import Controller
 from orchestrator.cluster.faults import Faults
 from orchestrator.cluster.instance import InstanceDriver, StageWorker
@@ -33,10 +33,10 @@ from orchestrator.cluster.messages import (MIGRATION_EPOCH, RESTORE_BATCH, TAG_C
                                            RankInfo, Regroup, RegroupDone, ReshapeEvent, Restored, RestoreGroup,
                                            Shutdown, SplitGroup, StageResult, StageStep, StartMigration)
 from orchestrator.cluster.reshape import Formation, Split
-from orchestrator.cluster.rank_engine import RankEngine
-from orchestrator.cluster.topology import Topology
+from engines.rank_engine import RankEngine
+from orchestrator.contracts import Topology
 from orchestrator.kunserve.cost_model import CostModel
-from orchestrator.scheduler import SchedulerConfig
+from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.transport import Transport
 
 logger = logging.getLogger(__name__)

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 from engines.mapping import LayerRange
 from engines.paging import OutOfPages
-from orchestrator.block_manager import PoolSpec
+from orchestrator.core.block_manager import PoolSpec
 from orchestrator.cluster.instance import InstanceDriver
 from orchestrator.cluster.messages import (ExchangeAbort, ExchangeBatch, ExchangeDone, ExportedRequest, GroupFormed,
                                            KvMove, MemberReady, RESTORE_BATCH, ReshapeEvent, SplitGroup)
-from orchestrator.request import Request
+from orchestrator.core.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,8 @@ class Formation:
 class SplitState(enum.IntEnum):
     DRAINING = 0
     MOVING = 1
-    SPLITTING = 2
+    SPLIT = 2
+    """The members have their orders; the rank loop drops this protocol."""
 
 
 @dataclass
@@ -341,7 +342,7 @@ class Split:
             m = self.assignment[er.request_id]
             er.home = driver.ranks[m]
             per_member[m].append(er)
-        self.state = SplitState.SPLITTING
+        self.state = SplitState.SPLIT
         # The peers first: this rank's own split blocks in the weight exchange with them.
         order = sorted(range(len(driver.ranks)), key=lambda m: driver.ranks[m] == self.loop.rank)
         for m in order:

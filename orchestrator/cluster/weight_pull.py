@@ -15,7 +15,7 @@ import time
 from engines.mapping import LayerRange
 from engines.weights import LayerWeights, ModelWeights
 from orchestrator.cluster.messages import TAG_WEIGHTS
-from orchestrator.cluster.weight_memory import RegionMemory, WeightMemory
+from engines.weight_memory import RegionMemory, WeightMemory
 from orchestrator.transport import Transport
 
 logger = logging.getLogger(__name__)

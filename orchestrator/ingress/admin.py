@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from orchestrator.ingress.backend import BackendUnavailable
+from orchestrator.contracts import BackendUnavailable
 from orchestrator.ingress.http_util import BACKEND_KEY, read_json
 from orchestrator.ingress.openai_protocol import ApiError, InvalidRequest
 

@@ -14,7 +14,7 @@ import time
 
 from typing import Any
 
-from orchestrator.ingress.backend import BackendUnavailable, IngressBackend, QueueFullError, TokenEvent
+from orchestrator.contracts import BackendUnavailable, IngressBackend, QueueFullError, TokenEvent
 from orchestrator.ingress.detokenizer import IncrementalDecoder
 from orchestrator.ingress.metrics import IngressStats, RequestTiming
 from orchestrator.ingress.openai_protocol import ApiError, Kind, ParsedRequest, parse_request

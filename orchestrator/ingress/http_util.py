@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from orchestrator.ingress.backend import IngressBackend
+from orchestrator.contracts import IngressBackend
 from orchestrator.ingress.openai_protocol import InvalidRequest
 
 BACKEND_KEY = web.AppKey("backend", IngressBackend)

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from orchestrator.ingress.backend import ClusterState
+from orchestrator.contracts import ClusterState
 
 if TYPE_CHECKING:
     from orchestrator.ingress.request_log import RequestLog

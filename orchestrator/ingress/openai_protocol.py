@@ -18,7 +18,7 @@ import jinja2
 
 from engines.errors import RequestError, StoreError
 from engines.sampling import SamplingParams
-from orchestrator.ingress.backend import GenerateRequest, IngressBackend, TokenEvent
+from orchestrator.contracts import GenerateRequest, IngressBackend, TokenEvent
 from orchestrator.ingress.stop_strings import MAX_STOP_STRINGS
 
 Kind = Literal["completion", "chat"]

@@ -22,7 +22,7 @@ from typing import Any
 
 from orchestrator.ingress import relay_wire as wire
 from orchestrator.ingress.answer import Answer, admit
-from orchestrator.ingress.backend import IngressBackend
+from orchestrator.contracts import IngressBackend
 from orchestrator.ingress.metrics import IngressStats
 from orchestrator.ingress.openai_protocol import ApiError, error_type
 

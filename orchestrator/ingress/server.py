@@ -24,7 +24,7 @@ from aiohttp import web
 from orchestrator.ingress.admin import add_admin_routes
 from orchestrator.ingress.answer import Answer, admit
 from orchestrator.ingress.http_util import BACKEND_KEY, read_json
-from orchestrator.ingress.backend import IngressBackend
+from orchestrator.contracts import IngressBackend
 from orchestrator.ingress.metrics import CONTENT_TYPE, IngressStats, render_metrics
 from orchestrator.ingress.relay import RelayServer
 from orchestrator.ingress.request_log import RequestLog

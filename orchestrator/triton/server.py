@@ -35,6 +35,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.triton.model_env import INGRESS_URL_ENV, METRICS_MODEL_ENV, RELAY_SOCKET_ENV
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_repo"
@@ -42,16 +44,6 @@ DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_repo"
 
 MODEL_DIRS = ("kunserve", "kunserve_unary")
 """The repository's models: the decoupled (streaming) relay and the unary one."""
-
-INGRESS_URL_ENV = "KUNSERVE_INGRESS_URL"
-"""How the launcher tells ``model.py`` where the ingress is (the stub inherits the environment)."""
-
-RELAY_SOCKET_ENV = "KUNSERVE_RELAY_SOCKET"
-"""Where ``model.py`` sends requests: the ingress's relay socket (``orchestrator/ingress/relay.py``)."""
-
-METRICS_MODEL_ENV = "KUNSERVE_METRICS_MODEL"
-"""The one served name whose stub mirrors the cluster's metrics (mirroring twice would clash)."""
-
 
 class TritonError(RuntimeError):
     """tritonserver cannot be found, set up, started or driven."""

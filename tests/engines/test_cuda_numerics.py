@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from build_scripts.sources.tiny import TinySpec
-from orchestrator.config import EngineConfig
-from orchestrator.llm_engine import LLMEngine
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
 from tests.conftest import build_tiny_store
 from tests.deps import require
 from tests.engines.test_numerics_hf import run_with_logits

@@ -7,8 +7,8 @@ import torch
 
 from build_scripts.sources.tiny import TinySpec
 from engines.sampling import SamplingParams
-from orchestrator.config import EngineConfig
-from orchestrator.llm_engine import LLMEngine
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
 from tests.conftest import build_tiny_store
 from tests.deps import require
 

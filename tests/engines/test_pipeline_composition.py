@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from engines.sampling import SamplingParams
-from orchestrator.config import EngineConfig
-from orchestrator.llm_engine import LLMEngine
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
 
 PROMPTS = [
     "The quick brown fox",

@@ -8,8 +8,8 @@ import torch
 from tests.deps import require
 
 from engines.sampling import SamplingParams
-from orchestrator.config import EngineConfig
-from orchestrator.llm_engine import LLMEngine
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
 
 transformers = require("transformers")
 pytestmark = pytest.mark.slow

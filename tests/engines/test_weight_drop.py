@@ -10,8 +10,8 @@ import torch
 from build_scripts.sources.tiny import TinySpec
 from engines.sampling import SamplingParams
 from engines.weights import release_freed_memory
-from orchestrator.config import EngineConfig
-from orchestrator.llm_engine import LLMEngine
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
 from tests.conftest import build_tiny_store
 
 

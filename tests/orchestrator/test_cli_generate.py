@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from engines.sampling import SamplingParams
-from orchestrator.config import EngineConfig
-from orchestrator.llm_engine import LLMEngine
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -34,6 +34,8 @@ async def burst(url: str):
 def test_burst_tokens_match_and_the_mechanism_acted(wide, policy):
     store, expected = wide
     with ServingCluster(2, store, "--policy", policy, "--dispatch", "round_robin", device_memory="112MiB") as c:
+        plan = c.plan()
+        assert (plan["policy"], plan["reshape_policy"], plan["groups"]) == (policy, "never", []), plan
         results = run(burst(c.url))
         assert [r.token_ids for r in results] == expected
         state = c.wait_all_free(timeout=10)
@@ -66,6 +68,7 @@ def test_llumnix_migrates_running_requests_and_keeps_their_tokens(wide):
             return await asyncio.gather(*(complete(s, url, b) for b in bodies))
 
     with ServingCluster(2, store, "--policy", "llumnix", "--dispatch", "round_robin", device_memory="112MiB") as c:
+        assert (c.plan()["policy"], c.plan()["reshape_policy"]) == ("llumnix", "never")
         results = run(skewed(c.url))
         assert [r.token_ids for r in results] == expected
         state = c.wait_all_free(timeout=10)

@@ -6,8 +6,8 @@ import pytest
 
 from orchestrator.cluster.controller import Controller
 from orchestrator.cluster.messages import RankInfo
-from orchestrator.cluster.topology import Topology
-from orchestrator.dispatch import make_dispatch_policy
+from orchestrator.contracts import Topology
+from orchestrator.policy.dispatch import make_dispatch_policy
 
 
 def test_a_rank_whose_kv_pool_cannot_grow_is_refused_with_the_fix_named():

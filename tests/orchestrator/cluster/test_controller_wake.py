@@ -10,9 +10,9 @@ from types import SimpleNamespace
 from engines.sampling import SamplingParams
 from orchestrator.cluster.controller import Controller
 from orchestrator.cluster.rank_loop import RankLoop
-from orchestrator.cluster.topology import Topology
-from orchestrator.dispatch import make_dispatch_policy
-from orchestrator.ingress.backend import GenerateRequest
+from orchestrator.contracts import Topology
+from orchestrator.policy.dispatch import make_dispatch_policy
+from orchestrator.contracts import GenerateRequest
 
 
 def test_a_submitted_request_ends_the_loops_idle_wait_at_once():

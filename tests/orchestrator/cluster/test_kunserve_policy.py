@@ -51,6 +51,8 @@ async def burst_and_watch(url: str):
 def test_burst_triggers_drop_then_restore(wide_store):
     expected = reference_completions(wide_store, PROMPTS, MAX_TOKENS)
     with ServingCluster(2, wide_store, "--policy", "kunserve", device_memory="112MiB") as cluster:
+        plan = cluster.plan()
+        assert (plan["policy"], plan["reshape_policy"], plan["groups"]) == ("kunserve", "kunserve", []), plan
         results, samples = run(burst_and_watch(cluster.url))
         assert [r.token_ids for r in results] == expected
         events = samples[-1][1]["events"]

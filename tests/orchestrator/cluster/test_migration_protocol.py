@@ -8,13 +8,14 @@ from collections import Counter
 import pytest
 
 from engines.sampling import SamplingParams
-from orchestrator.block_manager import BlockManager
+from orchestrator.core.block_manager import BlockManager
 from orchestrator.cluster.messages import (MIGRATION_EPOCH, ExchangeBatch, ExchangeDone, MigrationCancel,
                                            MigrationCommit, MigrationDone, MigrationOffer, MigrationReply,
                                            StartMigration)
 from orchestrator.cluster.migration import HEADROOM_TOKENS, MigrationSource, MigrationState, MigrationTarget
-from orchestrator.request import Request, RequestStatus
-from orchestrator.scheduler import Scheduler, SchedulerConfig
+from orchestrator.core.request import Request, RequestStatus
+from orchestrator.core.scheduler import Scheduler, SchedulerConfig
+from tests.orchestrator.core.pages import free_pages
 
 LAYERS, PAGE = 2, 4
 
@@ -118,7 +119,7 @@ def test_stages_then_a_short_stop_then_commit():
     assert commit.migration_id == 7 and src.driver.handed[0][1] == reply.block_table
     done = src.to_ctl[-1]
     assert isinstance(done, MigrationDone) and done.ok and done.stages == 3 and done.bytes_moved == 300
-    assert src.driver.scheduler.blocks.num_free_pages == src.driver.scheduler.blocks.num_pages
+    assert free_pages(src.driver.scheduler.blocks) == src.driver.scheduler.blocks.num_pages
     target.on_commit(commit)
     assert dst.driver.adopted and not target.reserved
     assert source.forward_abort(req.request_id) == 1  # a late abort is forwarded
@@ -131,10 +132,10 @@ def test_request_that_finishes_mid_copy_stays_and_the_reservation_is_freed():
     cancel = src.last(MigrationCancel)[0]
     done = src.to_ctl[-1]
     assert not done.ok and "left the running set" in done.reason and not source.out
-    held_before = dst.driver.scheduler.blocks.num_free_pages
+    held_before = free_pages(dst.driver.scheduler.blocks)
     target.on_cancel(cancel)
-    assert dst.driver.scheduler.blocks.num_free_pages > held_before
-    assert dst.driver.scheduler.blocks.num_free_pages == dst.driver.scheduler.blocks.num_pages
+    assert free_pages(dst.driver.scheduler.blocks) > held_before
+    assert free_pages(dst.driver.scheduler.blocks) == dst.driver.scheduler.blocks.num_pages
 
 
 def test_request_that_outgrows_the_reservation_is_not_moved():
@@ -206,4 +207,4 @@ def test_a_migration_ended_at_each_stage_keeps_the_request_and_frees_the_reserva
     assert req.block_table == pages_before  # its KV never left the source's pool
     assert not target.reserved and not dst.driver.adopted
     blocks = dst.driver.scheduler.blocks
-    assert blocks.num_free_pages == blocks.num_pages, "the destination kept a reservation"
+    assert free_pages(blocks) == blocks.num_pages, "the destination kept a reservation"

@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from engines.tokenizer import Tokenizer
-from orchestrator.ingress.backend import (
+from orchestrator.contracts import (
     BackendUnavailable,
     ClusterState,
     GenerateRequest,

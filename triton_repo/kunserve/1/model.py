@@ -37,7 +37,7 @@ from orchestrator.triton.protocol import (
     triton_error_code,
 )
 from orchestrator.triton.relay_client import RelayClient, RelayUnavailable
-from orchestrator.triton.server import INGRESS_URL_ENV, METRICS_MODEL_ENV, RELAY_SOCKET_ENV
+from orchestrator.triton.model_env import INGRESS_URL_ENV, METRICS_MODEL_ENV, RELAY_SOCKET_ENV
 
 logger = logging.getLogger("kunserve.triton")
 

@@ -10,6 +10,8 @@ import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from orchestrator.policy.registry import Registry
+
 
 @dataclass(frozen=True)
 class InstanceLoad:
@@ -35,22 +37,16 @@ class DispatchPolicy(ABC):
         """Return the chosen instance id; ``loads`` is never empty."""
 
 
-_REGISTRY: dict[str, type[DispatchPolicy]] = {}
-
-
-def register(cls: type[DispatchPolicy]) -> type[DispatchPolicy]:
-    _REGISTRY[cls.name] = cls
-    return cls
+DISPATCH: Registry[DispatchPolicy] = Registry("dispatch policy")
+register = DISPATCH.register
 
 
 def dispatch_policies() -> list[str]:
-    return sorted(_REGISTRY)
+    return DISPATCH.names()
 
 
 def make_dispatch_policy(name: str) -> DispatchPolicy:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown dispatch policy {name!r}; known: {', '.join(dispatch_policies())}")
-    return _REGISTRY[name]()
+    return DISPATCH.make(name)
 
 
 @register

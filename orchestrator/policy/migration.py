@@ -1,20 +1,25 @@
-"""Which replica sheds a running request to which, from the leaders' load reports.
+"""Migration policies: which replica sheds a running request to which, from the leaders'
+load reports.
 
-Llumnix balances the instances' KV load by migrating running requests (with their KV,
-while they keep decoding) from loaded instances to less loaded ones; the freed room
-admits the loaded instance's queue. This picks pairs only; ``cluster/migration.py`` moves.
+``llumnix``: Llumnix balances the instances' KV load by migrating running requests (with
+their KV, while they keep decoding) from loaded instances to less loaded ones; the freed
+room admits the loaded instance's queue. A policy picks pairs only; the mechanism
+(``cluster/migration.py``) moves.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from orchestrator.cluster.messages import InstanceStats
-from orchestrator.cluster.topology import Topology
+from orchestrator.contracts import InstanceStats, Topology
+from orchestrator.policy.registry import Registry
 
 
 @dataclass(frozen=True)
 class MigrationConfig:
+    """When the llumnix policy moves a request."""
+
     source_usage: float = 0.9
     """An instance sheds load once this fraction of its KV is used, or it has a queue that
     does not fit."""
@@ -26,12 +31,33 @@ class MigrationConfig:
 
 @dataclass(frozen=True)
 class MigrationDecision:
+    """Move one running request from replica ``src`` to ``dst``, which has this much room."""
+
     src: int
     dst: int
     dst_free_tokens: int
 
 
-class LlumnixPolicy:
+class MigrationPolicy(ABC):
+    """Decides migrations from load; knows nothing of how they are done."""
+
+    name: str
+    description: str
+
+    @abstractmethod
+    def decide(self, stats: dict[int, InstanceStats], topology: Topology, busy: set[int],
+               now: float) -> list[MigrationDecision]:
+        """Migrations to start now; ``busy`` holds the instances already migrating."""
+
+
+MIGRATION: Registry[MigrationPolicy] = Registry("migration policy")
+
+
+@MIGRATION.register
+class LlumnixPolicy(MigrationPolicy):
+    name = "llumnix"
+    description = "running requests move with their KV from loaded replicas to roomy ones"
+
     def __init__(self, config: MigrationConfig | None = None) -> None:
         self.config = config or MigrationConfig()
         self._last: dict[int, float] = {}

@@ -14,7 +14,7 @@ from engines.errors import EngineError
 from engines.mapping import LayerRange
 from engines.store import EngineStore
 from engines.weights import LayerWeights
-from orchestrator.cluster.rank_engine import RankEngine
+from engines.rank_engine import RankEngine
 
 needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -50,7 +50,7 @@ def _pull_back(engine: RankEngine, reference, memory) -> None:
 
 
 def test_drop_remaps_weight_chunks_onto_the_pool_and_restore_maps_them_back(tiny_store, device, caplog):
-    caplog.set_level(logging.INFO, logger="orchestrator.cluster.rank_engine")
+    caplog.set_level(logging.INFO, logger="engines.rank_engine")
     engine = _engine(tiny_store, device)
     reference, _ = EngineStore(tiny_store).load_rank(1, 0, device=device, dtype=torch.float32)
     arena, kv = engine.arena, engine.kv

@@ -1,4 +1,4 @@
-"""The contract between the HTTP ingress and the cluster it fronts.
+"""The contract between the front ends (the HTTP ingress, the Triton relay) and the cluster.
 
 The ingress (aiohttp, in its own thread and event loop on the controller rank) parses and
 validates requests, then calls an ``IngressBackend``. The real backend is the cluster
@@ -16,14 +16,7 @@ from typing import Any, Protocol
 
 from engines.sampling import SamplingParams
 from engines.tokenizer import Tokenizer
-
-
-class QueueFullError(Exception):
-    """The cluster's bounded queue is full (the ingress answers 429)."""
-
-
-class BackendUnavailable(Exception):
-    """The cluster is not ready or is shutting down (the ingress answers 503)."""
+from orchestrator.contracts.errors import BackendUnavailable, QueueFullError  # noqa: F401 (named in docstrings)
 
 
 @dataclass

@@ -12,10 +12,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from orchestrator.cluster.messages import InstanceStats
-from orchestrator.cluster.topology import Topology
+from orchestrator.contracts import InstanceStats, Topology
 from orchestrator.kunserve.load_monitor import LoadMonitor, LoadSample, MonitorConfig
 from orchestrator.kunserve.planner import DropPlan, InstanceSnapshot, ModelMemory, allowed_group_sizes, plan_drop
+from orchestrator.policy.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -48,21 +48,32 @@ class ReshapePolicy(ABC):
         """An instance went away (fused into a group, or a group split)."""
 
 
+RESHAPE: Registry[ReshapePolicy] = Registry("reshape policy")
+
+
+@RESHAPE.register
 class NeverReshape(ReshapePolicy):
-    name = "vllm"
-    description = "KV-centric baseline: admit while KV fits, FCFS queue, recompute preemption; never reshapes"
+    name = "never"
+    description = "never fuses or splits instances (the KV-centric baselines)"
+
+    def __init__(self, mem: ModelMemory | None = None) -> None:
+        pass
 
     def decide(self, topology: Topology, now: float) -> list[Action]:
         return []
 
 
+@RESHAPE.register
 class KunServePolicy(ReshapePolicy):
     name = "kunserve"
     description = ("parameter-centric: on KV overload fuse replicas into pipelined groups that drop "
                    "weights for KV; restore when the burst has passed")
 
-    def __init__(self, mem: ModelMemory, monitor: MonitorConfig | None = None,
+    def __init__(self, mem: ModelMemory | None, monitor: MonitorConfig | None = None,
                  min_group_age_s: float = 2.0) -> None:
+        if mem is None:
+            raise ValueError("the kunserve policy needs the model's memory figures")
+        allowed_group_sizes(mem)  # a store without a pipeline split cannot drop: say so at start
         self.mem = mem
         self.monitor = LoadMonitor(monitor)
         self.min_group_age_s = min_group_age_s
@@ -119,13 +130,8 @@ class KunServePolicy(ReshapePolicy):
         self.monitor.forget(instance)
 
 
-def make_policy(reshape: str, mem: ModelMemory | None) -> ReshapePolicy:
-    """The reshape policy of a serving policy (``orchestrator.policies``): never or kunserve."""
-    if reshape == "never":
-        return NeverReshape()
-    if reshape == "kunserve":
-        if mem is None:
-            raise ValueError("the kunserve policy needs the model's memory figures")
-        allowed_group_sizes(mem)  # a store without a pipeline split cannot drop: say so at start
-        return KunServePolicy(mem)
-    raise ValueError(f"unknown reshape policy {reshape!r}; known: never, kunserve")
+def make_reshape_policy(name: str, mem: ModelMemory | None, monitor: MonitorConfig | None = None) -> ReshapePolicy:
+    """The reshape policy a serving bundle names (``policy.bundles``)."""
+    if name == "kunserve":
+        return KunServePolicy(mem, monitor)
+    return RESHAPE.make(name, mem)

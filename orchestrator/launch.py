@@ -1,4 +1,6 @@
-"""Start-up and tear-down of one rank of the serving cluster."""
+"""Start-up and tear-down of one rank of the serving cluster: the composition root that
+puts the rank's engine, loop, policies, controller, ingress and Triton front end together
+(so the cluster itself imports no front end)."""
 
 from __future__ import annotations
 
@@ -17,16 +19,16 @@ from engines.tokenizer import Tokenizer
 from engines.weights import LayerWeights
 from orchestrator.cluster.controller import Controller
 from orchestrator.cluster.faults import Faults
-from orchestrator.cluster.rank_engine import RankEngine
+from engines.rank_engine import RankEngine
 from orchestrator.cluster.rank_loop import RankLoop
-from orchestrator.cluster.topology import Topology
-from orchestrator.dispatch import make_dispatch_policy
+from orchestrator.contracts import Topology
+from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.kunserve.cost_model import CostModel
 from orchestrator.kunserve.planner import ModelMemory
-from orchestrator.kunserve.policy import make_policy
-from orchestrator.llumnix.policy import LlumnixPolicy
-from orchestrator.policies import get_policy
-from orchestrator.scheduler import SchedulerConfig
+from orchestrator.policy.bundles import get_policy
+from orchestrator.policy.dispatch import make_dispatch_policy
+from orchestrator.policy.migration import MIGRATION
+from orchestrator.policy.reshape import make_reshape_policy
 from orchestrator.serve import ServeConfig, config_from_args, default_device_memory, rank_device
 from orchestrator.transport import make_transport
 from orchestrator.triton.server import TritonError
@@ -137,12 +139,13 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
                       kv_bytes_per_token=cfg_m.kv_bytes_per_token_per_layer(engine.weights.dtype) * cfg_m.num_hidden_layers,
                       layer_weight_bytes=LayerWeights.buffer_numel(cfg_m) * engine.weights.dtype.itemsize,
                       kv_pool_bytes=engine.plan.kv_bytes, splits=tuple(store.splits))
+    bundle = get_policy(cfg.policy)
     controller = Controller(
         loop.topology, cfg.model_name or store.path.resolve().name, Tokenizer(store.tokenizer_dir),
         store.config.max_position_embeddings, cfg.max_queued_requests, make_dispatch_policy(cfg.dispatch),
         send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=store.splits,
-        num_layers=store.config.num_hidden_layers, reshape_policy=make_policy(get_policy(cfg.policy).reshape, mem),
-        migration_policy=LlumnixPolicy() if get_policy(cfg.policy).migration else None)
+        num_layers=store.config.num_hidden_layers, reshape_policy=make_reshape_policy(bundle.reshape, mem),
+        migration_policy=MIGRATION.make(bundle.migration) if bundle.migration else None, policy_name=bundle.name)
     loop.controller = controller
     ingress = IngressServer(controller, cfg.host, cfg.ingress_port, admin_token=cfg.admin_token,
                             relay_socket=cfg.relay_path(), request_log=cfg.request_log)

@@ -1,4 +1,5 @@
-"""Which ranks form which serving instances: ``--groups 0-1,2-3``."""
+"""Which ranks form which serving instances (``--groups 0-1,2-3``), and how a drop
+(``fuse``) or a restore (``split``) changes that."""
 
 from __future__ import annotations
 
@@ -53,15 +54,18 @@ class Topology:
         """The ranks of the instance ``rank`` belongs to."""
         return self.instances[self.instance_of(rank)]
 
-    def stage_of(self, rank: int) -> int:
-        return self.instances[self.instance_of(rank)].index(rank)
+    def fuse(self, ranks: tuple[int, ...]) -> "Topology":
+        """The topology once the replicas on ``ranks`` (stage order) form one group."""
+        replicas = [r for r in ranks if (r,) in self.instances]
+        if len(replicas) != len(ranks):
+            raise ValueError(f"ranks {sorted(set(ranks) - set(replicas))} are not replicas of {self}")
+        return Topology(tuple(sorted([i for i in self.instances if i[0] not in ranks] + [tuple(ranks)])))
 
-    def ranks_of(self, instance: int) -> tuple[int, ...]:
-        """The ranks of the instance led by rank ``instance``."""
-        for ranks in self.instances:
-            if ranks[0] == instance:
-                return ranks
-        raise KeyError(f"no instance is led by rank {instance}")
+    def split(self, group: tuple[int, ...]) -> "Topology":
+        """The topology once ``group`` is split back into replicas."""
+        if group not in self.instances:
+            raise ValueError(f"{list(group)} is not a group of {self}")
+        return Topology(tuple(sorted([i for i in self.instances if i != group] + [(r,) for r in group])))
 
     def group_sizes(self) -> set[int]:
         return {len(ranks) for ranks in self.instances}

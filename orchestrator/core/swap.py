@@ -20,7 +20,7 @@ import torch
 
 from engines.kv_cache import KVPool
 from engines.paging import pages_for_tokens
-from orchestrator.request import Request
+from orchestrator.core.request import Request
 
 DEFAULT_SWAP_SPACE = 4 << 30
 """Bytes of host swap space by default (vLLM's ``swap_space`` is 4 GiB too)."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.cluster.topology import Topology
-from orchestrator.dispatch import InstanceLoad, dispatch_policies, make_dispatch_policy
+from orchestrator.contracts import Topology
+from orchestrator.policy.dispatch import InstanceLoad, dispatch_policies, make_dispatch_policy
 
 
 def load(i, ranks=1, free=1.0, outstanding=0):
@@ -35,10 +35,21 @@ def test_least_loaded_counts_per_rank_then_free_memory():
 def test_topology_parsing():
     t = Topology.parse("0-1", 4)
     assert t.instances == ((0, 1), (2,), (3,))
-    assert t.ranks_of(0) == (0, 1) and t.stage_of(1) == 1 and t.instance_of(3) == 2
+    assert t.ranks_of_rank(1) == (0, 1) and t.instance_of(3) == 2
     assert str(t) == "0-1,2,3"
     assert Topology.parse(None, 2).instances == ((0,), (1,))
     assert Topology.parse("2-3,0-1", 4).instances == ((0, 1), (2, 3))
     for bad, msg in [("0-5", "outside"), ("0-1,1-2", "twice"), ("a-b", "cannot parse"), ("1-0", "backwards")]:
         with pytest.raises(ValueError, match=msg):
             Topology.parse(bad, 4)
+
+
+def test_topology_fuses_replicas_and_splits_groups():
+    t = Topology.parse(None, 4)
+    fused = t.fuse((2, 3))
+    assert fused.instances == ((0,), (1,), (2, 3)) and fused.split((2, 3)) == t
+    assert fused.fuse((0, 1)).instances == ((0, 1), (2, 3))
+    with pytest.raises(ValueError, match=r"ranks \[2\] are not replicas"):
+        fused.fuse((1, 2))
+    with pytest.raises(ValueError, match="is not a group"):
+        fused.split((0, 1))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from engines.mapping import LayerRange
 from engines.paging import PageAllocator, pages_for_tokens
-from orchestrator.request import Request
+from orchestrator.core.request import Request
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,6 @@ class BlockManager:
     def single(cls, num_pages: int, page_size: int, num_layers: int) -> "BlockManager":
         """One pool holding every layer (a replica, or stages sharing one process)."""
         return cls(page_size, [PoolSpec(LayerRange(0, num_layers), num_pages)])
-
-    @property
-    def num_free_pages(self) -> int:
-        return sum(a.num_free for a in self.allocators)
 
     @property
     def num_pages(self) -> int:

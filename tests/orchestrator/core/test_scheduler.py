@@ -7,11 +7,12 @@ import pytest
 from engines.errors import RequestError
 from engines.sampling import SamplingParams
 from engines.step import StepOutput
-from orchestrator.block_manager import BlockManager
-from orchestrator.config import EngineConfig
-from orchestrator.llm_engine import LLMEngine
-from orchestrator.request import Request, RequestStatus
-from orchestrator.scheduler import Scheduler, SchedulerConfig
+from orchestrator.core.block_manager import BlockManager
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
+from orchestrator.core.request import Request, RequestStatus
+from orchestrator.core.scheduler import Scheduler, SchedulerConfig
+from tests.orchestrator.core.pages import free_pages
 
 
 def req(rid: str, prompt_len: int, max_tokens: int = 4) -> Request:
@@ -36,9 +37,9 @@ def test_block_manager_allocates_per_layer_pages():
     r.num_computed_tokens = 6
     assert bm.pages_needed(r, 2) == 0  # positions 6 and 7 fit the second page
     assert bm.pages_needed(r, 3) == 3
-    assert bm.num_free_pages == 18
+    assert free_pages(bm) == 18
     bm.free(r)
-    assert bm.num_free_pages == 24 and r.block_table == []
+    assert free_pages(bm) == 24 and r.block_table == []
 
 
 def test_token_budget_chunks_prefill_and_mixes_decodes():
@@ -79,7 +80,7 @@ def test_preempts_newest_when_a_running_request_cannot_grow():
     s.add(old)
     s.add(new)
     out = s.schedule()
-    assert len(out.chunks) == 2 and s.blocks.num_free_pages == 0
+    assert len(out.chunks) == 2 and free_pages(s.blocks) == 0
     s.update(out, fake_output(out))
     out = s.schedule()  # old needs a third page: new is preempted and recomputed later
     assert out.preempted == [new]
@@ -113,7 +114,7 @@ def test_recompute_preemption_keeps_outputs_identical(tiny_store):
 
 def test_group_block_manager_takes_each_layer_from_its_stage_pool():
     from engines.mapping import LayerRange
-    from orchestrator.block_manager import PoolSpec
+    from orchestrator.core.block_manager import PoolSpec
 
     bm = BlockManager(4, [PoolSpec(LayerRange(0, 2), 10), PoolSpec(LayerRange(2, 3), 3)])
     r = req("a", 8)  # 2 pages per layer

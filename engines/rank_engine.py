@@ -30,7 +30,7 @@ from engines.store import EngineStore
 from engines.vmm import Arena, VmmError, make_driver
 from engines.vmm.host import resident_bytes
 from engines.weights import LayerWeights, release_freed_memory
-from orchestrator.cluster.weight_memory import ChunkMemory, RegionMemory, WeightMemory
+from engines.weight_memory import ChunkMemory, RegionMemory, WeightMemory
 
 KV_EXTENSIONS = ("auto", "commit", "remap")
 """How a drop grows the KV pool; ``auto`` is ``remap`` on CUDA and ``commit`` on a CPU."""

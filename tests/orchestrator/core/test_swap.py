@@ -10,12 +10,13 @@ from engines.mapping import LayerRange
 from engines.sampling import SamplingParams
 from engines.step import StepOutput
 from engines.store import EngineStore
-from orchestrator.block_manager import BlockManager, PoolSpec
-from orchestrator.config import EngineConfig
-from orchestrator.llm_engine import LLMEngine
-from orchestrator.request import Request, RequestStatus
-from orchestrator.scheduler import Scheduler, SchedulerConfig
-from orchestrator.swap import HostSwapSpace
+from orchestrator.core.block_manager import BlockManager, PoolSpec
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
+from orchestrator.core.request import Request, RequestStatus
+from orchestrator.core.scheduler import Scheduler, SchedulerConfig
+from orchestrator.core.swap import HostSwapSpace
+from tests.orchestrator.core.pages import free_pages
 
 PAGE = 16
 PAGE_BYTES = PAGE * 2 * 2 * 16 * 4  # tiny Llama: 2 KV heads of 16, float32, K and V
@@ -88,7 +89,7 @@ def test_scheduler_swaps_out_keeps_progress_and_swaps_back_in():
     assert len(new.block_table[0]) == 3  # 9 tokens of 4 a page
     while not new.status.finished:
         step(s)
-    assert new.output_token_ids == [7] * 5 and s.blocks.num_free_pages == 4
+    assert new.output_token_ids == [7] * 5 and free_pages(s.blocks) == 4
 
 
 def test_scheduler_recomputes_when_the_swap_space_is_full():
@@ -195,7 +196,7 @@ def no_recompute(reqs: list[Request]) -> int:
 def assert_all_freed(engine: LLMEngine, reqs: list[Request]) -> None:
     blocks = engine.scheduler.blocks
     blocks.audit(reqs)
-    assert blocks.num_free_pages == blocks.num_pages
+    assert free_pages(blocks) == blocks.num_pages
     if engine.swap_space is not None:
         assert engine.swap_space.stats.bytes_used == 0 and len(engine.swap_space) == 0
 

@@ -17,13 +17,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ServingPolicy:
+    """A bundle: the policies and mechanisms one ``--policy`` turns on. Bundles are data,
+    not behaviour, so they are listed in one table (``POLICIES``) rather than registered
+    classes; the policies they name come from their registries."""
+
     name: str
     description: str
     reshape: str = "never"
-    """``never`` or ``kunserve``."""
+    """A reshape policy (``policy.reshape.RESHAPE``): ``never`` or ``kunserve``."""
     preemption: str = "recompute"
     """``recompute`` or ``swap``."""
-    migration: bool = False
+    migration: str | None = None
+    """A migration policy (``policy.migration.MIGRATION``), or none."""
     unlimited_kv: bool = False
 
 
@@ -34,7 +39,7 @@ POLICIES: dict[str, ServingPolicy] = {p.name: p for p in (
     ServingPolicy("swap", "InferCept-style: preempted requests' KV goes to host memory and back "
                           "(no recompute)", preemption="swap"),
     ServingPolicy("llumnix", "Llumnix-style: running requests migrate with their KV from loaded to "
-                             "less loaded replicas while decoding goes on", migration=True),
+                             "less loaded replicas while decoding goes on", migration="llumnix"),
     ServingPolicy("oracle", "lower bound: a KV pool larger than any load needs (pages take memory only "
                             "when used; CPU only)", unlimited_kv=True),
 )}

@@ -1,9 +1,8 @@
 """KunServePolicy's restore decision: never split a group whose demand the replicas could not hold."""
 
-from orchestrator.cluster.messages import InstanceStats
-from orchestrator.cluster.topology import Topology
+from orchestrator.contracts import InstanceStats, Topology
 from orchestrator.kunserve.planner import ModelMemory
-from orchestrator.kunserve.policy import KunServePolicy
+from orchestrator.policy.reshape import KunServePolicy
 
 # A replica's pool holds 1,000 tokens; the group's (after the drop) 6,000.
 MEM = ModelMemory(num_layers=8, kv_bytes_per_token=1000, layer_weight_bytes=10 ** 6, kv_pool_bytes=10 ** 6,

@@ -4,7 +4,7 @@ Every step: running requests first (decodes and unfinished prefill chunks), then
 requests in FCFS order while their KV fits. A request's computed tokens catch up with its
 tokens by chunks, so chunked prefill and decode are one mechanism. When a running request
 cannot grow, the newest running request is preempted: its KV is dropped and it is
-recomputed later, or, with a ``swapper`` (swap preemption, see ``orchestrator.swap``), its
+recomputed later, or, with a ``swapper`` (swap preemption, see ``orchestrator.core.swap``), its
 KV goes to host memory and is swapped back in when it is rescheduled.
 """
 
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 from engines.errors import RequestError
 from engines.step import SeqChunk, StepInput, StepOutput
-from orchestrator.block_manager import BlockManager
-from orchestrator.request import Request, RequestStatus
+from orchestrator.core.block_manager import BlockManager
+from orchestrator.core.request import Request, RequestStatus
 
 if TYPE_CHECKING:  # the scheduler never touches tensors; only the protocol's type is used
-    from orchestrator.swap import Swapper
+    from orchestrator.core.swap import Swapper
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Scheduler:
                  eos_token_ids: tuple[int, ...] = (), swapper: Swapper | None = None) -> None:
         """``swapper``: preempt by swapping KV to host memory; None preempts by recompute."""
         if swapper is not None and len(blocks.specs) != 1:
-            from orchestrator.swap import ONE_RANK_ONLY
+            from orchestrator.core.swap import ONE_RANK_ONLY
             raise NotImplementedError(ONE_RANK_ONLY.format(len(blocks.specs)))
         self.config = config
         self.blocks = blocks

@@ -1,9 +1,8 @@
 """The Llumnix pairing policy on synthetic load reports."""
 
-from orchestrator.cluster.messages import InstanceStats
-from orchestrator.cluster.topology import Topology
-from orchestrator.llumnix.policy import LlumnixPolicy
-from orchestrator.policies import POLICIES, get_policy
+from orchestrator.contracts import InstanceStats, Topology
+from orchestrator.policy.migration import LlumnixPolicy
+from orchestrator.policy.bundles import POLICIES, get_policy
 
 import pytest
 
@@ -35,8 +34,16 @@ def test_groups_take_no_part():
 
 
 def test_policy_registry_bundles_mechanisms():
+    from orchestrator.policy.migration import MIGRATION
+    from orchestrator.policy.reshape import RESHAPE
+
     assert set(POLICIES) == {"vllm", "kunserve", "swap", "llumnix", "oracle"}
-    assert get_policy("swap").preemption == "swap" and get_policy("llumnix").migration
+    assert get_policy("swap").preemption == "swap" and get_policy("llumnix").migration == "llumnix"
+    for bundle in POLICIES.values():  # every policy a bundle names is registered
+        RESHAPE.get(bundle.reshape)
+        assert bundle.migration is None or MIGRATION.get(bundle.migration).name == bundle.migration
+    with pytest.raises(ValueError, match="unknown migration policy 'x'; known: llumnix"):
+        MIGRATION.make("x")
     assert get_policy("oracle").unlimited_kv and get_policy("kunserve").reshape == "kunserve"
     with pytest.raises(ValueError, match="unknown --policy 'x'"):
         get_policy("x")

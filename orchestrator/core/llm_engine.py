@@ -15,12 +15,12 @@ from engines.kv_cache import KVPool
 from engines.sampling import SamplingParams
 from engines.store import EngineStore
 from engines.tokenizer import Tokenizer
-from orchestrator.block_manager import BlockManager
-from orchestrator.config import EngineConfig
-from orchestrator.executor import PipelineExecutor
-from orchestrator.request import Request
-from orchestrator.scheduler import Scheduler, SchedulerConfig
-from orchestrator.swap import DEFAULT_SWAP_SPACE, HostSwapSpace
+from orchestrator.core.block_manager import BlockManager
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.executor import PipelineExecutor
+from orchestrator.core.request import Request
+from orchestrator.core.scheduler import Scheduler, SchedulerConfig
+from orchestrator.core.swap import DEFAULT_SWAP_SPACE, HostSwapSpace
 
 PREEMPTION_MODES = ("recompute", "swap")
 

@@ -1,1 +1,0 @@
-"""The Llumnix-style baseline: when to migrate running requests between replicas."""
