@@ -144,8 +144,9 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
         loop.topology, cfg.model_name or store.path.resolve().name, Tokenizer(store.tokenizer_dir),
         store.config.max_position_embeddings, cfg.max_queued_requests, make_dispatch_policy(cfg.dispatch),
         send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=store.splits,
-        num_layers=store.config.num_hidden_layers, reshape_policy=make_reshape_policy(bundle.reshape, mem),
-        migration_policy=MIGRATION.make(bundle.migration) if bundle.migration else None, policy_name=bundle.name)
+        num_layers=store.config.num_hidden_layers, reshape_policy=make_reshape_policy(bundle.reshape, mem, cfg.monitor),
+        migration_policy=MIGRATION.make(bundle.migration, cfg.migration) if bundle.migration else None,
+        policy_name=bundle.name)
     loop.controller = controller
     ingress = IngressServer(controller, cfg.host, cfg.ingress_port, admin_token=cfg.admin_token,
                             relay_socket=cfg.relay_path(), request_log=cfg.request_log)

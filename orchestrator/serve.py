@@ -11,14 +11,21 @@ import argparse
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from orchestrator.core.config import parse_bytes, resolve_device
+from orchestrator.config_cli import add_config_args, cli, fmt_bytes
+from orchestrator.config_cli import config_from_args as config_from_args_of
+from orchestrator.core.config import EngineConfig, parse_bytes, resolve_device
+from orchestrator.core.scheduler import SchedulerConfig
+from orchestrator.kunserve.load_monitor import MonitorConfig
 from orchestrator.policy.bundles import POLICIES, get_policy
-from orchestrator.triton.server import DEFAULT_REPOSITORY, MODEL_DIRS, TritonConfig
+from orchestrator.policy.dispatch import dispatch_policies
+from orchestrator.policy.migration import MigrationConfig
+from orchestrator.transport import known_transports
+from orchestrator.triton.server import TritonConfig
 
 logger = logging.getLogger(__name__)
 
@@ -26,46 +33,75 @@ MAX_UNIX_PATH = 107
 """Longest path Linux takes for a Unix socket (``sun_path`` is 108 bytes with the NUL)."""
 
 
+def _policy_help() -> str:
+    return "; ".join(f"{k}: {v.description}" for k, v in POLICIES.items())
+
+
 @dataclass(frozen=True)
 class ServeConfig:
-    """Options of ``serve`` (one place; the CLI maps onto it)."""
+    """Options of ``serve``: the one place their defaults are defined; the command line is
+    built from these fields (``orchestrator.config_cli``), their docstrings are ``--help``."""
 
-    engine_dir: Path
+    engine_dir: Path = field(metadata=cli(metavar="DIR"))
+    """The engine store (``python -m build_scripts.build_engines``)."""
     groups: str | None = None
-    """Initial grouping, e.g. ``0-1,2-3``; ranks not named are replicas."""
-    policy: str = "vllm"
-    dispatch: str = "least_loaded"
+    """Initial pipelined groups, e.g. ``0-1,2-3``; ranks not named serve as replicas."""
+    policy: str = field(default="vllm", metadata=cli(choices=lambda: list(POLICIES)))
+    """The memory-overload policy (see the list above)."""
+    dispatch: str = field(default="least_loaded", metadata=cli(choices=dispatch_policies))
+    """Which instance serves a new request."""
     host: str = "127.0.0.1"
+    """Ingress bind address (loopback only by default)."""
     http_port: int | None = None
-    """Ingress port; default 8000, or 8080 with ``triton`` (Triton takes 8000-8002)."""
-    device_memory: int | None = None
-    """Per-rank memory for weights and KV; default 1 GiB on CPU, 90% of the GPU's on CUDA."""
+    """Ingress port (OpenAI API, /metrics, /admin); 8000, or 8080 with --triton (Triton takes
+    8000-8002); 0 picks a free one."""
+    device_memory: int | None = field(default=None, metadata=cli(parse=parse_bytes, metavar="BYTES"))
+    """Memory per rank for weights and KV, e.g. 768MiB; 1GiB on CPU, 90% of the GPU's free
+    memory on CUDA when not given."""
     max_queued_requests: int = 256
-    page_size: int = 16
-    max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
-    transport: str = "auto"
-    kv_extension: str = "auto"
-    """How a drop grows the KV pool: ``remap`` (virtual memory: the dropped weights' chunks
-    are mapped onto the pool's tail), ``commit`` (CPU: free, then commit pages) or ``auto``."""
+    """Requests waiting for a first token before new ones get 429."""
+    page_size: int = EngineConfig.page_size
+    """Tokens per KV page."""
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
+    """Token budget of one step (prefill chunk tokens plus one per decode)."""
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
+    """Most running requests per replica (a g-stage group runs g times as many)."""
+    transport: str = field(default="auto", metadata=cli(choices=known_transports))
+    """Tensor transport between ranks; auto: nccl between GPUs that do not share one, else mpi."""
+    kv_extension: str = field(default="auto", metadata=cli(choices=lambda: ["auto", "commit", "remap"]))
+    """How a drop turns weights into KV: remap maps the dropped weights' memory onto the KV
+    pool's tail (CUDA virtual memory, needs cuda-bindings; shared memory on CPU), commit frees
+    them and commits pages (CPU); auto: remap on CUDA, commit on CPU."""
     device: str = "auto"
+    """auto, cpu or cuda (rank r takes GPU r mod count; ranks sharing a GPU need --device-memory)."""
     dtype: str | None = None
+    """Compute dtype; the store's on CPU, bfloat16 on CUDA when not given."""
     model_name: str | None = None
+    """Model name in the API; the store's folder name when not given."""
     threads: int = 1
+    """Torch CPU threads per rank."""
     admin_token: str | None = None
-    """When set, POST /admin/* need ``Authorization: Bearer <token>``."""
-    swap_space: int = 4 << 30
-    """Host memory per rank for swapped-out KV (``--policy swap``)."""
-    cost_model: Path | None = None
-    """Fitted step-cost model (``python -m perf.profile_cost``): groups then form their
+    """When set, POST /admin/* (drop, restore, regroup) need 'Authorization: Bearer TOKEN'."""
+    swap_space: int = field(default=SchedulerConfig.swap_space_bytes, metadata=cli(parse=parse_bytes,
+                                                                                  show=fmt_bytes, metavar="BYTES"))
+    """Host memory per rank for swapped-out KV (--policy swap)."""
+    cost_model: Path | None = field(default=None, metadata=cli(metavar="PATH"))
+    """Fitted step-cost model (python -m perf.profile_cost): groups then form their
     micro-batches jointly (lookahead), balanced by estimated time."""
+    request_log: Path | None = field(default=None, metadata=cli(metavar="PATH"))
+    """Append one JSON line per request to PATH when it ends: id, route (http or triton),
+    arrival, first token and end (time.monotonic), TTFT, tokens, finish reason."""
+    relay_socket: Path | None = field(default=None, metadata=cli(metavar="PATH"))
+    """Unix socket on which the ingress takes requests from the Triton model; default with
+    --triton: a private path in the temporary directory, none without. Set it to run your
+    own tritonserver with triton_repo/ on this host: pass the same path in the model's
+    relay_socket parameter or the KUNSERVE_RELAY_SOCKET variable."""
     triton: TritonConfig | None = None
     """Also serve through a Triton Inference Server started on the controller's host."""
-    relay_socket: Path | None = None
-    """Unix socket of the ingress's Triton relay; default with ``triton``: a private one in the
-    temporary directory (``default_relay_socket``), none without."""
-    request_log: Path | None = None
-    """File the ingress appends a JSON line to per request (``orchestrator/ingress/request_log.py``)."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """The kunserve policy's load monitor (--monitor-*)."""
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
+    """The llumnix policy's thresholds (--migration-*)."""
 
     def relay_path(self) -> Path | None:
         """Where the Triton relay listens, or None when nothing needs it."""
@@ -99,92 +135,30 @@ def default_relay_socket() -> Path:
     return Path(tempfile.gettempdir()) / f"kunserve-relay-{os.getpid()}.sock"
 
 
+NESTED = ("triton", "monitor", "migration")
+"""ServeConfig's fields that are configs of their own, each with its option group."""
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine-dir", type=Path, required=True, help="engine store (build_scripts.build_engines)")
-    p.add_argument("--groups", default=None,
-                   help="initial pipelined groups, e.g. 0-1,2-3 (ranks not named serve as replicas)")
-    p.add_argument("--policy", default="vllm", choices=list(POLICIES),
-                   help="memory-overload policy: " + "; ".join(f"{k}: {v.description}" for k, v in POLICIES.items()))
-    p.add_argument("--swap-space", type=parse_bytes, default=4 << 30,
-                   help="host memory per rank for swapped-out KV with --policy swap (default: 4GiB)")
-    p.add_argument("--dispatch", default="least_loaded", help="dispatch policy: least_loaded or round_robin")
-    p.add_argument("--host", default="127.0.0.1", help="ingress bind address (default: loopback only)")
-    p.add_argument("--http-port", type=int, default=None,
-                   help="ingress (OpenAI API, /metrics, /admin) port (default: 8000, or 8080 with --triton; 0 picks one)")
-    p.add_argument("--device-memory", type=parse_bytes, default=None,
-                   help="memory per rank for weights + KV, e.g. 768MiB (default: 1GiB on CPU, 90%% of the GPU)")
-    p.add_argument("--max-queued-requests", type=int, default=256,
-                   help="requests waiting for a first token before new ones get 429 (default: 256)")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of a step")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most running requests per replica (a g-stage group runs g times as many)")
-    p.add_argument("--transport", default="auto", help="tensor transport: auto, mpi or nccl")
-    p.add_argument("--kv-extension", default="auto", choices=["auto", "commit", "remap"],
-                   help="how a KunServe drop turns weights into KV: remap maps the dropped weights' "
-                        "memory onto the KV pool's tail (CUDA virtual memory, needs cuda-bindings; "
-                        "shared memory on CPU), commit frees them and commits pages (CPU); auto: "
-                        "remap on CUDA, commit on CPU")
-    p.add_argument("--device", default="auto",
-                   help="auto, cpu or cuda (rank r takes GPU r mod count; ranks sharing a GPU need --device-memory)")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: store's on CPU, bf16 on CUDA)")
-    p.add_argument("--model-name", default=None, help="model name in the API (default: the store's folder name)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank (default: 1)")
-    p.add_argument("--cost-model", type=Path, default=None,
-                   help="cost model from python -m perf.profile_cost; enables lookahead micro-batches in groups")
-    p.add_argument("--admin-token", default=None,
-                   help="require 'Authorization: Bearer TOKEN' on POST /admin/* (drop, restore, regroup)")
-    p.add_argument("--request-log", type=Path, default=None, metavar="PATH",
-                   help="append one JSON line per request to PATH when it ends: id, route (http or triton), "
-                        "arrival, first token and end (time.monotonic), TTFT, tokens, finish reason")
-    _add_triton_args(p)
-
-
-def _add_triton_args(p: argparse.ArgumentParser) -> None:
+    """Every ServeConfig field as an option, the nested configs as groups of their own."""
+    p.description = (p.description or "") + " Memory-overload policies (--policy): " + _policy_help() + "."
+    add_config_args(p, ServeConfig, skip=NESTED)
     g = p.add_argument_group("Triton Inference Server front end")
     g.add_argument("--triton", action="store_true",
                    help="also serve through tritonserver (the one in PATH, else nvidia-pytriton's) "
                         "with triton_repo/; its model is ready only while every rank is up")
-    g.add_argument("--triton-host", default="127.0.0.1", help="Triton bind address (default: loopback only)")
-    g.add_argument("--triton-http-port", type=int, default=8000, help="Triton HTTP port (default: 8000)")
-    g.add_argument("--triton-grpc-port", type=int, default=8001, help="Triton gRPC port (default: 8001)")
-    g.add_argument("--triton-metrics-port", type=int, default=8002,
-                   help="Triton metrics port, with the cluster's kunserve_* metrics (default: 8002)")
-    g.add_argument("--triton-model-names", default=",".join(MODEL_DIRS),
-                   help="models to serve: kunserve (decoupled: gRPC streaming, /generate_stream), "
-                        "kunserve_unary (HTTP /infer and /generate, gRPC infer), and aliases as NAME=MODEL, "
-                        "e.g. ensemble=kunserve for TensorRT-LLM clients (default: %(default)s)")
-    g.add_argument("--triton-repo", type=Path, default=DEFAULT_REPOSITORY,
-                   help="model repository holding kunserve/ (default: this checkout's triton_repo)")
-    g.add_argument("--tritonserver", type=Path, default=None,
-                   help="tritonserver binary to run (default: PATH, then the nvidia-pytriton wheel's)")
-    g.add_argument("--triton-arg", action="append", default=[], metavar="FLAG",
-                   help="one more tritonserver flag, after kunserve's own; repeat for more. Join it with '=', "
-                        "as it starts with '--': --triton-arg=--trace-config=level=TIMESTAMPS")
-    g.add_argument("--relay-socket", type=Path, default=None,
-                   help="Unix socket on which the ingress takes requests from the Triton model "
-                        "(default with --triton: a private path in the temporary directory). Set it to "
-                        "run your own tritonserver with triton_repo/ on this host: pass the same path in "
-                        "the model's relay_socket parameter or the KUNSERVE_RELAY_SOCKET variable")
-
-
-def _triton_config(args: argparse.Namespace) -> TritonConfig | None:
-    if not args.triton:
-        return None
-    names = tuple(n.strip() for n in args.triton_model_names.split(",") if n.strip())
-    return TritonConfig(host=args.triton_host, http_port=args.triton_http_port, grpc_port=args.triton_grpc_port,
-                        metrics_port=args.triton_metrics_port, model_names=names,
-                        repository=args.triton_repo, binary=args.tritonserver, extra_args=tuple(args.triton_arg))
+    add_config_args(g, TritonConfig, prefix="triton-")
+    add_config_args(p.add_argument_group("KunServe's load monitor (--policy kunserve)"), MonitorConfig,
+                    prefix="monitor-")
+    add_config_args(p.add_argument_group("Llumnix-style migration (--policy llumnix)"), MigrationConfig,
+                    prefix="migration-")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    return ServeConfig(
-        engine_dir=args.engine_dir, groups=args.groups, policy=args.policy, dispatch=args.dispatch,
-        host=args.host, http_port=args.http_port, device_memory=args.device_memory,
-        max_queued_requests=args.max_queued_requests, page_size=args.page_size,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        transport=args.transport, kv_extension=args.kv_extension, device=args.device, dtype=args.dtype,
-        model_name=args.model_name, threads=args.threads, admin_token=args.admin_token, cost_model=args.cost_model, swap_space=args.swap_space,
-        triton=_triton_config(args), relay_socket=args.relay_socket, request_log=args.request_log)
+    triton = config_from_args_of(TritonConfig, args, prefix="triton-") if args.triton else None
+    return config_from_args_of(ServeConfig, args, triton=triton,
+                               monitor=config_from_args_of(MonitorConfig, args, prefix="monitor-"),
+                               migration=config_from_args_of(MigrationConfig, args, prefix="migration-"))
 
 
 def rank_device(name: str, rank: int) -> torch.device:

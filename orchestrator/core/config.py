@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from orchestrator.core.scheduler import SchedulerConfig
+
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
           "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -46,9 +48,9 @@ class EngineConfig:
     """Bytes of the KV page pool."""
     page_size: int = 16
     """Tokens per KV page."""
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens
     """Token budget of one step."""
-    max_num_seqs: int = 64
+    max_num_seqs: int = SchedulerConfig.max_num_seqs
     """Most requests running at once."""
 
     def __post_init__(self) -> None:

@@ -28,6 +28,13 @@ class MigrationConfig:
     cooldown_s: float = 0.5
     """Between two migrations from the same source (its reports must catch up)."""
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.target_usage < self.source_usage <= 1.0:
+            raise ValueError("migration usages must satisfy 0 <= target_usage < source_usage <= 1, got "
+                             f"target_usage={self.target_usage}, source_usage={self.source_usage}")
+        if self.cooldown_s < 0:
+            raise ValueError(f"migration cooldown_s must be >= 0, got {self.cooldown_s}")
+
 
 @dataclass(frozen=True)
 class MigrationDecision:

@@ -35,6 +35,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.config_cli import cli, comma_list
 from orchestrator.triton.model_env import INGRESS_URL_ENV, METRICS_MODEL_ENV, RELAY_SOCKET_ENV
 
 logger = logging.getLogger(__name__)
@@ -54,19 +55,28 @@ class TritonConfig:
     """Options of ``serve --triton``."""
 
     host: str = "127.0.0.1"
+    """Triton's bind address (loopback only by default)."""
     http_port: int = 8000
+    """Triton's HTTP port."""
     grpc_port: int = 8001
+    """Triton's gRPC port."""
     metrics_port: int = 8002
-    model_names: tuple[str, ...] = MODEL_DIRS
-    """Served models: a directory of the repository, or ``alias=directory`` to serve one
-    under another name (``ensemble=kunserve`` for TensorRT-LLM's clients)."""
-    repository: Path = DEFAULT_REPOSITORY
-    binary: Path | None = None
-    """A specific ``tritonserver``; default: PATH, then the ``nvidia-pytriton`` wheel's."""
+    """Triton's metrics port, with the cluster's kunserve_* metrics."""
+    model_names: tuple[str, ...] = field(default=MODEL_DIRS, metadata=cli(parse=comma_list, show=",".join))
+    """Models to serve: kunserve (decoupled: gRPC streaming, /generate_stream), kunserve_unary
+    (HTTP /infer and /generate, gRPC infer), and aliases as NAME=MODEL, e.g. ensemble=kunserve
+    for TensorRT-LLM's clients."""
+    repository: Path = field(default=DEFAULT_REPOSITORY, metadata=cli(flag="repo", metavar="DIR"))
+    """Model repository holding kunserve/ (this checkout's triton_repo by default)."""
+    binary: Path | None = field(default=None, metadata=cli(flag="--tritonserver", metavar="PATH"))
+    """The tritonserver binary to run; PATH, then the nvidia-pytriton wheel's, when not given."""
     log_verbose: int = 0
+    """tritonserver's --log-verbose level."""
     start_timeout_s: float = 60.0
-    extra_args: tuple[str, ...] = ()
-    """More ``tritonserver`` flags, after this module's own (tracing, for instance)."""
+    """Seconds tritonserver may take to become ready."""
+    extra_args: tuple[str, ...] = field(default=(), metadata=cli(flag="arg", repeat=True, metavar="FLAG"))
+    """One more tritonserver flag, after kunserve's own; repeat for more. Join it with '=', as
+    it starts with '--': --triton-arg=--trace-config=level=TIMESTAMPS."""
 
     def __post_init__(self) -> None:
         if not self.model_names:
