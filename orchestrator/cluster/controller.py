@@ -17,18 +17,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 from engines.tokenizer import Tokenizer
-from orchestrator.cluster.messages import (AbortRequest, AddRequest, DropGroup, InstanceReport, MigrationDone,
-                                           RankInfo, RestoreGroup, StartMigration)
+from orchestrator.cluster.event_log import EventKind, EventLog
+from orchestrator.cluster.messages import (AbortRequest, AddRequest, DropGroup, GroupFormed, InstanceReport,
+                                           MigrationDone, RankInfo, ReshapeEvent, RestoreGroup)
+from orchestrator.cluster.migration_book import MigrationBook
 from orchestrator.contracts import (BackendUnavailable, ClusterState, GenerateRequest, InstanceState, InstanceStats,
-                                    QueueFullError, RankState, TokenEvent, Topology)
+                                    QueueFullError, RankState, Refused, ReshapeTimeout, TokenEvent, Topology)
 from orchestrator.policy.dispatch import DispatchPolicy, InstanceLoad
 from orchestrator.policy.migration import MigrationPolicy
 from orchestrator.policy.reshape import NeverReshape, ReshapePolicy
 
 logger = logging.getLogger(__name__)
-
-MIGRATION_TIMEOUT_S = 60.0
-
 
 @dataclass
 class _Stream:
@@ -75,14 +74,10 @@ class Controller:
         self._restored: dict[int, set[int]] = {}
         self._reshaped = threading.Condition()
         self._deferred: list[GenerateRequest] = []
-        self.events: list[dict] = []
-        """Drops and restores, newest last (shown in /admin/state)."""
-        self.counters: dict[str, float] = {}
+        self.log = EventLog()
+        """Drops, exchanges, restores, decisions and migrations, and their totals."""
         self.reshape_policy = reshape_policy or NeverReshape()
-        self.migration_policy = migration_policy
-        self._migrating: dict[int, tuple[int, int, float]] = {}
-        """Migration id -> (source, destination, start time) of migrations under way."""
-        self._migration_ids = 0
+        self.migrations = MigrationBook(migration_policy, send_to_leader, self.log) if migration_policy else None
         self._last_decision = 0.0
 
     # Ingress side (any thread) -----------------------------------------------------------
@@ -113,13 +108,13 @@ class Controller:
         topology = Topology.parse(groups, sum(len(g) for g in self.topology.instances))
         with self._lock:
             if self._streams:
-                raise ValueError(f"cannot regroup while {len(self._streams)} requests are in flight")
+                raise Refused(f"cannot regroup while {len(self._streams)} requests are in flight")
             self._ready = False
             self._reason_down = "the cluster is regrouping"
         self._regrouped.clear()
         self._post(("regroup", topology))
         if not self._regrouped.wait(timeout=30):
-            raise ValueError("regrouping did not finish within 30 s")
+            raise ReshapeTimeout("regrouping did not finish within 30 s")
 
     # Drop and restore (manual, or from the kunserve policy) -----------------------------------
     def drop(self, ranks: list[int], wait_s: float = 60.0) -> None:
@@ -132,24 +127,24 @@ class Controller:
             world = sum(len(g) for g in self.topology.instances)
             unknown = [r for r in ranks if not 0 <= r < world]
             if unknown or not ranks:
-                raise ValueError(f"unknown ranks {unknown or ranks}: the cluster has ranks 0-{world - 1}")
+                raise Refused(f"unknown ranks {unknown or ranks}: the cluster has ranks 0-{world - 1}")
             if len(set(ranks)) != len(ranks) or len(ranks) < 2:
-                raise ValueError(f"a group needs at least 2 distinct ranks, got {list(ranks)}")
+                raise Refused(f"a group needs at least 2 distinct ranks, got {list(ranks)}")
             if self._reshaping:
-                raise ValueError("a drop or restore is already in progress")
-            migrating = sorted({r for m in self._migrating.values() for r in m[:2]} & set(ranks))
+                raise Refused("a drop or restore is already in progress")
+            migrating = sorted((self.migrations.busy_ranks() if self.migrations else set()) & set(ranks))
             if migrating:
-                raise ValueError(f"ranks {migrating} are migrating a request; retry in a moment")
+                raise Refused(f"ranks {migrating} are migrating a request; retry in a moment")
             grouped = [r for r in ranks if len(self.topology.ranks_of_rank(r)) > 1]
             if grouped:
-                raise ValueError(f"ranks {grouped} are already in a group; restore it first")
+                raise Refused(f"ranks {grouped} are already in a group; restore it first")
             stuck = [r for r in ranks if r in self._ranks and not self._ranks[r].can_grow_kv]
             if stuck:
-                raise ValueError(f"ranks {stuck} cannot turn dropped weights into KV: their CUDA KV pool needs "
+                raise Refused(f"ranks {stuck} cannot turn dropped weights into KV: their CUDA KV pool needs "
                                  "the virtual-memory driver (pip install 'kunserve-orchestrator[cuda]', then "
                                  "--kv-extension remap)")
             if len(ranks) not in self._splits or len(ranks) > self._num_layers:
-                raise ValueError(f"no {len(ranks)}-way split: the store has splits {self._splits} for a "
+                raise Refused(f"no {len(ranks)}-way split: the store has splits {self._splits} for a "
                                  f"{self._num_layers}-layer model")
             self._epoch += 1
             for r in ranks:
@@ -170,11 +165,11 @@ class Controller:
             if ranks is not None:
                 groups = [g for g in groups if list(g) == [int(r) for r in ranks]]
                 if not groups:
-                    raise ValueError(f"ranks {list(ranks)} do not form a group")
+                    raise Refused(f"ranks {list(ranks)} do not form a group")
             if not groups:
-                raise ValueError("nothing is dropped: every rank serves as a replica")
+                raise Refused("nothing is dropped: every rank serves as a replica")
             if self._reshaping:
-                raise ValueError("a drop or restore is already in progress")
+                raise Refused("a drop or restore is already in progress")
             for g in groups:
                 self._epoch += 1
                 for r in g:
@@ -203,64 +198,41 @@ class Controller:
         self.reshape_policy.observe(stats, now)
         if busy or not self._ready:
             return
-        if self.migration_policy is not None:
-            self._start_migrations(stats, topology, now)
+        if self.migrations is not None:
+            self.migrations.start(stats, topology, now)
         for action in self.reshape_policy.decide(topology, now):
             try:
                 if action.kind == "drop":
                     self._begin_drop(action.ranks)
                 else:
                     self._begin_restore(list(action.ranks))
-                with self._lock:
-                    self._record({"event": "decision", "action": action.kind, "ranks": list(action.ranks),
-                                  "time": time.time(), **action.detail})
-            except ValueError as exc:
+                self.log.record(EventKind.DECISION, action.ranks, action=action.kind, **action.detail)
+            except Refused as exc:
                 logger.warning("policy %s could not %s %s: %s", self.reshape_policy.name, action.kind,
                                list(action.ranks), exc)
 
-    def _start_migrations(self, stats: dict, topology: Topology, now: float) -> None:
-        with self._lock:
-            stale = [mid for mid, (_s, _d, t) in self._migrating.items() if now - t > MIGRATION_TIMEOUT_S]
-            for mid in stale:  # the source reports every ending; a silent one is logged and forgotten
-                logger.warning("migration %d reported nothing for %.0f s", mid, MIGRATION_TIMEOUT_S)
-                del self._migrating[mid]
-            busy = {r for src, dst, _t in self._migrating.values() for r in (src, dst)}
-        for d in self.migration_policy.decide(stats, topology, busy, now):
-            self._migration_ids += 1
-            with self._lock:
-                self._migrating[self._migration_ids] = (d.src, d.dst, now)
-            self._send(d.src, StartMigration(self._migration_ids, d.dst, d.dst_free_tokens))
-
     def on_migration_done(self, msg: MigrationDone) -> None:
-        with self._lock:
-            self._migrating.pop(msg.migration_id, None)
-            if not msg.ok:
-                logger.debug("migration %d from %d to %d did not happen: %s", msg.migration_id, msg.src,
-                             msg.dst, msg.reason)
-                return
-            self._move_streams([msg.request_id], msg.dst)
-            self._record({"event": "migration", "ranks": [msg.src, msg.dst], "time": time.time(),
-                          "request": msg.request_id, "bytes": msg.bytes_moved, "seconds": round(msg.seconds, 4),
-                          "stop_seconds": round(msg.stop_seconds, 4), "stages": msg.stages})
+        if self.migrations is not None and self.migrations.done(msg):
+            with self._lock:
+                self._move_streams([msg.request_id], msg.dst)
 
     def _wait_reshaped(self, ranks: tuple[int, ...], wait_s: float) -> None:
         with self._reshaped:
             if not self._reshaped.wait_for(lambda: not any(r in self._reshaping for r in ranks), wait_s):
-                raise ValueError(f"reshaping ranks {list(ranks)} did not finish within {wait_s:.0f} s")
+                raise ReshapeTimeout(f"reshaping ranks {list(ranks)} did not finish within {wait_s:.0f} s")
 
     def on_reshaped(self, msg) -> None:
         """A group formed (drop) or a member is a replica again (restore)."""
-        from orchestrator.cluster.messages import GroupFormed, ReshapeEvent
         with self._lock:
             if isinstance(msg, ReshapeEvent):
-                self._record({"event": msg.kind, "ranks": list(msg.ranks), "time": time.time(), **msg.detail})
+                self.log.record(msg.kind, msg.ranks, **msg.detail)
                 return
             if isinstance(msg, GroupFormed):
                 self.topology = self.topology.fuse(msg.ranks)
                 self._move_streams(msg.request_ids, msg.instance)
                 done = msg.ranks
-                self._record({"event": "drop", "ranks": list(msg.ranks), "time": time.time(),
-                              "requests": len(msg.request_ids), "stale": msg.stale, "in_prefill": msg.in_prefill})
+                self.log.record(EventKind.DROP, msg.ranks, requests=len(msg.request_ids), stale=msg.stale,
+                                in_prefill=msg.in_prefill)
             else:
                 kind, group, _epoch = self._reshaping[msg.rank]
                 self._move_streams(msg.request_ids, msg.rank)
@@ -270,7 +242,7 @@ class Controller:
                     return
                 self.topology = self.topology.split(group)
                 done = group
-                self._record({"event": "restore", "ranks": list(group), "time": time.time()})
+                self.log.record(EventKind.RESTORE, group)
             for r in done:
                 self._reshaping.pop(r, None)
                 self.reshape_policy.forget(r)
@@ -278,28 +250,6 @@ class Controller:
         with self._reshaped:
             self._reshaped.notify_all()
         logger.info("topology is now %s", self.topology)
-
-    def _record(self, event: dict) -> None:
-        """Keep an event (last 100) and add it to the running totals (caller holds the lock)."""
-        logger.info("reshape event: %s", event)
-        self.events = self.events[-99:] + [event]
-        kind, c = event["event"], self.counters
-        if kind in ("drop", "restore"):
-            c[kind + "s"] = c.get(kind + "s", 0) + 1
-        elif kind == "exchange":
-            c["exchange_bytes"] = c.get("exchange_bytes", 0) + event["bytes"]
-            c["exchange_seconds"] = c.get("exchange_seconds", 0.0) + event["seconds"]
-            c["exchange_slices"] = c.get("exchange_slices", 0) + event["slices"]
-            c["exchange_recomputes"] = c.get("exchange_recomputes", 0) + event["recomputed"]
-        elif kind == "restore_moves":
-            c["restore_slices"] = c.get("restore_slices", 0) + event["slices"]
-            c["restore_recomputes"] = c.get("restore_recomputes", 0) + event["recomputed"]
-        elif kind == "migration":
-            c["migrations"] = c.get("migrations", 0) + 1
-            c["migration_bytes"] = c.get("migration_bytes", 0) + event["bytes"]
-        elif kind == "weights_pulled":
-            c["weight_bytes"] = c.get("weight_bytes", 0) + event["bytes"]
-            c["weight_seconds"] = c.get("weight_seconds", 0.0) + event["seconds"]
 
     def _move_streams(self, request_ids: list[str], instance: int) -> None:
         for rid in request_ids:
@@ -313,7 +263,7 @@ class Controller:
                                        self._stats[r[0]].running if r[0] in self._stats else 0)
                          for r in self.topology.instances]
             queued = sum(1 for s in self._streams.values() if not s.first_token)
-            events, counters = list(self.events), dict(self.counters)
+        events, counters = self.log.snapshot()
         return ClusterState(ranks, instances, queued, events, counters)
 
     def _rank_state(self, info: RankInfo) -> RankState:
@@ -397,8 +347,7 @@ class Controller:
     def on_report(self, report: InstanceReport) -> None:
         with self._lock:
             self._stats[report.stats.instance] = report.stats
-            for kind, n in report.stats.counts.items():
-                self.counters[kind] = self.counters.get(kind, 0) + n
+        self.log.count(report.stats.counts)
         for update in report.updates:
             self._deliver(update)
 

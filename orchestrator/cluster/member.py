@@ -6,6 +6,7 @@ import logging
 
 from engines.mapping import LayerRange
 from orchestrator.core.block_manager import PoolSpec
+from orchestrator.cluster.event_log import EventKind
 from orchestrator.cluster.instance import InstanceDriver, StageWorker
 from orchestrator.cluster.messages import DropGroup, MemberReady, ReshapeEvent, Restored, SplitGroup
 from orchestrator.cluster.reshape import Formation
@@ -30,7 +31,7 @@ def on_drop_group(loop, msg: DropGroup) -> None:
     ranges = group_ranges(loop, msg.ranks)
     pages = loop.engine.drop_to(ranges[stage])
     m = loop.engine.last_drop
-    loop.to_controller(ReshapeEvent("weights_dropped", msg.ranks, {
+    loop.to_controller(ReshapeEvent(EventKind.WEIGHTS_DROPPED, msg.ranks, {
         "rank": loop.rank, "bytes": m.weights_freed, "remapped": m.remapped, "kv_pages_added": pages,
         "seconds": m.seconds}))
     loop.driver = None
@@ -58,7 +59,7 @@ def on_split_group(loop, msg: SplitGroup) -> None:
     engine.restored(memory)
     logger.info("restored %.1f MiB of weights from peers in %.3f s (%.2f GiB/s)", nbytes / 2**20, seconds,
                 nbytes / max(seconds, 1e-9) / 2**30)
-    loop.to_controller(ReshapeEvent("weights_pulled", msg.ranks, {"rank": loop.rank, "bytes": nbytes,
+    loop.to_controller(ReshapeEvent(EventKind.WEIGHTS_PULLED, msg.ranks, {"rank": loop.rank, "bytes": nbytes,
                                                                   "seconds": seconds}))
     full = LayerRange(0, engine.cfg.num_hidden_layers)
     driver = InstanceDriver(loop.rank, (loop.rank,), [full], [PoolSpec(full, engine.kv.num_pages)], engine,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from engines.sampling import SamplingParams
 from engines.step import SeqChunk
+from orchestrator.cluster.event_log import EventKind
 from orchestrator.contracts import InstanceStats, TokenEvent, Topology
 
 # MPI tags. Control messages are matched by tag; payloads use their own tags.
@@ -228,9 +229,8 @@ class GroupFormed:
 class ReshapeEvent:
     """Leader or member -> controller: a finished phase of a drop or restore, with measurements."""
 
-    kind: str
-    """``weights_dropped`` (a member's weights became KV: bytes, remapped bytes, seconds),
-    ``exchange`` (drop's KV moves done), ``restore_moves``, ``weights_pulled``."""
+    kind: EventKind
+    """``WEIGHTS_DROPPED``, ``EXCHANGE``, ``RESTORE_MOVES`` or ``WEIGHTS_PULLED``."""
     ranks: tuple[int, ...]
     detail: dict = field(default_factory=dict)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from engines.mapping import LayerRange
 from engines.paging import OutOfPages
 from orchestrator.core.block_manager import PoolSpec
+from orchestrator.cluster.event_log import EventKind
 from orchestrator.cluster.instance import InstanceDriver
 from orchestrator.cluster.messages import (ExchangeAbort, ExchangeBatch, ExchangeDone, ExportedRequest, GroupFormed,
                                            KvMove, MemberReady, RESTORE_BATCH, ReshapeEvent, SplitGroup)
@@ -122,7 +123,7 @@ class Formation:
             seconds = now - self.exchange_started
             logger.info("group %s: exchange done, %.1f MiB moved in %.3f s (%.3f s since the drop order)",
                         self.ranks, self.bytes_moved / 2**20, seconds, now - self.started)
-            self.loop.to_controller(ReshapeEvent("exchange", self.ranks, {
+            self.loop.to_controller(ReshapeEvent(EventKind.EXCHANGE, self.ranks, {
                 "bytes": self.bytes_moved, "seconds": seconds, "batches": self.next_batch,
                 "slices": self.slices, "recomputed": self.recomputed,
                 "since_drop_order_s": now - self.started,
@@ -328,7 +329,7 @@ class Split:
             blocks.release(driver.ranks.index(mv.src_rank), mv.src_pages)
             req = driver.requests[mv.request_id]
             req.block_table[mv.layer] = mv.dst_pages
-        self.loop.to_controller(ReshapeEvent("restore_moves", driver.ranks, {
+        self.loop.to_controller(ReshapeEvent(EventKind.RESTORE_MOVES, driver.ranks, {
             "slices": len(self.moves), "recomputed": self.recomputed, "seconds": time.monotonic() - self.started}))
         for m, alloc in enumerate(blocks.allocators):
             used_above = alloc.num_pages - driver.base_pages[m] - (alloc.num_free - alloc.num_free_below(driver.base_pages[m]))

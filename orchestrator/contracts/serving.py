@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 from engines.sampling import SamplingParams
 from engines.tokenizer import Tokenizer
-from orchestrator.contracts.errors import BackendUnavailable, QueueFullError  # noqa: F401 (named in docstrings)
 
 
 @dataclass
@@ -115,13 +114,16 @@ class IngressBackend(Protocol):
         """A snapshot for ``/admin/state`` and ``/metrics``."""
 
     def regroup(self, groups: str) -> None:
-        """Change the grouping of idle ranks (``"0-1,2,3"``); raises ValueError if not possible now."""
+        """Change the grouping of idle ranks (``"0-1,2,3"``): ValueError for a bad text,
+        ``Refused`` if not possible now, ``ReshapeTimeout`` if it did not finish in time."""
 
     def drop(self, ranks: list[int]) -> None:
-        """Fuse these replicas into a pipelined group (KunServe drop); ValueError if not possible."""
+        """Fuse these replicas into a pipelined group (KunServe drop); ``Refused`` if not
+        possible now, ``ReshapeTimeout`` if it did not finish in time."""
 
     def restore(self, ranks: list[int] | None) -> list[tuple[int, ...]]:
-        """Split one group (or all) back into replicas; returns the groups split."""
+        """Split one group (or all) back into replicas; returns the groups split (errors as
+        for ``drop``)."""
 
     def plan(self) -> dict[str, Any]:
         """What the reshape policy would do now, without doing it."""

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from orchestrator.contracts import BackendUnavailable
+from orchestrator.contracts import BackendUnavailable, Refused, ReshapeTimeout
 from orchestrator.ingress.http_util import BACKEND_KEY, read_json
 from orchestrator.ingress.openai_protocol import ApiError, InvalidRequest
 
@@ -42,8 +42,12 @@ def _check_token(request: web.Request) -> None:
 async def _run(request: web.Request, fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-    except ValueError as exc:
+    except Refused as exc:  # not possible in this state
         raise ApiError(409, str(exc)) from None
+    except ReshapeTimeout as exc:
+        raise ApiError(504, str(exc)) from None
+    except ValueError as exc:  # a bad argument (a --groups text that does not parse, say)
+        raise ApiError(400, str(exc)) from None
     except BackendUnavailable as exc:
         raise ApiError(503, f"the cluster is not serving ({exc})") from None
 

@@ -141,20 +141,22 @@ def _cluster_gauges(lines: list[str], state: ClusterState) -> None:
     _family(lines, "kunserve_num_requests_queued", "gauge",
             "Requests accepted by the controller that have no first token yet.", [({}, state.queued)])
     ranks = sorted(state.ranks, key=lambda r: r.rank)
-    _family(lines, "kunserve_kv_pages_used", "gauge", "KV pages in use, per rank.",
-            [({"rank": str(r.rank)}, r.kv_pages_used) for r in ranks])
-    _family(lines, "kunserve_kv_pages_total", "gauge", "KV pages of the pool, per rank.",
-            [({"rank": str(r.rank)}, r.kv_pages_total) for r in ranks])
-    _family(lines, "kunserve_kv_cache_usage_ratio", "gauge", "Fraction of KV pages in use, per rank.",
-            [({"rank": str(r.rank)}, r.kv_pages_used / r.kv_pages_total if r.kv_pages_total else 0.0)
-             for r in ranks])
     instances = sorted(state.instances, key=lambda i: i.instance)
-    _family(lines, "kunserve_num_requests_waiting", "gauge", "Requests waiting, per serving instance.",
-            [({"instance": str(i.instance)}, i.waiting) for i in instances])
-    _family(lines, "kunserve_num_requests_running", "gauge", "Requests running, per serving instance.",
-            [({"instance": str(i.instance)}, i.running) for i in instances])
-    _family(lines, "kunserve_weight_bytes", "gauge", "Resident weight bytes, per rank.",
-            [({"rank": str(r.rank)}, r.weight_bytes) for r in ranks])
+    per_rank = [
+        ("kunserve_kv_pages_used", "KV pages in use, per rank.", lambda r: r.kv_pages_used),
+        ("kunserve_kv_pages_total", "KV pages of the pool, per rank.", lambda r: r.kv_pages_total),
+        ("kunserve_kv_cache_usage_ratio", "Fraction of KV pages in use, per rank.",
+         lambda r: r.kv_pages_used / r.kv_pages_total if r.kv_pages_total else 0.0),
+        ("kunserve_weight_bytes", "Resident weight bytes, per rank.", lambda r: r.weight_bytes),
+    ]
+    for name, help_text, value in per_rank:
+        _family(lines, name, "gauge", help_text, [({"rank": str(r.rank)}, value(r)) for r in ranks])
+    per_instance = [
+        ("kunserve_num_requests_waiting", "Requests waiting, per serving instance.", lambda i: i.waiting),
+        ("kunserve_num_requests_running", "Requests running, per serving instance.", lambda i: i.running),
+    ]
+    for name, help_text, value in per_instance:
+        _family(lines, name, "gauge", help_text, [({"instance": str(i.instance)}, value(i)) for i in instances])
     for name, (help_text, value) in sorted(_reshape_counters(state).items()):
         _family(lines, name, "counter", help_text, [({}, value)])
 

@@ -22,7 +22,7 @@ anyway.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -152,15 +152,12 @@ class MpiTransport(Transport):
         """Send rows of ``tensor`` straight from its memory: read by the receiver itself on
         this host (cross-memory attach), else an MPI indexed datatype (no gather either way).
         Rows of a CUDA tensor are gathered on the device and staged."""
-        if _on_device(tensor, "isend_rows"):
+        route = self._rows_route(tensor, rows, dst, tag, "isend_rows", lambda: self.cma.can_read[dst][self.rank])
+        if route[0] == "generic":
             return super().isend_rows(tensor, rows, dst, tag)
-        self._check_peer(dst, tag)
-        index = _rows_index(tensor, rows, "isend_rows")
-        if self.cma.can_read[dst][self.rank]:
-            return self.cma.isend_rows(tensor, index, dst, tag)
-        parts = self._row_types(tensor, index)
-        if parts is None:
-            return super().isend_rows(tensor, rows, dst, tag)
+        if route[0] == "cma":
+            return self.cma.isend_rows(tensor, route[1], dst, tag)
+        parts = route[2]
         data = MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes, readonly=True)
         requests = [self.comm.Isend([data, count, dt], dst, tag) for dt, count, _ in parts]
         return MpiHandle(requests, tensor, datatypes=[dt for dt, _, _ in parts])
@@ -169,19 +166,30 @@ class MpiTransport(Transport):
         """Receive rows straight into ``tensor``'s memory (copied out of the sender's on this
         host, else an MPI indexed datatype: no scatter either way). Rows of a CUDA tensor
         are staged and scattered on the device."""
-        if _on_device(tensor, "irecv_rows"):
+        route = self._rows_route(tensor, rows, src, tag, "irecv_rows", lambda: self.cma.can_read[self.rank][src])
+        if route[0] == "generic":
             return super().irecv_rows(tensor, rows, src, tag)
-        self._check_peer(src, tag)
-        index = _rows_index(tensor, rows, "irecv_rows")
-        if self.cma.can_read[self.rank][src]:
-            return self.cma.irecv_rows(tensor, index, src, tag)
-        parts = self._row_types(tensor, index)
-        if parts is None:
-            return super().irecv_rows(tensor, rows, src, tag)
+        if route[0] == "cma":
+            return self.cma.irecv_rows(tensor, route[1], src, tag)
+        parts = route[2]
         data = MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes, readonly=False)
         requests = [self.comm.Irecv([data, count, dt], src, tag) for dt, count, _ in parts]
         return MpiHandle(requests, tensor, expected_bytes=[n for _, _, n in parts],
                          datatypes=[dt for dt, _, _ in parts])
+
+    def _rows_route(self, tensor: torch.Tensor, rows: Sequence[int], peer: int, tag: int, op: str,
+                    cma_ok: Callable[[], bool]) -> tuple[str, np.ndarray | None, list | None]:
+        """How rows travel: ``generic`` (the base class: CUDA staging, or rows no datatype
+        describes), ``cma`` (the receiver copies them on this host) or ``datatype`` (MPI
+        indexed datatypes, with their parts); the peer and tag are checked first."""
+        if _on_device(tensor, op):
+            return "generic", None, None
+        self._check_peer(peer, tag)
+        index = _rows_index(tensor, rows, op)
+        if cma_ok():
+            return "cma", index, None
+        parts = self._row_types(tensor, index)
+        return ("generic", None, None) if parts is None else ("datatype", index, parts)
 
     def _row_types(self, tensor: torch.Tensor, index: np.ndarray) -> list[tuple[MPI.Datatype, int, int]] | None:
         """One ``(datatype, count, bytes)`` per message of at most ``max_chunk_bytes``, or

@@ -6,7 +6,7 @@ import pytest
 
 from orchestrator.cluster.controller import Controller
 from orchestrator.cluster.messages import RankInfo
-from orchestrator.contracts import Topology
+from orchestrator.contracts import Refused, Topology
 from orchestrator.policy.dispatch import make_dispatch_policy
 
 
@@ -16,7 +16,7 @@ def test_a_rank_whose_kv_pool_cannot_grow_is_refused_with_the_fix_named():
                    lambda *msg: sent.append(msg), lambda topology: None, splits=[1, 2], num_layers=6)
     c.on_rank_info(RankInfo(0, 10, 100, 100, 1000, 0))
     c.on_rank_info(RankInfo(1, 10, 100, 100, 1000, 0, can_grow_kv=False))  # CUDA, no cuda-bindings
-    with pytest.raises(ValueError, match=r"ranks \[1\] cannot turn dropped weights into KV.*\[cuda\]"):
+    with pytest.raises(Refused, match=r"ranks \[1\] cannot turn dropped weights into KV.*\[cuda\]"):
         c.drop([0, 1], wait_s=1)
     c.poll()  # the main loop's turn: a drop that had started would send its orders now
     assert not sent and not c._reshaping, (sent, c._reshaping)  # nothing started

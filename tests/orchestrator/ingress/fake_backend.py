@@ -11,15 +11,8 @@ import asyncio
 from dataclasses import dataclass, field
 
 from engines.tokenizer import Tokenizer
-from orchestrator.contracts import (
-    BackendUnavailable,
-    ClusterState,
-    GenerateRequest,
-    InstanceState,
-    QueueFullError,
-    RankState,
-    TokenEvent,
-)
+from orchestrator.contracts import (BackendUnavailable, ClusterState, GenerateRequest, InstanceState, QueueFullError,
+                                    RankState, Refused, ReshapeTimeout, TokenEvent)
 
 
 @dataclass
@@ -95,6 +88,10 @@ class FakeBackend:
     def regroup(self, groups: str) -> None:
         if self.unavailable:
             raise BackendUnavailable("fake cluster is down")
+        if groups == "slow":
+            raise ReshapeTimeout("regrouping did not finish within 30 s")
+        if groups == "x-y":
+            raise ValueError(f"--groups: cannot parse {groups!r}")
         if groups != "0-1":
-            raise ValueError(f"cannot regroup to {groups!r}: ranks are busy")
+            raise Refused(f"cannot regroup to {groups!r}: ranks are busy")
         self.regroups.append(groups)

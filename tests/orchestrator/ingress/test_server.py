@@ -232,6 +232,9 @@ def test_admin_state_and_regroup(server, backend):
     assert backend.regroups == ["0-1"]
     r = call(_url(server, "/admin/regroup"), "POST", {"groups": "0,1"})
     assert r.status == 409 and "ranks are busy" in r.body["error"]["message"]
+    r = call(_url(server, "/admin/regroup"), "POST", {"groups": "x-y"})
+    assert r.status == 400 and "cannot parse" in r.body["error"]["message"]
+    assert call(_url(server, "/admin/regroup"), "POST", {"groups": "slow"}).status == 504
     assert call(_url(server, "/admin/regroup"), "POST", {"groups": 3}).status == 400
     assert call(_url(server, "/admin/regroup"), "POST", data=b"{").status == 400
     assert backend.regroups == ["0-1"]
