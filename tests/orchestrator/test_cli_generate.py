@@ -22,6 +22,23 @@ def generate(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+def generate_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The same command run in this process (``orchestrator.cli.main``): the bad-input cases
+    need no interpreter of their own, and an exception that escaped ``main`` fails the test."""
+    import torch
+
+    from orchestrator.cli import main
+
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        code = main(["generate", *args])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["generate", *args], code, out.out, out.err)
+
+
 def assert_one_line_error(res: subprocess.CompletedProcess, *words: str) -> None:
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
@@ -59,42 +76,42 @@ def test_batch_mode_runs_prompts_together(tiny_store, tmp_path):
     assert outs[2]["token_ids"] == alone.token_ids  # seeded sampling does not depend on the batch
 
 
-def test_bad_requests(tiny_store, tmp_path):
+def test_bad_requests(tiny_store, tmp_path, capsys):
     d = str(tiny_store)
-    assert_one_line_error(generate("--engine-dir", d, "--prompt", ""), "prompt is empty")
-    assert_one_line_error(generate("--engine-dir", d, "--prompt", "x" * 600), "context is 512")
-    assert_one_line_error(generate("--engine-dir", d, "--prompt", "x", "--max-tokens", "0"), "max_tokens")
-    assert_one_line_error(generate("--engine-dir", d, "--prompt", "x", "--max-tokens", "-3"), "max_tokens")
-    assert_one_line_error(generate("--engine-dir", d, "--prompt", "x", "--top-p", "0"), "top_p")
+    assert_one_line_error(generate_here(capsys, "--engine-dir", d, "--prompt", ""), "prompt is empty")
+    assert_one_line_error(generate_here(capsys, "--engine-dir", d, "--prompt", "x" * 600), "context is 512")
+    assert_one_line_error(generate_here(capsys, "--engine-dir", d, "--prompt", "x", "--max-tokens", "0"), "max_tokens")
+    assert_one_line_error(generate_here(capsys, "--engine-dir", d, "--prompt", "x", "--max-tokens", "-3"), "max_tokens")
+    assert_one_line_error(generate_here(capsys, "--engine-dir", d, "--prompt", "x", "--top-p", "0"), "top_p")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 5}\n')
-    assert_one_line_error(generate("--engine-dir", d, "--prompts-file", str(bad)), "bad.jsonl:2")
+    assert_one_line_error(generate_here(capsys, "--engine-dir", d, "--prompts-file", str(bad)), "bad.jsonl:2")
 
 
-def test_bad_engine_directories(tiny_store, tmp_path):
-    assert_one_line_error(generate("--engine-dir", str(tmp_path / "none"), "--prompt", "x"), "does not exist")
+def test_bad_engine_directories(tiny_store, tmp_path, capsys):
+    assert_one_line_error(generate_here(capsys, "--engine-dir", str(tmp_path / "none"), "--prompt", "x"), "does not exist")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_one_line_error(generate("--engine-dir", str(empty), "--prompt", "x"), "not an engine store")
+    assert_one_line_error(generate_here(capsys, "--engine-dir", str(empty), "--prompt", "x"), "not an engine store")
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_store, corrupt)
     (corrupt / "config.json").write_text("{not json")
-    assert_one_line_error(generate("--engine-dir", str(corrupt), "--prompt", "x"), "corrupt")
+    assert_one_line_error(generate_here(capsys, "--engine-dir", str(corrupt), "--prompt", "x"), "corrupt")
 
     truncated = tmp_path / "truncated"
     shutil.copytree(tiny_store, truncated)
     rank = truncated / "pp1" / "rank0.safetensors"
     rank.write_bytes(rank.read_bytes()[:1000])
-    assert_one_line_error(generate("--engine-dir", str(truncated), "--prompt", "x"), "rank0.safetensors")
+    assert_one_line_error(generate_here(capsys, "--engine-dir", str(truncated), "--prompt", "x"), "rank0.safetensors")
 
     missing = tmp_path / "missing"
     shutil.copytree(tiny_store, missing)
     shutil.rmtree(missing / "pp1")
-    assert_one_line_error(generate("--engine-dir", str(missing), "--prompt", "x"), "no pp1 split")
+    assert_one_line_error(generate_here(capsys, "--engine-dir", str(missing), "--prompt", "x"), "no pp1 split")
 
 
-def test_store_built_for_another_model(tiny_store, tmp_path):
+def test_store_built_for_another_model(tiny_store, tmp_path, capsys):
     from build_scripts.build_engines import main as build_main
 
     other = tmp_path / "other"
@@ -104,7 +121,7 @@ def test_store_built_for_another_model(tiny_store, tmp_path):
     shutil.copytree(tiny_store, mixed)
     shutil.rmtree(mixed / "pp1")
     shutil.copytree(other / "pp1", mixed / "pp1")
-    assert_one_line_error(generate("--engine-dir", str(mixed), "--prompt", "x"), "another model")
+    assert_one_line_error(generate_here(capsys, "--engine-dir", str(mixed), "--prompt", "x"), "another model")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["generate", "--help"]])
