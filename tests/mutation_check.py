@@ -55,7 +55,7 @@ MUTATIONS = [
              (CYCLES + "[2-group0-False-commit]", PREFILL)),
     Mutation("restore-moves-skipped", "the restore recomputes every request instead of moving its KV home (silently)",
              "orchestrator/cluster/reshape.py",
-             (("        members = [] if self.loop.faults.restore_no_room else range(g)\n",
+             (("        members = [] if self.ctx.faults.restore_no_room else range(g)\n",
                "        members = []  # MUTATION\n"),
               ("""        logger.warning("restore: no member can hold %s's KV; it will be recomputed", req.request_id)\n""",
                "")),

@@ -31,6 +31,7 @@ from engines.paging import pages_for_tokens
 from orchestrator.cluster.messages import (MIGRATION_EPOCH, ExchangeBatch, ExchangeDone, KvMove,
                                            MigrationCancel, MigrationCommit, MigrationDone, MigrationOffer,
                                            MigrationReply, StartMigration)
+from orchestrator.cluster.rank_context import RankContext
 from orchestrator.core.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ class OutgoingMigration:
 class MigrationSource:
     """The source leader's side of its migrations (at most one request per migration)."""
 
-    def __init__(self, loop) -> None:
-        self.loop = loop
+    def __init__(self, ctx: RankContext) -> None:
+        self.ctx = ctx
         self.out: dict[int, OutgoingMigration] = {}
         self.moved: OrderedDict[str, int] = OrderedDict()
         """Request id -> destination of the last ``MOVED_REMEMBERED`` requests that left, so an
@@ -80,7 +81,7 @@ class MigrationSource:
 
     @property
     def driver(self):
-        return self.loop.driver
+        return self.ctx.driver
 
     def start(self, msg: StartMigration) -> None:
         req = self._pick(msg.dst_free_tokens)
@@ -89,7 +90,7 @@ class MigrationSource:
             return
         m = OutgoingMigration(msg.migration_id, msg.dst, req)
         self.out[m.mid] = m
-        self.loop.send_to_rank(m.dst, MigrationOffer(m.mid, self.loop.rank, req.request_id,
+        self.ctx.send_to_rank(m.dst, MigrationOffer(m.mid, self.ctx.rank, req.request_id,
                                                      req.num_tokens + HEADROOM_TOKENS))
 
     def _pick(self, room_tokens: int) -> Request | None:
@@ -120,14 +121,14 @@ class MigrationSource:
         ps = self.driver.scheduler.blocks.page_size
         first = m.sent_tokens // ps
         last = pages_for_tokens(m.req.num_computed_tokens, ps)
-        moves = [KvMove(m.req.request_id, layer, self.loop.rank, m.req.block_table[layer][first:last],
+        moves = [KvMove(m.req.request_id, layer, self.ctx.rank, m.req.block_table[layer][first:last],
                         m.dst, m.dst_table[layer][first:last]) for layer in range(len(m.req.block_table))]
         m.sent_tokens = m.req.num_computed_tokens
         m.stage += 1
-        m.waiting_for = {self.loop.rank, m.dst}
+        m.waiting_for = {self.ctx.rank, m.dst}
         batch = ExchangeBatch(MIGRATION_EPOCH + m.mid, m.stage, moves)
-        self.loop.send_to_rank(m.dst, batch)
-        self.loop.send_to_rank(self.loop.rank, batch)
+        self.ctx.send_to_rank(m.dst, batch)
+        self.ctx.send_to_rank(self.ctx.rank, batch)
 
     def on_exchange_done(self, msg: ExchangeDone) -> None:
         m = self.out.get(msg.epoch - MIGRATION_EPOCH)
@@ -178,8 +179,8 @@ class MigrationSource:
             return
         er = d.hand_over(req, m.dst_table, m.dst)
         if d.updates:  # tokens made here reach the controller before any made there
-            self.loop.to_controller(d.report())
-        self.loop.send_to_rank(m.dst, MigrationCommit(m.mid, er))
+            self.ctx.to_controller(d.report())
+        self.ctx.send_to_rank(m.dst, MigrationCommit(m.mid, er))
         self.moved[req.request_id] = m.dst
         if len(self.moved) > MOVED_REMEMBERED:
             self.moved.popitem(last=False)
@@ -191,7 +192,7 @@ class MigrationSource:
         """End a migration that did not happen: the request stays (or ends) here."""
         self.out.pop(m.mid, None)
         if cancel:
-            self.loop.send_to_rank(m.dst, MigrationCancel(m.mid))
+            self.ctx.send_to_rank(m.dst, MigrationCancel(m.mid))
         if m.req.seq_id in self.driver.held:
             self.driver.release_held(m.req)  # runs it again, or performs a pending abort
         self._report(m.mid, m.dst, m.req.request_id, ok, reason, m)
@@ -199,8 +200,8 @@ class MigrationSource:
     def _report(self, mid: int, dst: int, request_id: str | None, ok: bool, reason: str,
                 m: OutgoingMigration | None = None) -> None:
         now = time.monotonic()
-        self.loop.to_controller(MigrationDone(
-            mid, request_id or "", self.loop.rank, dst, ok, reason,
+        self.ctx.to_controller(MigrationDone(
+            mid, request_id or "", self.ctx.rank, dst, ok, reason,
             m.bytes_moved if m else 0, now - m.started if m else 0.0,
             now - m.stop_started if m and m.stop_started else 0.0, m.stage if m else 0))
 
@@ -212,35 +213,35 @@ class MigrationSource:
 class MigrationTarget:
     """The destination leader's side: reservations and adoption."""
 
-    def __init__(self, loop) -> None:
-        self.loop = loop
+    def __init__(self, ctx: RankContext) -> None:
+        self.ctx = ctx
         self.reserved: dict[int, tuple[int, Request]] = {}
         """Migration id -> (source rank, placeholder owning the reserved pages)."""
 
     def on_offer(self, msg: MigrationOffer) -> None:
-        d = self.loop.driver
+        d = self.ctx.driver
         if d is None or len(d.ranks) > 1 or d.paused:
-            self.loop.send_to_rank(msg.src, MigrationReply(msg.migration_id, None, "not a serving replica"))
+            self.ctx.send_to_rank(msg.src, MigrationReply(msg.migration_id, None, "not a serving replica"))
             return
         holder = Request(f"migration-{msg.migration_id}", [0] * msg.num_tokens, None, msg.num_tokens)
         if not d.scheduler.blocks.allocate(holder, msg.num_tokens):
-            self.loop.send_to_rank(msg.src, MigrationReply(msg.migration_id, None, "no free KV pages"))
+            self.ctx.send_to_rank(msg.src, MigrationReply(msg.migration_id, None, "no free KV pages"))
             return
         self.reserved[msg.migration_id] = (msg.src, holder)
-        self.loop.send_to_rank(msg.src, MigrationReply(msg.migration_id, holder.block_table))
+        self.ctx.send_to_rank(msg.src, MigrationReply(msg.migration_id, holder.block_table))
 
     def on_exchange_done(self, msg: ExchangeDone) -> bool:
         """Forward this rank's completion of an incoming migration's stage to its source."""
         entry = self.reserved.get(msg.epoch - MIGRATION_EPOCH)
         if entry is not None:
-            self.loop.send_to_rank(entry[0], msg)
+            self.ctx.send_to_rank(entry[0], msg)
         return entry is not None
 
     def on_commit(self, msg: MigrationCommit) -> None:
         _src, _holder = self.reserved.pop(msg.migration_id)
-        self.loop.driver.adopt(msg.request, held=False)  # the placeholder's pages are its pages now
+        self.ctx.driver.adopt(msg.request, held=False)  # the placeholder's pages are its pages now
 
     def on_cancel(self, msg: MigrationCancel) -> None:
         entry = self.reserved.pop(msg.migration_id, None)
-        if entry is not None and self.loop.driver is not None:
-            self.loop.driver.scheduler.blocks.free(entry[1])
+        if entry is not None and self.ctx.driver is not None:
+            self.ctx.driver.scheduler.blocks.free(entry[1])

@@ -21,6 +21,7 @@ from mpi4py import MPI
 from engines.config import parse_dtype
 from orchestrator.core.block_manager import PoolSpec
 from orchestrator.cluster.controller import Controller
+from orchestrator.cluster.rank_context import Role
 from orchestrator.cluster.faults import Faults
 from orchestrator.cluster.instance import InstanceDriver, StageWorker
 from orchestrator.cluster.kv_mover import KvMover
@@ -98,7 +99,7 @@ class RankLoop:
         self.messenger = Messenger(comm, transport)
         self.transport = transport
         self.controller: Controller | None = None
-        self.driver: InstanceDriver | None = None
+        self._driver: InstanceDriver | None = None
         self.worker: StageWorker | None = None
         self.stop_reason: str | None = None
         self.mover = KvMover(self.rank, engine.kv, transport)
@@ -121,24 +122,29 @@ class RankLoop:
         mapping = self.engine.store.mapping(len(ranks))
         ranges = [mapping.layer_range(s) for s in range(len(ranks))]
         stage = ranks.index(self.rank)
-        self.role = (inst, stage, len(ranks), ranges[stage])
-        self.driver, self.worker = None, None
+        role = Role(inst, stage, len(ranks), ranges[stage])
         if stage == 0:
             pools = [PoolSpec(r, self.kv_pages[rank]) for r, rank in zip(ranges, ranks)]
-            self.driver = InstanceDriver(inst, ranks, ranges, pools, self.engine, self.messenger, self.sched_config,
-                                         self.cost_model)
+            self.take_role(role, driver=InstanceDriver(inst, ranks, ranges, pools, self.engine, self.messenger,
+                                                       self.sched_config, self.cost_model))
         else:
-            self.worker = StageWorker(inst, ranks, stage, ranges, self.engine, self.messenger)
-        logger.info("rank %d: instance %d, stage %d of %d, layers %s", self.rank, inst, stage, len(ranks),
-                    ranges[stage])
+            self.take_role(role, worker=StageWorker(inst, ranks, stage, ranges, self.engine, self.messenger))
+
+    @property
+    def driver(self) -> InstanceDriver | None:
+        return self._driver
+
+    def take_role(self, role: Role, driver: InstanceDriver | None = None, worker: StageWorker | None = None) -> None:
+        """The one place a rank's role, driver and worker change (``RankContext``)."""
+        self.role, self._driver, self.worker = role, driver, worker
+        logger.info("rank %d: instance %d, stage %d of %d, layers %s%s", self.rank, role.instance, role.stage,
+                    role.size, role.layers, "" if driver or worker else " (forming)")
 
     def rank_info(self) -> RankInfo:
-        inst, stage, size, layers = self.role
-        plan = self.engine.plan
+        r, plan = self.role, self.engine.plan
         return RankInfo(self.rank, self.engine.kv.num_pages, self.engine.weight_memory(), self.engine.kv.nbytes,
-                        self.device_memory, self.engine.resident_growth(), plan.workspace_bytes,
-                        "replica" if size == 1 else "group", inst, stage, size, (layers.start, layers.end),
-                        self.engine.can_grow_kv)
+                        self.device_memory, self.engine.resident_growth(), plan.workspace_bytes, r.kind,
+                        r.instance, r.stage, r.size, (r.layers.start, r.layers.end), self.engine.can_grow_kv)
 
     # Delivery (local when the destination is this rank) --------------------------------------
     def to_leader(self, instance: int, msg: object) -> None:
@@ -204,12 +210,11 @@ class RankLoop:
         if self.formation is not None and self.formation.poll():
             self.formation = None
         if self.split is not None:
-            self.split.poll()
+            self.split.poll(exchanging=self.formation is not None and bool(self.formation.pending))
         if self.migration_source.out:
             self.migration_source.poll()
         for epoch, batch, nbytes, seconds in self.mover.poll():
-            leader = self.role[0]
-            self.send_to_rank(leader, ExchangeDone(self.rank, epoch, batch, nbytes, seconds))
+            self.send_to_rank(self.role.instance, ExchangeDone(self.rank, epoch, batch, nbytes, seconds))
             logger.debug("exchange batch %d: %d bytes in %.3f s", batch, nbytes, seconds)
             did = True
         return did or self.mover.busy
@@ -268,7 +273,11 @@ class RankLoop:
 
     def _on_reshape_message(self, msg: object) -> bool:
         if isinstance(msg, DropGroup):
-            on_drop_group(self, msg)
+            self.formation = on_drop_group(self, msg)
+            if self.formation is not None:  # this rank leads the new group
+                for early in self.early_ready:
+                    self.formation.on_member_ready(early)
+                self.early_ready = []
         elif isinstance(msg, MemberReady):
             if self.formation is None:
                 self.early_ready.append(msg)  # a peer was faster than our own drop order
@@ -288,9 +297,10 @@ class RankLoop:
             elif self.formation is not None:
                 self.formation.on_exchange_done(msg)
         elif isinstance(msg, RestoreGroup):
-            self.split = Split(self, msg.epoch)
+            self.split = Split(self, self.driver, msg.epoch)
         elif isinstance(msg, SplitGroup):
             on_split_group(self, msg)
+            self.formation = self.split = None
         elif isinstance(msg, (GroupFormed, Restored, ReshapeEvent)):
             self.controller.on_reshaped(msg)
         else:

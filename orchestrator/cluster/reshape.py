@@ -1,5 +1,5 @@
 """Reshaping instances, leader side: fusing replicas into a group (drop) and splitting it
-back (restore). Each is an explicit state machine driven by messages and the rank loop.
+back (restore). Each is an explicit state machine driven by messages and the rank ctx.
 
 Drop (``Formation``): every member exports its requests, drops the weights outside its
 stage and grows its KV pool; the new leader adopts all requests at once, so new work runs
@@ -26,6 +26,7 @@ from engines.paging import OutOfPages
 from orchestrator.core.block_manager import PoolSpec
 from orchestrator.cluster.event_log import EventKind
 from orchestrator.cluster.instance import InstanceDriver
+from orchestrator.cluster.rank_context import RankContext
 from orchestrator.cluster.messages import (ExchangeAbort, ExchangeBatch, ExchangeDone, ExportedRequest, GroupFormed,
                                            KvMove, MemberReady, RESTORE_BATCH, ReshapeEvent, SplitGroup)
 from orchestrator.core.request import Request
@@ -58,11 +59,13 @@ class _PendingBatch:
 class Formation:
     """The new leader's side of a drop."""
 
-    loop: "object"
+    ctx: RankContext
     ranks: tuple[int, ...]
     ranges: list[LayerRange]
     epoch: int
     state: FormationState = FormationState.WAITING_MEMBERS
+    driver: InstanceDriver | None = None
+    """The group's driver, made once every member is ready."""
     ready: dict[int, MemberReady] = field(default_factory=dict)
     stale: list[tuple[Request, int]] = field(default_factory=list)
     pending: dict[int, _PendingBatch] = field(default_factory=dict)
@@ -83,10 +86,10 @@ class Formation:
             self._form()
 
     def _form(self) -> None:
-        loop = self.loop
+        ctx = self.ctx
         pools = [PoolSpec(r, self.ready[rank].kv_pages) for r, rank in zip(self.ranges, self.ranks)]
-        driver = InstanceDriver(self.ranks[0], self.ranks, self.ranges, pools, loop.engine, loop.messenger,
-                                loop.sched_config, loop.cost_model)
+        driver = InstanceDriver(self.ranks[0], self.ranks, self.ranges, pools, ctx.engine, ctx.messenger,
+                                ctx.sched_config, ctx.cost_model)
         driver.base_pages = [self.ready[r].base_pages for r in self.ranks]
         ids = []
         for stage, rank in enumerate(self.ranks):
@@ -98,10 +101,11 @@ class Formation:
                 if pages:
                     self.stale.append((req, stage))
                 ids.append(er.request_id)
-        loop.driver = driver
+        self.driver = driver
+        ctx.take_role(ctx.role, driver=driver)
         self.stale = _interleave_homes(self.stale)
         in_prefill = sum(1 for req, _ in self.stale if req.num_computed_tokens < len(req.prompt_token_ids))
-        loop.to_controller(GroupFormed(self.ranks[0], self.ranks, ids, self.epoch, len(self.stale), in_prefill))
+        ctx.to_controller(GroupFormed(self.ranks[0], self.ranks, ids, self.epoch, len(self.stale), in_prefill))
         self.state = FormationState.EXCHANGING
         self.exchange_started = time.monotonic()
         logger.info("group %s formed: %d requests adopted, %d stale with KV to exchange",
@@ -123,16 +127,16 @@ class Formation:
             seconds = now - self.exchange_started
             logger.info("group %s: exchange done, %.1f MiB moved in %.3f s (%.3f s since the drop order)",
                         self.ranks, self.bytes_moved / 2**20, seconds, now - self.started)
-            self.loop.to_controller(ReshapeEvent(EventKind.EXCHANGE, self.ranks, {
+            self.ctx.to_controller(ReshapeEvent(EventKind.EXCHANGE, self.ranks, {
                 "bytes": self.bytes_moved, "seconds": seconds, "batches": self.next_batch,
                 "slices": self.slices, "recomputed": self.recomputed,
                 "since_drop_order_s": now - self.started,
                 "batch_bytes": [b for b, _ in self.batch_log], "batch_seconds": [t for _, t in self.batch_log]}))
-            self.loop.driver.scheduler.blocks.audit(self.loop.driver.requests.values())
+            self.driver.scheduler.blocks.audit(self.driver.requests.values())
         return self.state == FormationState.DONE
 
     def _launch(self, batch: list[tuple[Request, int]]) -> None:
-        driver = self.loop.driver
+        driver = self.driver
         blocks = driver.scheduler.blocks
         moves, kept = [], []
         for req, home in batch:
@@ -146,7 +150,7 @@ class Formation:
             kept.append((req, home))
         moves.sort(key=lambda m: m.layer)  # layer by layer, the same order on every member
         b = _PendingBatch(self.next_batch, moves, kept, {r for m in moves for r in (m.src_rank, m.dst_rank)},
-                          time.monotonic() + self.loop.faults.exchange_timeout_s)
+                          time.monotonic() + self.ctx.faults.exchange_timeout_s)
         self.next_batch += 1
         self.pending[b.batch] = b
         if not b.waiting_for:
@@ -154,8 +158,8 @@ class Formation:
             return
         msg = ExchangeBatch(self.epoch, b.batch, moves)
         # The other members first: their copies start while this rank still works on its turn.
-        for rank in sorted(b.waiting_for, key=lambda r: r == self.loop.rank):
-            self.loop.send_to_rank(rank, msg)
+        for rank in sorted(b.waiting_for, key=lambda r: r == self.ctx.rank):
+            self.ctx.send_to_rank(rank, msg)
 
     def _plan_request(self, req: Request, home: int, blocks) -> list[KvMove]:
         moves, allocated = [], []
@@ -182,12 +186,12 @@ class Formation:
         b.member_seconds = max(b.member_seconds, msg.seconds)
         logger.info("exchange batch %d: rank %d received %.1f MiB in %.3f s (batch launched %.3f s ago)",
                     msg.batch, msg.rank, msg.bytes_moved / 2**20, msg.seconds,
-                    time.monotonic() - b.deadline + self.loop.faults.exchange_timeout_s)
+                    time.monotonic() - b.deadline + self.ctx.faults.exchange_timeout_s)
         if not b.waiting_for:
             self._finish(b)
 
     def _finish(self, b: _PendingBatch) -> None:
-        driver = self.loop.driver
+        driver = self.driver
         blocks = driver.scheduler.blocks
         for m in b.moves:
             req = driver.requests.get(m.request_id)
@@ -197,7 +201,7 @@ class Formation:
                 req.block_table[m.layer] = m.dst_pages
         for req, _home in b.requests:
             driver.release_held(req)
-        self.batch_log.append((sum(len(m.src_pages) for m in b.moves) * self.loop.engine.kv.page_bytes,
+        self.batch_log.append((sum(len(m.src_pages) for m in b.moves) * self.ctx.engine.kv.page_bytes,
                                b.member_seconds))
         self.slices += len(b.moves)
         del self.pending[b.batch]
@@ -206,7 +210,7 @@ class Formation:
         logger.error("group %s: exchange batch %d timed out; recomputing its %d requests",
                      self.ranks, b.batch, len(b.requests))
         for rank in sorted(b.waiting_for):
-            self.loop.send_to_rank(rank, ExchangeAbort(self.epoch, b.batch))
+            self.ctx.send_to_rank(rank, ExchangeAbort(self.epoch, b.batch))
         for req, home in b.requests:
             dst = [(self.ranks.index(m.dst_rank), m.dst_pages) for m in b.moves if m.request_id == req.request_id]
             self._recompute(req, home, dst)
@@ -217,7 +221,7 @@ class Formation:
 
         A stale request's pages are all in its home pool, not in the pools of the layers'
         new owners, so they are released here rather than by the scheduler."""
-        driver = self.loop.driver
+        driver = self.driver
         blocks = driver.scheduler.blocks
         blocks.release(home, [p for row in req.block_table for p in row])
         for pool, pages in extra:
@@ -238,7 +242,8 @@ class SplitState(enum.IntEnum):
 class Split:
     """The leader's side of a restore."""
 
-    loop: "object"
+    ctx: RankContext
+    driver: InstanceDriver
     epoch: int
     state: SplitState = SplitState.DRAINING
     assignment: dict[str, int] = field(default_factory=dict)
@@ -249,12 +254,12 @@ class Split:
     recomputed: int = 0
     """Requests with KV that no member could hold: they are recomputed after the split."""
 
-    def poll(self) -> None:
-        driver: InstanceDriver = self.loop.driver
+    def poll(self, exchanging: bool) -> None:
+        """``exchanging``: the drop's exchange still has batches in flight (they finish first)."""
+        driver = self.driver
         if self.state == SplitState.DRAINING:
             driver.paused = True
-            formation = self.loop.formation
-            if driver.inflight or driver.held or (formation is not None and formation.pending):
+            if driver.inflight or driver.held or exchanging:
                 return
             self._plan(driver)
             self.state = SplitState.MOVING
@@ -275,7 +280,7 @@ class Split:
         if req.num_computed_tokens == 0:
             blocks.free(req)  # pages reserved for a chunk that never ran (lookahead left it)
             return min(range(g), key=lambda m: load[m])
-        members = [] if self.loop.faults.restore_no_room else range(g)
+        members = [] if self.ctx.faults.restore_no_room else range(g)
         for m in sorted(members, key=lambda m: -blocks.allocators[m].num_free_below(driver.base_pages[m])):
             moves = self._plan_moves(req, m, driver, blocks)
             if moves is not None:
@@ -304,7 +309,7 @@ class Split:
         return moves
 
     def _send_moves(self) -> None:
-        driver = self.loop.driver
+        driver = self.driver
         self.moves.sort(key=lambda mv: mv.layer)
         self.waiting_for = {r for mv in self.moves for r in (mv.src_rank, mv.dst_rank)}
         if not self.waiting_for:
@@ -312,7 +317,7 @@ class Split:
             return
         msg = ExchangeBatch(self.epoch, RESTORE_BATCH, self.moves)
         for rank in sorted(self.waiting_for):
-            self.loop.send_to_rank(rank, msg)
+            self.ctx.send_to_rank(rank, msg)
         logger.info("restore of group %s: moving %d layer slices home", driver.ranks, len(self.moves))
 
     def on_exchange_done(self, msg: ExchangeDone) -> None:
@@ -323,13 +328,13 @@ class Split:
             self._split()
 
     def _split(self) -> None:
-        driver: InstanceDriver = self.loop.driver
+        driver = self.driver
         blocks = driver.scheduler.blocks
         for mv in self.moves:
             blocks.release(driver.ranks.index(mv.src_rank), mv.src_pages)
             req = driver.requests[mv.request_id]
             req.block_table[mv.layer] = mv.dst_pages
-        self.loop.to_controller(ReshapeEvent(EventKind.RESTORE_MOVES, driver.ranks, {
+        self.ctx.to_controller(ReshapeEvent(EventKind.RESTORE_MOVES, driver.ranks, {
             "slices": len(self.moves), "recomputed": self.recomputed, "seconds": time.monotonic() - self.started}))
         for m, alloc in enumerate(blocks.allocators):
             used_above = alloc.num_pages - driver.base_pages[m] - (alloc.num_free - alloc.num_free_below(driver.base_pages[m]))
@@ -337,7 +342,7 @@ class Split:
                 raise RuntimeError(f"restore: {used_above} pages of rank {driver.ranks[m]}'s extension still in use")
         # This driver retires with the split: its last tokens and counts reach the controller
         # first (a request whose last step just returned would otherwise lose that token).
-        self.loop.to_controller(driver.report())
+        self.ctx.to_controller(driver.report())
         per_member: list[list[ExportedRequest]] = [[] for _ in driver.ranks]
         for er in driver.export_requests(home=-1):
             m = self.assignment[er.request_id]
@@ -345,9 +350,9 @@ class Split:
             per_member[m].append(er)
         self.state = SplitState.SPLIT
         # The peers first: this rank's own split blocks in the weight exchange with them.
-        order = sorted(range(len(driver.ranks)), key=lambda m: driver.ranks[m] == self.loop.rank)
+        order = sorted(range(len(driver.ranks)), key=lambda m: driver.ranks[m] == self.ctx.rank)
         for m in order:
-            self.loop.send_to_rank(driver.ranks[m], SplitGroup(driver.ranks, self.epoch, per_member[m]))
+            self.ctx.send_to_rank(driver.ranks[m], SplitGroup(driver.ranks, self.epoch, per_member[m]))
 
 
 def _interleave_homes(stale: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
