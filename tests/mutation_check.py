@@ -79,7 +79,7 @@ MUTATIONS = [
              "orchestrator/core/block_manager.py",
              (("                    alloc.free(req.block_table[layer])\n        req.block_table = []",
                "                    alloc.free(req.block_table[layer][1:])  # MUTATION\n        req.block_table = []"),),
-             (E2E + "[2-None]", "tests/orchestrator/test_scheduler.py")),
+             (E2E + "[2-None]", "tests/orchestrator/core/test_scheduler.py")),
     Mutation("token-dropped-in-stream", "the ingress drops the first token of each request's last event",
              "orchestrator/ingress/answer.py",
              (("        event = await self.queue.get()\n",
