@@ -8,6 +8,7 @@ on by all ranks (an allgather), so a bad option stops the whole job with one mes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import tempfile
@@ -121,6 +122,14 @@ class ServeConfig:
             raise ValueError("--policy swap needs each instance's KV on one rank: it cannot start with --groups")
         if self.max_queued_requests < 1:
             raise ValueError("--max-queued-requests must be >= 1")
+        # Options that only one policy reads are refused under the others, not ignored.
+        if self.monitor != MonitorConfig() and policy.reshape != "kunserve":
+            raise ValueError(f"--monitor-* options tune the kunserve policy's load monitor; --policy {self.policy} "
+                             "has none")
+        if self.migration != MigrationConfig() and policy.migration is None:
+            raise ValueError(f"--migration-* options tune the llumnix policy; --policy {self.policy} never migrates")
+        if self.swap_space != SchedulerConfig.swap_space_bytes and policy.preemption != "swap":
+            raise ValueError(f"--swap-space sizes --policy swap's host memory; --policy {self.policy} does not swap")
         t = self.triton
         if t is not None and self.ingress_port in (t.http_port, t.grpc_port, t.metrics_port):
             raise ValueError(f"--http-port {self.ingress_port} is also one of Triton's ports; pick another")
@@ -155,7 +164,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    triton = config_from_args_of(TritonConfig, args, prefix="triton-") if args.triton else None
+    triton = config_from_args_of(TritonConfig, args, prefix="triton-")
+    if not args.triton:
+        default = TritonConfig()
+        changed = [f.name for f in dataclasses.fields(TritonConfig) if getattr(triton, f.name) != getattr(default, f.name)]
+        if changed:
+            raise ValueError(f"Triton options ({', '.join(changed)}) were given without --triton")
+        triton = None
     return config_from_args_of(ServeConfig, args, triton=triton,
                                monitor=config_from_args_of(MonitorConfig, args, prefix="monitor-"),
                                migration=config_from_args_of(MigrationConfig, args, prefix="migration-"))

@@ -56,9 +56,6 @@ class NeverReshape(ReshapePolicy):
     name = "never"
     description = "never fuses or splits instances (the KV-centric baselines)"
 
-    def __init__(self, mem: ModelMemory | None = None) -> None:
-        pass
-
     def decide(self, topology: Topology, now: float) -> list[Action]:
         return []
 
@@ -131,7 +128,7 @@ class KunServePolicy(ReshapePolicy):
 
 
 def make_reshape_policy(name: str, mem: ModelMemory | None, monitor: MonitorConfig | None = None) -> ReshapePolicy:
-    """The reshape policy a serving bundle names (``policy.bundles``)."""
-    if name == "kunserve":
-        return KunServePolicy(mem, monitor)
-    return RESHAPE.make(name, mem)
+    """The reshape policy a serving bundle names (``policy.bundles``); only kunserve reads
+    the model's memory figures and the monitor's settings."""
+    cls = RESHAPE.get(name)
+    return cls(mem, monitor) if cls is KunServePolicy else cls()

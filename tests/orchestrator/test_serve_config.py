@@ -71,16 +71,21 @@ def test_shared_defaults_come_from_the_core():
 
 
 def test_nested_settings_reach_their_configs():
-    cfg = parse("--monitor-window", "12", "--monitor-restore-patience", "4", "--migration-cooldown-s", "2",
-                "--swap-space", "1GiB", "--triton", "--triton-arg=--log-info=true", "--triton-arg=--x=1")
+    cfg = parse("--policy", "kunserve", "--monitor-window", "12", "--monitor-restore-patience", "4",
+                "--triton", "--triton-arg=--log-info=true", "--triton-arg=--x=1")
     assert cfg.monitor == MonitorConfig(window=12, restore_patience=4)
-    assert cfg.migration == MigrationConfig(cooldown_s=2.0) and cfg.swap_space == 1 << 30
     assert cfg.triton.extra_args == ("--log-info=true", "--x=1")
+    assert parse("--policy", "llumnix", "--migration-cooldown-s", "2").migration == MigrationConfig(cooldown_s=2.0)
+    assert parse("--policy", "swap", "--swap-space", "1GiB").swap_space == 1 << 30
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--monitor-restore-level", "0.99"], "restore_level < overload_level"),
-    (["--migration-target-usage", "0.95"], "target_usage < source_usage"),
+    (["--policy", "kunserve", "--monitor-restore-level", "0.99"], "restore_level < overload_level"),
+    (["--policy", "llumnix", "--migration-target-usage", "0.95"], "target_usage < source_usage"),
+    (["--monitor-window", "12"], "--policy vllm has none"),
+    (["--policy", "kunserve", "--migration-cooldown-s", "2"], "--policy kunserve never migrates"),
+    (["--swap-space", "1GiB"], "--policy vllm does not swap"),
+    (["--triton-grpc-port", "9001"], r"\(grpc_port\) were given without --triton"),
 ])
 def test_bad_nested_settings_are_refused_with_the_reason(argv, words):
     with pytest.raises(ValueError, match=words):
