@@ -22,7 +22,7 @@ anyway.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -152,44 +152,37 @@ class MpiTransport(Transport):
         """Send rows of ``tensor`` straight from its memory: read by the receiver itself on
         this host (cross-memory attach), else an MPI indexed datatype (no gather either way).
         Rows of a CUDA tensor are gathered on the device and staged."""
-        route = self._rows_route(tensor, rows, dst, tag, "isend_rows", lambda: self.cma.can_read[dst][self.rank])
-        if route[0] == "generic":
-            return super().isend_rows(tensor, rows, dst, tag)
-        if route[0] == "cma":
-            return self.cma.isend_rows(tensor, route[1], dst, tag)
-        parts = route[2]
-        data = MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes, readonly=True)
-        requests = [self.comm.Isend([data, count, dt], dst, tag) for dt, count, _ in parts]
-        return MpiHandle(requests, tensor, datatypes=[dt for dt, _, _ in parts])
+        return self._rows(tensor, rows, dst, tag, send=True)
 
     def irecv_rows(self, tensor: torch.Tensor, rows: Sequence[int], src: int, tag: int) -> Handle:
         """Receive rows straight into ``tensor``'s memory (copied out of the sender's on this
         host, else an MPI indexed datatype: no scatter either way). Rows of a CUDA tensor
         are staged and scattered on the device."""
-        route = self._rows_route(tensor, rows, src, tag, "irecv_rows", lambda: self.cma.can_read[self.rank][src])
-        if route[0] == "generic":
-            return super().irecv_rows(tensor, rows, src, tag)
-        if route[0] == "cma":
-            return self.cma.irecv_rows(tensor, route[1], src, tag)
-        parts = route[2]
-        data = MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes, readonly=False)
-        requests = [self.comm.Irecv([data, count, dt], src, tag) for dt, count, _ in parts]
-        return MpiHandle(requests, tensor, expected_bytes=[n for _, _, n in parts],
-                         datatypes=[dt for dt, _, _ in parts])
+        return self._rows(tensor, rows, src, tag, send=False)
 
-    def _rows_route(self, tensor: torch.Tensor, rows: Sequence[int], peer: int, tag: int, op: str,
-                    cma_ok: Callable[[], bool]) -> tuple[str, np.ndarray | None, list | None]:
-        """How rows travel: ``generic`` (the base class: CUDA staging, or rows no datatype
-        describes), ``cma`` (the receiver copies them on this host) or ``datatype`` (MPI
-        indexed datatypes, with their parts); the peer and tag are checked first."""
+    def _rows(self, tensor: torch.Tensor, rows: Sequence[int], peer: int, tag: int, send: bool) -> Handle:
+        """How rows travel: the base class's way (CUDA staging, or rows no datatype
+        describes), copied by the receiver on this host (cross-memory attach), or as MPI
+        indexed datatypes; the peer and tag are checked first."""
+        op = "isend_rows" if send else "irecv_rows"
+        generic = super().isend_rows if send else super().irecv_rows
         if _on_device(tensor, op):
-            return "generic", None, None
+            return generic(tensor, rows, peer, tag)
         self._check_peer(peer, tag)
         index = _rows_index(tensor, rows, op)
-        if cma_ok():
-            return "cma", index, None
+        reader, owner = (peer, self.rank) if send else (self.rank, peer)
+        if self.cma.can_read[reader][owner]:
+            return (self.cma.isend_rows if send else self.cma.irecv_rows)(tensor, index, peer, tag)
         parts = self._row_types(tensor, index)
-        return ("generic", None, None) if parts is None else ("datatype", index, parts)
+        if parts is None:
+            return generic(tensor, rows, peer, tag)
+        data = MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes, readonly=send)
+        post = self.comm.Isend if send else self.comm.Irecv
+        requests = [post([data, count, dt], peer, tag) for dt, count, _ in parts]
+        datatypes = [dt for dt, _, _ in parts]
+        if send:
+            return MpiHandle(requests, tensor, datatypes=datatypes)
+        return MpiHandle(requests, tensor, expected_bytes=[n for _, _, n in parts], datatypes=datatypes)
 
     def _row_types(self, tensor: torch.Tensor, index: np.ndarray) -> list[tuple[MPI.Datatype, int, int]] | None:
         """One ``(datatype, count, bytes)`` per message of at most ``max_chunk_bytes``, or
