@@ -49,12 +49,12 @@ class Mutation:
 
 MUTATIONS = [
     Mutation("exchange-disabled", "every stale request recomputed instead of exchanging its KV (silently)",
-             "orchestrator/cluster/reshape.py",
-             (("                req_moves = self._plan_request(req, home, blocks)\n",
-               "                self._recompute(req, home, [])  # MUTATION\n                continue\n"),),
+             "orchestrator/cluster/formation.py",
+             (("                req_moves = self._plan_request(s, self.driver.blocks)\n",
+               "                self._recompute(s, [])  # MUTATION\n                continue\n"),),
              (CYCLES + "[2-group0-False-commit]", PREFILL)),
     Mutation("restore-moves-skipped", "the restore recomputes every request instead of moving its KV home (silently)",
-             "orchestrator/cluster/reshape.py",
+             "orchestrator/cluster/split.py",
              (("        members = [] if self.ctx.faults.restore_no_room else range(g)\n",
                "        members = []  # MUTATION\n"),
               ("""        logger.warning("restore: no member can hold %s's KV; it will be recomputed", req.request_id)\n""",

@@ -110,7 +110,7 @@ class InstanceDriver:
 
     def report(self) -> InstanceReport:
         """Token updates since the last report, and the instance's load."""
-        blocks, sched = self.scheduler.blocks, self.scheduler
+        blocks, sched = self.blocks, self.scheduler
         usage = blocks.usage()
         pools = [PoolUsage(r, used, total) for r, (used, total) in zip(self.ranks, usage)]
         # Token figures for the load monitor: a stage's pool holds only its layers' pages.
@@ -140,8 +140,13 @@ class InstanceDriver:
         self.sent.clear()
         return out
 
-    def adopt(self, er: ExportedRequest, held: bool) -> Request:
-        """Take over an exported request; its pages must already be accounted for."""
+    def adopt(self, er: ExportedRequest, pool: int | None = None, held: bool = False) -> Request:
+        """Take over an exported request. Its pages are taken out of the free list of stage
+        ``pool``'s pool first, or (``pool`` None) are already this instance's. A ``held``
+        request waits, unscheduled, until ``release_held`` (its KV is still moving)."""
+        pages = [p for row in er.block_table for p in row]
+        if pool is not None and pages:
+            self.blocks.take(pool, pages)
         req = Request(er.request_id, er.prompt_token_ids, er.sampling, er.max_model_len,
                       arrival_time=er.arrival_time, output_token_ids=list(er.output_token_ids),
                       num_computed_tokens=er.num_computed_tokens, block_table=er.block_table,
@@ -158,13 +163,17 @@ class InstanceDriver:
         this instance's pages for it are freed."""
         self.held.discard(req.seq_id)
         self.scheduler.release(req)
-        self.scheduler.blocks.free(req)
+        self.blocks.free(req)
         er = ExportedRequest(req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling,
                              req.max_model_len, req.num_computed_tokens, block_table, home,
                              self.sent[req.request_id], req.num_preemptions, req.arrival_time,
                              req.num_migrations + 1)
         del self.requests[req.request_id], self.sent[req.request_id]
         return er
+
+    def hold(self, req: Request) -> None:
+        """Schedule nothing more for ``req`` until ``release_held`` (a migration's last stop)."""
+        self.held.add(req.seq_id)
 
     def release_held(self, req: Request) -> None:
         """A held request's KV has arrived: it may run (or be aborted, if that was asked)."""
@@ -173,6 +182,37 @@ class InstanceDriver:
             self.pending_aborts.discard(req.request_id)
             self.scheduler.abort(req, "aborted by the client")
             self._emit(req)
+
+    def recompute(self, req: Request, pages: list[tuple[int, list[int]]] | None = None) -> None:
+        """The one fallback of every mechanism whose KV move cannot happen: drop the request's
+        KV and queue it to be recomputed from its tokens (a preemption, counted as one).
+
+        ``pages``: (pool, pages) to free, when the request's pages are not where its block
+        table says (a stale request after a drop); otherwise its block table is freed."""
+        if pages is None:
+            self.scheduler.preempt(req)
+        else:
+            for pool, run in pages:
+                self.blocks.release(pool, run)
+            self.scheduler.requeue(req)
+        self.release_held(req)
+
+    def pause(self) -> None:
+        """Launch no new micro-batches (a restore drains the instance before it splits)."""
+        self.paused = True
+
+    @property
+    def blocks(self) -> BlockManager:
+        """The instance's pages (a protocol plans its moves with them)."""
+        return self.scheduler.blocks
+
+    def running(self) -> list[Request]:
+        """Requests being decoded or prefilled now."""
+        return list(self.scheduler.running)
+
+    def audit(self) -> None:
+        """Check every page is owned once and none leaked (after a protocol moved pages)."""
+        self.blocks.audit(self.requests.values())
 
     # Steps ---------------------------------------------------------------------------
     def step(self) -> bool:

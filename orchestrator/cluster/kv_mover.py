@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engines.kv_cache import KVPool
-from orchestrator.cluster.messages import TAG_KV, ExchangeBatch, KvMove
+from orchestrator.cluster.messages import TAG_KV, BatchId, ExchangeBatch, ExchangeDone, KvMove
 from orchestrator.transport import Handle, Transport
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,7 @@ def _by_layer(moves: list[KvMove]) -> list[tuple[int, list[KvMove]]]:
 
 @dataclass
 class _Batch:
-    epoch: int
-    batch: int
+    id: BatchId
     turns: deque  # deque[list[KvMove]]: this rank's moves, one list per turn of whole layers, in order
     handles: list[Handle] = field(default_factory=list)
     bytes_moved: int = 0
@@ -74,11 +73,11 @@ class KvMover:
                 turn_bytes = 0
             turns[-1] += [m for m in moves if self.rank in (m.src_rank, m.dst_rank)]
             turn_bytes += sum(len(m.src_pages) for m in moves) * self.kv.page_bytes
-        self._batches.append(_Batch(msg.epoch, msg.batch, deque(t for t in turns if t)))
+        self._batches.append(_Batch(msg.id, deque(t for t in turns if t)))
 
-    def poll(self) -> list[tuple[int, int, int, float]]:
-        """Post the next turn of the oldest batch, test transfers; return finished
-        ``(epoch, batch, bytes received, seconds)``."""
+    def poll(self) -> list[ExchangeDone]:
+        """Post the next turn of the oldest batch, test transfers; return this rank's
+        completions of the batches that finished (bytes received here, seconds taken)."""
         done = []
         # Post from the oldest batch that still has turns to post: every rank then posts
         # all of batch k before batch k+1, so each pair of ranks sees one order (NCCL needs it).
@@ -89,11 +88,11 @@ class KvMover:
             b.handles = [h for h in b.handles if not self._land(h)]
             if not b.turns and not b.handles:
                 self._batches.remove(b)
-                done.append((b.epoch, b.batch, b.bytes_moved, time.monotonic() - b.started))
+                done.append(ExchangeDone(self.rank, b.id, b.bytes_moved, time.monotonic() - b.started))
         return done
 
-    def abort(self, epoch: int, batch: int) -> None:
-        for b in [b for b in self._batches if (b.epoch, b.batch) == (epoch, batch)]:
+    def abort(self, batch: BatchId) -> None:
+        for b in [b for b in self._batches if b.id == batch]:
             for h in b.handles:
                 h.wait()  # a posted transfer cannot be taken back safely; let it land (unused)
             self._batches.remove(b)

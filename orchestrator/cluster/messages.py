@@ -6,6 +6,7 @@ control message that precedes them on the same pair of ranks.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from engines.sampling import SamplingParams
@@ -178,27 +179,42 @@ class MemberReady:
     requests: list[ExportedRequest]
 
 
+class MovePurpose(enum.Enum):
+    """Which protocol a batch of KV moves belongs to; it routes the batch's completions."""
+
+    EXCHANGE = "exchange"
+    """A drop's: stale requests' pages go to the owners of their layers."""
+    RESTORE = "restore"
+    """A restore's one batch: every request's pages go to the member that keeps it."""
+    MIGRATION = "migration"
+    """One stage of a live migration (Llumnix); ``epoch`` is the migration id."""
+
+
+@dataclass(frozen=True)
+class BatchId:
+    """Names a batch of KV moves: its protocol, that protocol's epoch, and the batch within it."""
+
+    purpose: MovePurpose
+    epoch: int
+    """The drop's or restore's epoch, or the migration id."""
+    batch: int
+    """A drop's batches count from 0; a restore has one (0); a migration's are its stages."""
+
+
 @dataclass
 class ExchangeBatch:
     """Leader -> members: perform these moves, in this order (the same list on every member)."""
 
-    epoch: int
-    batch: int
+    id: BatchId
     moves: list[KvMove]
-
-    @property
-    def purpose(self) -> str:
-        """``exchange`` (a drop's), ``restore`` (KV moving home) or ``migration``."""
-        if self.epoch >= MIGRATION_EPOCH:
-            return "migration"
-        return "restore" if self.batch == RESTORE_BATCH else "exchange"
 
 
 @dataclass
 class ExchangeDone:
+    """Member -> the batch's owner: my part of the batch has landed."""
+
     rank: int
-    epoch: int
-    batch: int
+    id: BatchId
     bytes_moved: int = 0
     seconds: float = 0.0
 
@@ -207,8 +223,7 @@ class ExchangeDone:
 class ExchangeAbort:
     """Leader -> members: stop the batch (timed out); its requests are recomputed instead."""
 
-    epoch: int
-    batch: int
+    id: BatchId
 
 
 @dataclass
@@ -262,13 +277,6 @@ class Restored:
 
 
 # ----------------------------------------------------------------------------- live migration (llumnix)
-
-MIGRATION_EPOCH = 1 << 30
-"""Exchange batches with an epoch from here on move a migrating request's KV (the
-migration id is ``epoch - MIGRATION_EPOCH``); lower epochs belong to drops."""
-RESTORE_BATCH = -1
-"""The batch number of a restore's one batch of moves (a drop's batches count from 0)."""
-
 
 @dataclass
 class StartMigration:

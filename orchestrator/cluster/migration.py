@@ -13,7 +13,7 @@ Source leader (``OutgoingMigration``, an explicit state machine):
 A migration is cancelled only between stages, never with a transfer in flight: if the
 request finished, was preempted or aborted, or outgrew the reservation, the destination
 frees its reservation and the request stays (or ends) here. Pages travel through the same
-``KvMover`` as a drop's exchange, with epochs from ``MIGRATION_EPOCH`` on.
+``KvMover`` as a drop's exchange, in batches of purpose ``MIGRATION``.
 
 Destination leader (``MigrationTarget``): reserves, forwards its mover's completions to
 the source, adopts on commit, frees on cancel.
@@ -28,9 +28,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from engines.paging import pages_for_tokens
-from orchestrator.cluster.messages import (MIGRATION_EPOCH, ExchangeBatch, ExchangeDone, KvMove,
-                                           MigrationCancel, MigrationCommit, MigrationDone, MigrationOffer,
-                                           MigrationReply, StartMigration)
+from orchestrator.cluster.instance import InstanceDriver
+from orchestrator.cluster.messages import (BatchId, ExchangeBatch, ExchangeDone, KvMove, MigrationCancel,
+                                           MigrationCommit, MigrationDone, MigrationOffer, MigrationReply,
+                                           MovePurpose, StartMigration)
 from orchestrator.cluster.rank_context import RankContext
 from orchestrator.core.request import Request, RequestStatus
 
@@ -80,7 +81,7 @@ class MigrationSource:
         abort sent before the controller learned of the move still reaches the request."""
 
     @property
-    def driver(self):
+    def driver(self) -> InstanceDriver:
         return self.ctx.driver
 
     def start(self, msg: StartMigration) -> None:
@@ -100,7 +101,7 @@ class MigrationSource:
         if d is None or len(d.ranks) > 1 or d.paused:
             return None
         moving = {m.req.seq_id for m in self.out.values()}
-        fits = [r for r in d.scheduler.running
+        fits = [r for r in d.running()
                 if r.status == RequestStatus.RUNNING and r.num_computed_tokens > 0 and r.seq_id not in moving
                 and r.seq_id not in d.held and r.num_tokens + HEADROOM_TOKENS <= room_tokens]
         return max(fits, key=lambda r: r.num_tokens, default=None)
@@ -118,7 +119,7 @@ class MigrationSource:
 
     def _send_stage(self, m: OutgoingMigration) -> None:
         """Copy the pages written since the last stage (from the partly filled one on)."""
-        ps = self.driver.scheduler.blocks.page_size
+        ps = self.driver.blocks.page_size
         first = m.sent_tokens // ps
         last = pages_for_tokens(m.req.num_computed_tokens, ps)
         moves = [KvMove(m.req.request_id, layer, self.ctx.rank, m.req.block_table[layer][first:last],
@@ -126,13 +127,13 @@ class MigrationSource:
         m.sent_tokens = m.req.num_computed_tokens
         m.stage += 1
         m.waiting_for = {self.ctx.rank, m.dst}
-        batch = ExchangeBatch(MIGRATION_EPOCH + m.mid, m.stage, moves)
+        batch = ExchangeBatch(BatchId(MovePurpose.MIGRATION, m.mid, m.stage), moves)
         self.ctx.send_to_rank(m.dst, batch)
         self.ctx.send_to_rank(self.ctx.rank, batch)
 
     def on_exchange_done(self, msg: ExchangeDone) -> None:
-        m = self.out.get(msg.epoch - MIGRATION_EPOCH)
-        if m is None or msg.batch != m.stage:
+        m = self.out.get(msg.id.epoch)
+        if m is None or msg.id.batch != m.stage:
             return
         m.waiting_for.discard(msg.rank)
         if msg.rank == m.dst:
@@ -143,10 +144,10 @@ class MigrationSource:
             self._commit(m)
         elif m.req.status != RequestStatus.RUNNING:
             self._finish(m, False, f"the request left the running set ({m.req.status.name.lower()})")
-        elif (m.req.num_computed_tokens - m.sent_tokens <= self.driver.scheduler.blocks.page_size
+        elif (m.req.num_computed_tokens - m.sent_tokens <= self.driver.blocks.page_size
               or m.stage >= MAX_STAGES):
             m.state = MigrationState.STOPPING
-            self.driver.held.add(m.req.seq_id)
+            self.driver.hold(m.req)
         else:
             self._send_stage(m)
 
@@ -163,7 +164,7 @@ class MigrationSource:
 
     def _final_stage(self, m: OutgoingMigration, now: float) -> None:
         rid = m.req.request_id
-        ps = self.driver.scheduler.blocks.page_size
+        ps = self.driver.blocks.page_size
         if rid in self.driver.pending_aborts or m.req.status != RequestStatus.RUNNING:
             self._finish(m, False, "the request was aborted or finished")
         elif pages_for_tokens(m.req.num_computed_tokens, ps) > len(m.dst_table[0]):
@@ -210,13 +211,21 @@ class MigrationSource:
         return self.moved.get(request_id)
 
 
+@dataclass(frozen=True)
+class _Reservation:
+    src: int
+    """The source leader (it gets this side's completions)."""
+    holder: Request
+    """A placeholder request that owns the reserved pages until the commit."""
+
+
 class MigrationTarget:
     """The destination leader's side: reservations and adoption."""
 
     def __init__(self, ctx: RankContext) -> None:
         self.ctx = ctx
-        self.reserved: dict[int, tuple[int, Request]] = {}
-        """Migration id -> (source rank, placeholder owning the reserved pages)."""
+        self.reserved: dict[int, _Reservation] = {}
+        """Migration id -> the pages reserved for it."""
 
     def on_offer(self, msg: MigrationOffer) -> None:
         d = self.ctx.driver
@@ -224,24 +233,24 @@ class MigrationTarget:
             self.ctx.send_to_rank(msg.src, MigrationReply(msg.migration_id, None, "not a serving replica"))
             return
         holder = Request(f"migration-{msg.migration_id}", [0] * msg.num_tokens, None, msg.num_tokens)
-        if not d.scheduler.blocks.allocate(holder, msg.num_tokens):
+        if not d.blocks.allocate(holder, msg.num_tokens):
             self.ctx.send_to_rank(msg.src, MigrationReply(msg.migration_id, None, "no free KV pages"))
             return
-        self.reserved[msg.migration_id] = (msg.src, holder)
+        self.reserved[msg.migration_id] = _Reservation(msg.src, holder)
         self.ctx.send_to_rank(msg.src, MigrationReply(msg.migration_id, holder.block_table))
 
     def on_exchange_done(self, msg: ExchangeDone) -> bool:
         """Forward this rank's completion of an incoming migration's stage to its source."""
-        entry = self.reserved.get(msg.epoch - MIGRATION_EPOCH)
+        entry = self.reserved.get(msg.id.epoch)
         if entry is not None:
-            self.ctx.send_to_rank(entry[0], msg)
+            self.ctx.send_to_rank(entry.src, msg)
         return entry is not None
 
     def on_commit(self, msg: MigrationCommit) -> None:
-        _src, _holder = self.reserved.pop(msg.migration_id)
-        self.ctx.driver.adopt(msg.request, held=False)  # the placeholder's pages are its pages now
+        self.reserved.pop(msg.migration_id)
+        self.ctx.driver.adopt(msg.request)  # the placeholder's pages are its pages now
 
     def on_cancel(self, msg: MigrationCancel) -> None:
         entry = self.reserved.pop(msg.migration_id, None)
         if entry is not None and self.ctx.driver is not None:
-            self.ctx.driver.scheduler.blocks.free(entry[1])
+            self.ctx.driver.blocks.free(entry.holder)

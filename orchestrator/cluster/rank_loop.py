@@ -14,6 +14,8 @@ import logging
 import signal
 import time
 import traceback
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from mpi4py import MPI
@@ -26,23 +28,29 @@ from orchestrator.cluster.faults import Faults
 from orchestrator.cluster.instance import InstanceDriver, StageWorker
 from orchestrator.cluster.kv_mover import KvMover
 from orchestrator.cluster.migration import MigrationSource, MigrationTarget
-from orchestrator.cluster.member import on_drop_group, on_split_group
-from orchestrator.cluster.messages import (MIGRATION_EPOCH, RESTORE_BATCH, TAG_CONTROL, TAG_HIDDEN, TAG_RESULT, TAG_STAGE,
-                                           AbortRequest, AddRequest, DropGroup, ExchangeAbort, ExchangeBatch,
-                                           ExchangeDone, GroupFormed, InstanceReport, MemberReady, MigrationCancel,
-                                           MigrationCommit, MigrationDone, MigrationOffer, MigrationReply, RankFailed,
+from orchestrator.cluster.messages import (TAG_CONTROL, TAG_HIDDEN, TAG_RESULT, TAG_STAGE, AbortRequest, AddRequest,
+                                           DropGroup, ExchangeAbort, ExchangeBatch, ExchangeDone, GroupFormed,
+                                           InstanceReport, MemberReady, MigrationCancel, MigrationCommit,
+                                           MigrationDone, MigrationOffer, MigrationReply, MovePurpose, RankFailed,
                                            RankInfo, Regroup, RegroupDone, ReshapeEvent, Restored, RestoreGroup,
                                            Shutdown, SplitGroup, StageResult, StageStep, StartMigration)
-from orchestrator.cluster.reshape import Formation, Split
+from orchestrator.cluster.reshaper import Reshaper
 from engines.rank_engine import RankEngine
 from orchestrator.contracts import Topology
 from orchestrator.kunserve.cost_model import CostModel
 from orchestrator.core.scheduler import SchedulerConfig
-from orchestrator.transport import Transport
+from orchestrator.transport import Handle, Transport
 
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.25
+
+
+@dataclass(frozen=True)
+class _TensorSend:
+    handle: Handle
+    tensor: torch.Tensor
+    """Kept alive until the send completes."""
 
 
 class Messenger:
@@ -51,7 +59,7 @@ class Messenger:
     def __init__(self, comm: MPI.Comm, transport: Transport) -> None:
         self.comm = comm
         self.transport = transport
-        self._pending: list = []
+        self._pending: list[MPI.Request | _TensorSend] = []
 
     def send_control(self, dst: int, msg: object) -> None:
         self._pending.append(self.comm.isend(msg, dest=dst, tag=TAG_CONTROL))
@@ -59,7 +67,7 @@ class Messenger:
     def send_stage(self, dst: int, step: StageStep, hidden: torch.Tensor) -> None:
         self._pending.append(self.comm.isend(step, dest=dst, tag=TAG_STAGE))
         hidden = hidden.contiguous()
-        self._pending.append((self.transport.isend(hidden, dst, TAG_HIDDEN), hidden))
+        self._pending.append(_TensorSend(self.transport.isend(hidden, dst, TAG_HIDDEN), hidden))
 
     def send_result(self, dst: int, result: StageResult) -> None:
         self._pending.append(self.comm.isend(result, dest=dst, tag=TAG_RESULT))
@@ -68,9 +76,9 @@ class Messenger:
         self._pending = [p for p in self._pending if not self._done(p)]
 
     @staticmethod
-    def _done(p) -> bool:
-        if isinstance(p, tuple):
-            return p[0].test()
+    def _done(p: MPI.Request | _TensorSend) -> bool:
+        if isinstance(p, _TensorSend):
+            return p.handle.test()
         return p.Test()
 
     def drain(self, timeout_s: float) -> None:
@@ -105,9 +113,8 @@ class RankLoop:
         self.mover = KvMover(self.rank, engine.kv, transport)
         self.migration_source = MigrationSource(self)
         self.migration_target = MigrationTarget(self)
-        self.formation: Formation | None = None
-        self.split: Split | None = None
-        self.early_ready: list[MemberReady] = []
+        self.reshaper = Reshaper(self)
+        self._table = self._handlers()
         self._regroup_waiting: dict[int, Topology] = {}
         self._epoch = 0
         self._last_stats = 0.0
@@ -203,19 +210,16 @@ class RankLoop:
         return 0.002
 
     def _reshape_turn(self) -> bool:
-        """Advance KV moves (one layer per batch per turn) and the leader's reshape protocols."""
+        """Advance KV moves (one turn of layers per turn) and the protocols this rank leads."""
         did = False
         # The protocols first: a batch the leader launches now is posted in this same turn,
         # not one loop turn (a pipeline step, perhaps) after its peers have posted theirs.
-        if self.formation is not None and self.formation.poll():
-            self.formation = None
-        if self.split is not None:
-            self.split.poll(exchanging=self.formation is not None and bool(self.formation.pending))
+        self.reshaper.poll()
         if self.migration_source.out:
             self.migration_source.poll()
-        for epoch, batch, nbytes, seconds in self.mover.poll():
-            self.send_to_rank(self.role.instance, ExchangeDone(self.rank, epoch, batch, nbytes, seconds))
-            logger.debug("exchange batch %d: %d bytes in %.3f s", batch, nbytes, seconds)
+        for done in self.mover.poll():  # to this rank's leader, which owns the batch
+            self.send_to_rank(self.role.instance, done)
+            logger.debug("%s: %d bytes in %.3f s", done.id, done.bytes_moved, done.seconds)
             did = True
         return did or self.mover.busy
 
@@ -248,64 +252,71 @@ class RankLoop:
             did = True
         return did
 
-    def _on_control(self, msg: object, src: int) -> None:
-        if isinstance(msg, AddRequest):
-            self.driver.add(msg)
-        elif isinstance(msg, AbortRequest):
-            self._on_abort(msg)
-        elif isinstance(msg, InstanceReport):
-            self.controller.on_report(msg)
-        elif isinstance(msg, RankInfo):
-            self.controller.on_rank_info(msg)
-        elif isinstance(msg, Regroup):
-            self.apply_topology(msg.topology)
-            self.to_controller(self.rank_info())  # arrives before RegroupDone: same pair, same tag
-            self.to_controller(RegroupDone(self.rank, msg.epoch))
-        elif isinstance(msg, RegroupDone):
-            self._on_regroup_done(msg)
-        elif isinstance(msg, RankFailed):
-            logger.error("rank %d failed: %s", msg.rank, msg.error)
-            self.stop_reason = f"rank {msg.rank} failed: {msg.error}"
-        elif isinstance(msg, Shutdown):
-            self.stop_reason = msg.reason
-        elif not self._on_reshape_message(msg) and not self._on_migration_message(msg):
-            raise TypeError(f"unexpected control message {type(msg).__name__} from rank {src}")
+    def _handlers(self) -> dict[type, Callable]:
+        """Every control message a rank may get, by type, and who takes it (the controller's
+        own messages are added by ``attach_controller``)."""
+        reshaper, source, target = self.reshaper, self.migration_source, self.migration_target
+        return {
+            AddRequest: lambda msg: self.driver.add(msg),
+            AbortRequest: self._on_abort,
+            Regroup: self._on_regroup,
+            RegroupDone: self._on_regroup_done,
+            RankFailed: self._on_rank_failed,
+            Shutdown: self._on_shutdown,
+            DropGroup: reshaper.on_drop_group,
+            MemberReady: reshaper.on_member_ready,
+            RestoreGroup: reshaper.on_restore_group,
+            SplitGroup: reshaper.on_split_group,
+            ExchangeBatch: self._on_exchange_batch,
+            ExchangeAbort: lambda msg: self.mover.abort(msg.id),
+            ExchangeDone: self._on_exchange_done,
+            StartMigration: source.start,
+            MigrationOffer: target.on_offer,
+            MigrationReply: source.on_reply,
+            MigrationCommit: target.on_commit,
+            MigrationCancel: target.on_cancel,
+        }
 
-    def _on_reshape_message(self, msg: object) -> bool:
-        if isinstance(msg, DropGroup):
-            self.formation = on_drop_group(self, msg)
-            if self.formation is not None:  # this rank leads the new group
-                for early in self.early_ready:
-                    self.formation.on_member_ready(early)
-                self.early_ready = []
-        elif isinstance(msg, MemberReady):
-            if self.formation is None:
-                self.early_ready.append(msg)  # a peer was faster than our own drop order
-            else:
-                self.formation.on_member_ready(msg)
-        elif isinstance(msg, ExchangeBatch):
-            if not (self.faults.exchange_stall and msg.purpose == "exchange"):
-                self.mover.start(msg)
-        elif isinstance(msg, ExchangeAbort):
-            self.mover.abort(msg.epoch, msg.batch)
-        elif isinstance(msg, ExchangeDone) and msg.epoch >= MIGRATION_EPOCH:
-            if not self.migration_target.on_exchange_done(msg):
-                self.migration_source.on_exchange_done(msg)
-        elif isinstance(msg, ExchangeDone):
-            if msg.batch == RESTORE_BATCH and self.split is not None:
-                self.split.on_exchange_done(msg)
-            elif self.formation is not None:
-                self.formation.on_exchange_done(msg)
-        elif isinstance(msg, RestoreGroup):
-            self.split = Split(self, self.driver, msg.epoch)
-        elif isinstance(msg, SplitGroup):
-            on_split_group(self, msg)
-            self.formation = self.split = None
-        elif isinstance(msg, (GroupFormed, Restored, ReshapeEvent)):
-            self.controller.on_reshaped(msg)
-        else:
-            return False
-        return True
+    def attach_controller(self, controller: Controller) -> None:
+        """Make this rank (0) the cluster's controller: it takes the leaders' reports."""
+        self.controller = controller
+        self._table.update({
+            InstanceReport: controller.on_report,
+            RankInfo: controller.on_rank_info,
+            GroupFormed: controller.on_group_formed,
+            Restored: controller.on_restored,
+            ReshapeEvent: controller.on_reshape_event,
+            MigrationDone: controller.on_migration_done,
+        })
+
+    def _on_control(self, msg: object, src: int) -> None:
+        handler = self._table.get(type(msg))
+        if handler is None:
+            raise TypeError(f"unexpected control message {type(msg).__name__} from rank {src}")
+        handler(msg)
+
+    def _on_regroup(self, msg: Regroup) -> None:
+        self.apply_topology(msg.topology)
+        self.to_controller(self.rank_info())  # arrives before RegroupDone: same pair, same tag
+        self.to_controller(RegroupDone(self.rank, msg.epoch))
+
+    def _on_rank_failed(self, msg: RankFailed) -> None:
+        logger.error("rank %d failed: %s", msg.rank, msg.error)
+        self.stop_reason = f"rank {msg.rank} failed: {msg.error}"
+
+    def _on_shutdown(self, msg: Shutdown) -> None:
+        self.stop_reason = msg.reason
+
+    def _on_exchange_batch(self, msg: ExchangeBatch) -> None:
+        if not (self.faults.exchange_stall and msg.id.purpose == MovePurpose.EXCHANGE):
+            self.mover.start(msg)
+
+    def _on_exchange_done(self, msg: ExchangeDone) -> None:
+        """A batch's completion on one member, routed by the protocol the batch belongs to."""
+        if msg.id.purpose != MovePurpose.MIGRATION:
+            self.reshaper.on_exchange_done(msg)
+        elif not self.migration_target.on_exchange_done(msg):  # the target forwards it to the source
+            self.migration_source.on_exchange_done(msg)
 
     def _on_abort(self, msg: AbortRequest) -> None:
         moved_to = self.migration_source.forward_abort(msg.request_id)
@@ -313,23 +324,6 @@ class RankLoop:
             self.driver.abort(msg.request_id)
         elif moved_to is not None:  # it migrated away after the controller sent this
             self.send_to_rank(moved_to, msg)
-
-    def _on_migration_message(self, msg: object) -> bool:
-        if isinstance(msg, StartMigration):
-            self.migration_source.start(msg)
-        elif isinstance(msg, MigrationOffer):
-            self.migration_target.on_offer(msg)
-        elif isinstance(msg, MigrationReply):
-            self.migration_source.on_reply(msg)
-        elif isinstance(msg, MigrationCommit):
-            self.migration_target.on_commit(msg)
-        elif isinstance(msg, MigrationCancel):
-            self.migration_target.on_cancel(msg)
-        elif isinstance(msg, MigrationDone):
-            self.controller.on_migration_done(msg)
-        else:
-            return False
-        return True
 
     # Regrouping (driven by rank 0) ------------------------------------------------------------
     def start_regroup(self, topology: Topology) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from orchestrator.cluster import kv_mover
 from orchestrator.cluster.kv_mover import KvMover
-from orchestrator.cluster.messages import ExchangeBatch, KvMove
+from orchestrator.cluster.messages import BatchId, ExchangeBatch, KvMove, MovePurpose
 from orchestrator.transport import Handle, Transport
 
 PAGE_BYTES = 1024
@@ -57,6 +57,9 @@ def mover(rank: int) -> tuple[KvMover, Recording]:
     return KvMover(rank, pool, t), t
 
 
+BATCH = BatchId(MovePurpose.EXCHANGE, epoch=1, batch=0)
+
+
 def batch() -> ExchangeBatch:
     """Three members, moves in both directions, layers interleaved as the leader sorts them."""
     moves = []
@@ -65,7 +68,7 @@ def batch() -> ExchangeBatch:
         moves.append(KvMove(f"b{layer}", layer, 1, [40 + layer], 0, [50 + layer]))
         if layer % 2:
             moves.append(KvMove(f"c{layer}", layer, 2, [layer], 0, [56 + layer]))
-    return ExchangeBatch(epoch=1, batch=0, moves=moves)
+    return ExchangeBatch(BATCH, moves)
 
 
 def run(rank: int) -> tuple[list, int]:
@@ -73,8 +76,8 @@ def run(rank: int) -> tuple[list, int]:
     m.start(batch())
     while m.busy:
         done = m.poll()
-    assert done and done[0][:2] == (1, 0)
-    return t.log, done[0][2]
+    assert done and (done[0].rank, done[0].id) == (rank, BATCH)
+    return t.log, done[0].bytes_moved
 
 
 @pytest.mark.parametrize("turn_bytes", [1 << 30, 5 * PAGE_BYTES, PAGE_BYTES])

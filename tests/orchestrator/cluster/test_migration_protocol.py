@@ -9,7 +9,7 @@ import pytest
 
 from engines.sampling import SamplingParams
 from orchestrator.core.block_manager import BlockManager
-from orchestrator.cluster.messages import (MIGRATION_EPOCH, ExchangeBatch, ExchangeDone, MigrationCancel,
+from orchestrator.cluster.messages import (BatchId, MovePurpose, ExchangeBatch, ExchangeDone, MigrationCancel,
                                            MigrationCommit, MigrationDone, MigrationOffer, MigrationReply,
                                            StartMigration)
 from orchestrator.cluster.migration import HEADROOM_TOKENS, MigrationSource, MigrationState, MigrationTarget
@@ -34,7 +34,7 @@ class FakeDriver:
         self.handed: list = []
         self.adopted: list = []
 
-    def running(self, tokens: int) -> Request:
+    def start(self, tokens: int) -> Request:
         req = Request(f"r{tokens}", list(range(tokens)), SamplingParams(max_tokens=64), 512)
         self.scheduler.add(req)
         self.scheduler.schedule()
@@ -47,10 +47,21 @@ class FakeDriver:
         self.handed.append((req.request_id, block_table, home))
         return ("exported", req.request_id, block_table)
 
+    @property
+    def blocks(self) -> BlockManager:
+        return self.scheduler.blocks
+
+    def running(self) -> list[Request]:
+        return list(self.scheduler.running)
+
+    def hold(self, req) -> None:
+        self.held.add(req.seq_id)
+
     def release_held(self, req) -> None:
         self.held.discard(req.seq_id)
 
-    def adopt(self, er, held: bool) -> None:
+    def adopt(self, er, pool: int | None = None, held: bool = False) -> None:
+        assert pool is None and not held  # the reservation's pages are the request's pages
         self.adopted.append(er)
 
 
@@ -73,7 +84,7 @@ class FakeLoop:
 
 def setup(tokens: int = 20):
     src, dst = FakeLoop(0, FakeDriver()), FakeLoop(1, FakeDriver())
-    req = src.driver.running(tokens)
+    req = src.driver.start(tokens)
     source, target = MigrationSource(src), MigrationTarget(dst)
     source.start(StartMigration(7, dst=1, dst_free_tokens=1000))
     offer = src.last(MigrationOffer)[0]
@@ -92,14 +103,14 @@ def grow(driver: FakeDriver, req: Request, n: int) -> None:
 
 def finish_stage(source, batch: ExchangeBatch) -> None:
     for rank in (0, 1):
-        source.on_exchange_done(ExchangeDone(rank, batch.epoch, batch.batch, 100))
+        source.on_exchange_done(ExchangeDone(rank, batch.id, 100))
 
 
 def test_stages_then_a_short_stop_then_commit():
     src, dst, req, source, target, reply = setup()
     first = src.last(ExchangeBatch, to=0)[0]
     assert src.last(ExchangeBatch, to=1) == [first]  # the same batch for both movers
-    assert first.epoch == MIGRATION_EPOCH + 7 and len(first.moves) == LAYERS
+    assert first.id == BatchId(MovePurpose.MIGRATION, 7, 1) and len(first.moves) == LAYERS
     assert [len(m.src_pages) for m in first.moves] == [5, 5]  # 20 tokens = 5 pages of 4
     grow(src.driver, req, 10)  # decoding went on during the copy: 10 new tokens > a page
     finish_stage(source, first)
@@ -180,7 +191,7 @@ def test_a_migration_ended_at_each_stage_keeps_the_request_and_frees_the_reserva
     pages travel): the request stays at the source with its pages, runs again (not held),
     nothing is handed over, and the destination's reservation is freed."""
     src, dst = FakeLoop(0, FakeDriver()), FakeLoop(1, FakeDriver(pages=4 if stage == MigrationState.OFFERED else 64))
-    req = src.driver.running(20)
+    req = src.driver.start(20)
     pages_before = [list(row) for row in req.block_table]
     source, target = MigrationSource(src), MigrationTarget(dst)
     source.start(StartMigration(7, dst=1, dst_free_tokens=1000))
