@@ -15,7 +15,7 @@ from engines.kv_cache import KVPool
 from engines.mapping import LayerRange
 from engines.ops import (apply_rope, decode_attention, fresh_prefill_attention, gated_mlp,
                          prefill_attention, rms_norm)
-from engines.sampling import sample
+from engines.sampling import TokenLogprob, logprobs_of, sample
 from engines.step import StepInput, StepOutput
 from engines.step_meta import StepMeta, build_step_meta, context_slots
 from engines.weights import ModelWeights
@@ -109,15 +109,32 @@ class StageRunner:
 
     def _sample(self, step: StepInput, meta: StepMeta, x: torch.Tensor) -> StepOutput:
         chosen = [c for c in step.chunks if c.sample]
-        if not chosen:
+        scored = [c for c in step.chunks if c.prompt_targets]
+        if not chosen and not scored:
             return StepOutput()
+        h = rms_norm(x[meta.sample_rows], self._final_norm(), self.cfg.norm_epsilon)
+        logits = F.linear(h, self.weights.lm_head).float()
+        sampled = sample(logits, [c.sample_row() for c in chosen], self.cfg.eos_token_ids)
+        return StepOutput(sampled_seq_ids=[c.seq_id for c in chosen], tokens=sampled.tokens, logits=logits,
+                          logprobs=sampled.logprobs if any(sampled.logprobs) else [],
+                          prompt_logprobs=self._prompt_logprobs(step, x) if scored else {})
+
+    def _final_norm(self) -> torch.Tensor:
         w = self.weights
         if w.final_norm is None or w.lm_head is None:
             raise RuntimeError("last stage has no final norm / LM head loaded")
-        h = rms_norm(x[meta.sample_rows], w.final_norm, self.cfg.norm_epsilon)
-        logits = F.linear(h, w.lm_head).float()
-        params = [c.sampling for c in chosen]
-        if any(p is None for p in params):
-            raise ValueError("a sampling chunk has no sampling parameters")
-        tokens = sample(logits, params, [c.output_index for c in chosen])
-        return StepOutput(sampled_seq_ids=[c.seq_id for c in chosen], tokens=tokens, logits=logits)
+        return w.final_norm
+
+    def _prompt_logprobs(self, step: StepInput, x: torch.Tensor) -> dict[int, list[TokenLogprob]]:
+        """Log-probabilities of each scored chunk's prompt targets, from its own rows' logits
+        (computed only for the chunks that asked: the LM head over a whole prompt is costly)."""
+        out, row = {}, 0
+        for c in step.chunks:
+            if c.prompt_targets:
+                first = row + c.prompt_target_row
+                rows = x[first:first + len(c.prompt_targets)]
+                logits = F.linear(rms_norm(rows, self._final_norm(), self.cfg.norm_epsilon), self.weights.lm_head)
+                k = c.sampling.prompt_logprobs or 0
+                out[c.seq_id] = logprobs_of(logits, c.prompt_targets, [k] * len(c.prompt_targets))
+            row += c.num_tokens
+        return out

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engines.sampling import SamplingParams
+from engines.sampling import SampleRow, SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -32,6 +32,20 @@ class SeqChunk:
     sampling: SamplingParams | None = None
     output_index: int = 0
     """Tokens generated before this one: selects the seeded random stream."""
+    history: list[int] | None = None
+    """Prompt and output tokens so far, on sampling chunks whose processors read them
+    (penalties); None otherwise, so the common step carries nothing extra."""
+    num_prompt_tokens: int = 0
+    """Where the output starts in ``history``."""
+    prompt_targets: list[int] | None = None
+    """When prompt log-probabilities are asked for: the prompt tokens that the chunk's
+    rows from ``prompt_target_row`` on predict (each row's next token)."""
+    prompt_target_row: int = 0
+
+    def sample_row(self) -> SampleRow:
+        if self.sampling is None:
+            raise ValueError(f"sequence {self.seq_id}: a sampling chunk has no sampling parameters")
+        return SampleRow(self.sampling, self.output_index, self.history, self.num_prompt_tokens)
 
     @property
     def context_len(self) -> int:
@@ -56,3 +70,8 @@ class StepOutput:
     tokens: list[int] = field(default_factory=list)
     logits: torch.Tensor | None = None
     """``[len(sampled_seq_ids), vocab]`` float32 logits the tokens were drawn from."""
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    """Per sampled token, its log-probabilities when its request asked (else None); may be
+    empty when no request of the step asked."""
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    """Seq id -> log-probabilities of the chunk's ``prompt_targets``."""

@@ -102,8 +102,14 @@ class InstanceDriver:
         new = req.output_token_ids[self.sent[req.request_id]:]
         finished = req.status.finished
         if new or finished:
-            self.updates.append(TokenEvent(req.request_id, list(new), finished, req.status.finish_reason, req.error,
-                                            req.num_preemptions, req.num_migrations))
+            prompt_lps, output_lps = req.logprobs.drain()
+            first = self.sent[req.request_id] == 0 and bool(new) and req.first_scheduled_time is not None
+            self.updates.append(TokenEvent(
+                req.request_id, list(new), finished, req.status.finish_reason, req.error,
+                req.num_preemptions, req.num_migrations,
+                queue_time_s=req.first_scheduled_time - req.arrival_time if first else None,
+                logprobs=output_lps if req.sampling.logprobs is not None else None,
+                prompt_logprobs=prompt_lps if req.sampling.prompt_logprobs is not None and prompt_lps else None))
             self.sent[req.request_id] += len(new)
         if finished:
             del self.requests[req.request_id], self.sent[req.request_id]
@@ -132,10 +138,7 @@ class InstanceDriver:
         out = []
         for req in list(self.requests.values()):
             self.scheduler.release(req)
-            out.append(ExportedRequest(
-                req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling,
-                req.max_model_len, req.num_computed_tokens, req.block_table, home,
-                self.sent[req.request_id], req.num_preemptions, req.arrival_time, req.num_migrations))
+            out.append(self._exported(req, req.block_table, home))
         self.requests.clear()
         self.sent.clear()
         return out
@@ -150,7 +153,8 @@ class InstanceDriver:
         req = Request(er.request_id, er.prompt_token_ids, er.sampling, er.max_model_len,
                       arrival_time=er.arrival_time, output_token_ids=list(er.output_token_ids),
                       num_computed_tokens=er.num_computed_tokens, block_table=er.block_table,
-                      num_preemptions=er.num_preemptions, num_migrations=er.num_migrations)
+                      num_preemptions=er.num_preemptions, num_migrations=er.num_migrations,
+                      logprobs=er.logprobs)
         self.scheduler.adopt(req)
         self.requests[req.request_id] = req
         self.sent[req.request_id] = er.sent
@@ -164,12 +168,16 @@ class InstanceDriver:
         self.held.discard(req.seq_id)
         self.scheduler.release(req)
         self.blocks.free(req)
-        er = ExportedRequest(req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling,
-                             req.max_model_len, req.num_computed_tokens, block_table, home,
-                             self.sent[req.request_id], req.num_preemptions, req.arrival_time,
-                             req.num_migrations + 1)
+        er = self._exported(req, block_table, home, migrated=True)
         del self.requests[req.request_id], self.sent[req.request_id]
         return er
+
+    def _exported(self, req: Request, block_table: list[list[int]], home: int,
+                  migrated: bool = False) -> ExportedRequest:
+        return ExportedRequest(req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling,
+                               req.max_model_len, req.num_computed_tokens, block_table, home,
+                               self.sent[req.request_id], req.num_preemptions, req.arrival_time,
+                               req.num_migrations + migrated, logprobs=req.logprobs)
 
     def hold(self, req: Request) -> None:
         """Schedule nothing more for ``req`` until ``release_held`` (a migration's last stop)."""
@@ -286,7 +294,7 @@ class InstanceDriver:
         self.busy = +self.busy  # drop the zero counts
         if msg.error:
             raise RuntimeError(f"instance {self.instance}: a later stage failed: {msg.error}")
-        self._finish_step(sched, StepOutput(sampled_seq_ids=msg.seq_ids, tokens=msg.tokens))
+        self._finish_step(sched, msg.step_output())
 
     def _finish_step(self, sched: SchedulerOutput, out: StepOutput) -> None:
         self.scheduler.update(sched, out)
@@ -318,7 +326,8 @@ class StageWorker:
         chunks = [replace(c, block_table=c.block_table[:own]) for c in msg.chunks]
         out = self.runner.execute(StepInput(chunks=chunks, hidden=hidden))
         if self.is_last:
-            result = StageResult(self.instance, msg.microbatch, out.sampled_seq_ids, out.tokens)
+            result = StageResult(self.instance, msg.microbatch, out.sampled_seq_ids, out.tokens,
+                                 logprobs=out.logprobs, prompt_logprobs=out.prompt_logprobs)
             self.sender.send_result(self.ranks[0], result)
             return
         nxt = replace(msg, chunks=[replace(c, block_table=c.block_table[own:]) for c in msg.chunks])

@@ -9,10 +9,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engines.sampling import SamplingParams
-from engines.step import SeqChunk
+from engines.sampling import SamplingParams, TokenLogprob
+from engines.step import SeqChunk, StepOutput
 from orchestrator.cluster.event_log import EventKind
 from orchestrator.contracts import InstanceStats, TokenEvent, Topology
+from orchestrator.core.request import LogprobBuffer
 
 # MPI tags. Control messages are matched by tag; payloads use their own tags.
 TAG_CONTROL = 1      # controller <-> ranks: requests, aborts, updates, stats, regroup, shutdown
@@ -90,6 +91,15 @@ class StageResult:
     seq_ids: list[int]
     tokens: list[int]
     error: str | None = None
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    """Per token, when its request asked for log-probabilities (empty if none did)."""
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    """Seq id -> the prompt log-probabilities this micro-batch computed."""
+
+    def step_output(self) -> StepOutput:
+        """The leader's view of the result, as if its own runner had produced it."""
+        return StepOutput(sampled_seq_ids=self.seq_ids, tokens=self.tokens, logprobs=self.logprobs,
+                          prompt_logprobs=self.prompt_logprobs)
 
 
 @dataclass
@@ -146,6 +156,8 @@ class ExportedRequest:
     num_preemptions: int = 0
     arrival_time: float = 0.0
     num_migrations: int = 0
+    logprobs: LogprobBuffer = field(default_factory=LogprobBuffer)
+    """Log-probabilities not yet reported, and how far the prompt's are done."""
 
 
 @dataclass

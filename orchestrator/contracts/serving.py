@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from engines.sampling import SamplingParams
+from engines.sampling import SamplingParams, TokenLogprob
 from engines.tokenizer import Tokenizer
 
 
@@ -44,6 +44,13 @@ class TokenEvent:
     """On the last event: how often the request was preempted (its KV dropped or swapped)."""
     num_migrations: int = 0
     """On the last event: how often it moved between replicas with its KV (llumnix)."""
+    queue_time_s: float | None = None
+    """On the request's first event with tokens: seconds it waited in its instance's queue
+    before its first step was scheduled (vLLM's ``request_queue_time``); None elsewhere."""
+    logprobs: list[TokenLogprob] | None = None
+    """When the request asked for them: one per token of ``token_ids``."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """When asked for: prompt positions scored since the last event (positions 1.. in order)."""
 
 
 @dataclass

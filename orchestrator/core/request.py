@@ -7,7 +7,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from engines.sampling import SamplingParams
+from engines.sampling import SamplingParams, TokenLogprob
 
 _seq_ids = itertools.count()
 
@@ -32,6 +32,23 @@ class RequestStatus(enum.IntEnum):
     def finish_reason(self) -> str | None:
         return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
                 RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+
+
+@dataclass
+class LogprobBuffer:
+    """A request's log-probabilities computed but not yet reported, and how far its
+    prompt's are done (a recomputed prefill does not score the prompt again)."""
+
+    next_prompt_position: int = 1
+    """The first prompt position still to score (position 0 has no log-probability)."""
+    prompt: list[TokenLogprob] = field(default_factory=list)
+    output: list[TokenLogprob] = field(default_factory=list)
+
+    def drain(self) -> tuple[list[TokenLogprob], list[TokenLogprob]]:
+        """The unreported prompt and output log-probabilities, forgotten here."""
+        prompt, output = self.prompt, self.output
+        self.prompt, self.output = [], []
+        return prompt, output
 
 
 @dataclass
@@ -60,6 +77,9 @@ class Request:
     num_migrations: int = 0
     """Live migrations to another replica (the llumnix policy)."""
     error: str | None = None
+    logprobs: LogprobBuffer = field(default_factory=LogprobBuffer)
+    first_scheduled_time: float | None = None
+    """When its first step was scheduled on this instance (``time.monotonic``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -72,3 +92,14 @@ class Request:
     @property
     def max_total_tokens(self) -> int:
         return min(self.max_model_len, len(self.prompt_token_ids) + self.sampling.max_tokens)
+
+    def prompt_targets(self, start: int, end: int) -> tuple[int, list[int] | None]:
+        """For a chunk over positions ``[start, end)``: the first row to score and the prompt
+        tokens its rows predict, when prompt log-probabilities are asked for and not done."""
+        if self.sampling.prompt_logprobs is None:
+            return 0, None
+        first = max(start + 1, self.logprobs.next_prompt_position)
+        last = min(end + 1, len(self.prompt_token_ids))
+        if first >= last:
+            return 0, None
+        return first - start - 1, self.prompt_token_ids[first:last]

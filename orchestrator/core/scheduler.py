@@ -11,6 +11,7 @@ KV goes to host memory and is swapped back in when it is rescheduled.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -69,11 +70,16 @@ class SchedulerOutput:
             r = c.request
             start = r.num_computed_tokens if c.start is None else c.start
             end = start + c.num_tokens
+            sample = end == r.num_tokens
+            history = sample and r.sampling.needs_history
+            first_row, targets = r.prompt_targets(start, end)
             out.append(SeqChunk(
                 seq_id=r.seq_id, num_computed=start, num_tokens=c.num_tokens,
                 block_table=r.block_table, token_ids=r.all_token_ids[start:end],
-                sample=end == r.num_tokens, sampling=r.sampling,
-                output_index=len(r.output_token_ids)))
+                sample=sample, sampling=r.sampling, output_index=len(r.output_token_ids),
+                history=r.all_token_ids if history else None,
+                num_prompt_tokens=len(r.prompt_token_ids) if history else 0,
+                prompt_targets=targets, prompt_target_row=first_row))
         return StepInput(chunks=out)
 
 
@@ -167,6 +173,8 @@ class Scheduler:
                 self.swapper.swap_in(req)
                 req.swapped = False
             self.waiting.popleft()
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, n))
@@ -225,13 +233,20 @@ class Scheduler:
     def update(self, sched: SchedulerOutput, result: StepOutput) -> list[Request]:
         """Apply a step's result; return the requests that finished."""
         sampled = dict(zip(result.sampled_seq_ids, result.tokens))
+        logprobs = dict(zip(result.sampled_seq_ids, result.logprobs))
         finished = []
         for chunk in sched.chunks:
             req = chunk.request
             if req.status != RequestStatus.RUNNING:
                 continue
             req.num_computed_tokens += chunk.num_tokens
+            scored = result.prompt_logprobs.get(req.seq_id)
+            if scored:
+                req.logprobs.prompt.extend(scored)
+                req.logprobs.next_prompt_position += len(scored)
             if req.seq_id in sampled:
+                if logprobs.get(req.seq_id) is not None:
+                    req.logprobs.output.append(logprobs[req.seq_id])
                 req.output_token_ids.append(sampled[req.seq_id])
                 status = self._stop_status(req)
                 if status is not None:
