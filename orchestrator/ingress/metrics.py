@@ -3,6 +3,12 @@
 ``IngressStats`` is updated by the server as requests arrive, produce tokens and end; it
 lives on the ingress's event loop thread and is only touched there, so it needs no lock.
 ``render_metrics`` adds gauges from the cluster's ``ClusterState`` at scrape time.
+
+Two sets of names: the project's own ``kunserve_*``, and next to them vLLM's ``vllm:*`` with
+vLLM v1's types, buckets, ``model_name`` label and meaning (checked against vLLM's
+``vllm/v1/metrics/loggers.py`` and ``stats.py``), so a Grafana dashboard built for vLLM reads
+this cluster unchanged. A ``vllm:*`` series is left out rather than written as 0 when what it
+measures is unknown (no model name, no cluster state, no queue time reported, no KV pool).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from orchestrator.contracts import ClusterState
+from orchestrator.contracts import ClusterState, RankState
 
 if TYPE_CHECKING:
     from orchestrator.ingress.request_log import RequestLog
@@ -30,6 +36,15 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 """Seconds per output token."""
+VLLM_TTFT_BUCKETS = TTFT_BUCKETS + (640.0, 2560.0)
+"""vLLM v1's ``time_to_first_token_seconds`` buckets (they reach further than ours)."""
+VLLM_ITL_BUCKETS = TPOT_BUCKETS
+"""vLLM's ``inter_token_latency_seconds`` (and ``time_per_output_token_seconds``) buckets."""
+VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                                50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+"""vLLM's buckets for ``e2e_request_latency_seconds`` and ``request_queue_time_seconds``."""
+VLLM_FINISHED_REASONS = ("stop", "length", "abort")
+"""vLLM creates ``request_success_total`` for each of these at start; so do we (0 is measured)."""
 
 
 @dataclass
@@ -47,14 +62,14 @@ class Histogram:
         if not self.counts:
             self.counts = [0] * len(self.buckets)
 
-    def observe(self, value: float) -> None:
-        """Add one observation."""
+    def observe(self, value: float, times: int = 1) -> None:
+        """Add ``times`` observations of ``value`` (one per token of an event, for instance)."""
         for i, bound in enumerate(self.buckets):
             if value <= bound:
-                self.counts[i] += 1
+                self.counts[i] += times
                 break
-        self.total += value
-        self.count += 1
+        self.total += value * times
+        self.count += times
 
 
 @dataclass
@@ -70,6 +85,8 @@ class RequestTiming:
     route: str = ""
     """What carried it: ``http`` or ``triton`` (the request log's field)."""
     prompt_tokens: int = 0
+    queue_time_s: float | None = None
+    """Seconds it waited in its instance's queue, once the cluster reported it."""
 
 
 @dataclass
@@ -86,26 +103,51 @@ class IngressStats:
     """Error answers, by error type (``BadRequestError``, ``TooManyRequestsError``, ...)."""
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    prefilled_prompt_tokens: int = 0
+    """Prompt tokens of requests that got their first token (vLLM's ``prompt_tokens``)."""
+    vllm_ttft: Histogram = field(default_factory=lambda: Histogram(VLLM_TTFT_BUCKETS))
+    """``ttft``'s observations again, in vLLM's buckets."""
+    itl: Histogram = field(default_factory=lambda: Histogram(VLLM_ITL_BUCKETS))
+    """Per output token after the first event: the gap since the previous event over that
+    event's tokens, observed once per token (vLLM observes once per engine step, which is one
+    token without speculative decoding)."""
+    e2e: Histogram = field(default_factory=lambda: Histogram(VLLM_REQUEST_LATENCY_BUCKETS))
+    """Seconds from arrival to the end of the request, for every request that ended."""
+    queue_time: Histogram = field(default_factory=lambda: Histogram(VLLM_REQUEST_LATENCY_BUCKETS))
+    """Seconds in the instance's queue, as the cluster reports it (``TokenEvent.queue_time_s``)."""
     in_flight: int = 0
     """Generation requests the ingress is answering now."""
     request_log: RequestLog | None = None
     """Where each admitted request is written when it ends (``serve --request-log``)."""
 
-    def on_tokens(self, timing: RequestTiming, n: int, now: float | None = None) -> None:
-        """``n`` new output tokens of a request arrived."""
+    def on_tokens(self, timing: RequestTiming, n: int, now: float | None = None, *,
+                  queue_time_s: float | None = None) -> None:
+        """``n`` new output tokens of a request arrived; ``queue_time_s`` is the event's
+        (the cluster reports it once, with the first tokens; observed once per request)."""
+        if queue_time_s is not None and timing.queue_time_s is None:
+            timing.queue_time_s = queue_time_s
+            self.queue_time.observe(max(0.0, queue_time_s))
         if n <= 0:
             return
         now = time.monotonic() if now is None else now
         if timing.first_token_time is None:
             timing.first_token_time = now
-            self.ttft.observe(max(0.0, now - timing.arrival_time))
+            ttft = max(0.0, now - timing.arrival_time)
+            self.ttft.observe(ttft)
+            self.vllm_ttft.observe(ttft)
+            self.prefilled_prompt_tokens += timing.prompt_tokens
+        elif timing.last_token_time is not None:
+            self.itl.observe(max(0.0, now - timing.last_token_time) / n, times=n)
         timing.last_token_time = now
         timing.num_output_tokens += n
         self.generation_tokens += n
 
-    def on_finish(self, timing: RequestTiming, reason: str | None) -> None:
-        """A request ended with ``reason``; its TPOT is observed if it made two tokens or more."""
+    def on_finish(self, timing: RequestTiming, reason: str | None, now: float | None = None) -> None:
+        """A request ended with ``reason``: counted, its end-to-end latency observed, and its
+        TPOT if it made two tokens or more."""
         self.finished[reason or "unknown"] += 1
+        now = time.monotonic() if now is None else now
+        self.e2e.observe(max(0.0, now - timing.arrival_time))
         if timing.num_output_tokens > 1 and timing.first_token_time is not None:
             decode = (timing.last_token_time or timing.first_token_time) - timing.first_token_time
             self.tpot.observe(decode / (timing.num_output_tokens - 1))
@@ -115,8 +157,11 @@ class IngressStats:
         self.errors[err_type] += 1
 
 
-def render_metrics(stats: IngressStats, state: ClusterState | None) -> str:
-    """The Prometheus text exposition of ``stats`` and, when given, the cluster ``state``."""
+def render_metrics(stats: IngressStats, state: ClusterState | None, model_name: str | None = None) -> str:
+    """The Prometheus text exposition of ``stats`` and, when given, the cluster ``state``.
+
+    ``model_name`` is the served model's name; vLLM's series carry it as ``model_name`` and
+    are left out without it (a vLLM dashboard selects by it; a made-up one would mislead)."""
     lines: list[str] = []
     _histogram(lines, "kunserve_time_to_first_token_seconds",
                "Time from request arrival to its first output token.", stats.ttft)
@@ -134,6 +179,8 @@ def render_metrics(stats: IngressStats, state: ClusterState | None) -> str:
             [({}, stats.in_flight)])
     if state is not None:
         _cluster_gauges(lines, state)
+    if model_name is not None:
+        _vllm_families(lines, stats, state, {"model_name": model_name})
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +236,59 @@ def _reshape_counters(state: ClusterState) -> dict[str, tuple[str, float]]:
     }
 
 
+def _vllm_families(lines: list[str], stats: IngressStats, state: ClusterState | None,
+                   model: dict[str, str]) -> None:
+    """vLLM's names for what the ingress measures, then for the cluster ``state``."""
+    _histogram(lines, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+               stats.vllm_ttft, model)
+    _histogram(lines, "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+               stats.itl, model)
+    _histogram(lines, "vllm:time_per_output_token_seconds",
+               "Histogram of time per output token in seconds (vLLM's older name for "
+               "vllm:inter_token_latency_seconds; the same observations).", stats.itl, model)
+    _histogram(lines, "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+               stats.e2e, model)
+    if stats.queue_time.count:  # unknown until the cluster reports a queue time
+        _histogram(lines, "vllm:request_queue_time_seconds",
+                   "Histogram of time spent in WAITING phase for request.", stats.queue_time, model)
+    _family(lines, "vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
+            [(model, stats.prefilled_prompt_tokens)])
+    _family(lines, "vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
+            [(model, stats.generation_tokens)])
+    finished = {**dict.fromkeys(VLLM_FINISHED_REASONS, 0), **stats.finished}
+    _family(lines, "vllm:request_success_total", "counter", "Count of successfully processed requests.",
+            [({**model, "finished_reason": k}, v) for k, v in sorted(finished.items())])
+    if state is not None:
+        _vllm_cluster(lines, state, model)
+
+
+def _vllm_cluster(lines: list[str], state: ClusterState, model: dict[str, str]) -> None:
+    """vLLM's scheduler gauges per serving instance (vLLM's ``engine`` label: one engine core
+    per instance, named by its leader rank) and the cluster's preemption total."""
+    instances = [({**model, "engine": str(i.instance)}, i) for i in sorted(state.instances, key=lambda i: i.instance)]
+    _family(lines, "vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
+            [(labels, i.running) for labels, i in instances])
+    _family(lines, "vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
+            [(labels, i.waiting) for labels, i in instances])
+    ranks = {r.rank: r for r in state.ranks}
+    usage = [(labels, _kv_usage([ranks[r] for r in i.ranks if r in ranks])) for labels, i in instances]
+    usage = [(labels, u) for labels, u in usage if u is not None]
+    if usage:
+        _family(lines, "vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", usage)
+        _family(lines, "vllm:gpu_cache_usage_perc", "gauge",
+                "GPU KV-cache usage. 1 means 100 percent usage (vLLM's older name for "
+                "vllm:kv_cache_usage_perc; the same value).", usage)
+    # The schedulers count every preemption; the key appears with the first one.
+    _family(lines, "vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.",
+            [(model, state.counters.get("preemptions", 0))])
+
+
+def _kv_usage(ranks: list[RankState]) -> float | None:
+    """Fraction of an instance's KV pages in use (over its ranks), None without a pool."""
+    total = sum(r.kv_pages_total for r in ranks)
+    return sum(r.kv_pages_used for r in ranks) / total if total else None
+
+
 def _family(lines: list[str], name: str, kind: str, help_text: str,
             samples: list[tuple[dict[str, str], float]]) -> None:
     lines.append(f"# HELP {name} {help_text}")
@@ -197,16 +297,18 @@ def _family(lines: list[str], name: str, kind: str, help_text: str,
         lines.append(f"{name}{_labels(labels)} {_number(value)}")
 
 
-def _histogram(lines: list[str], name: str, help_text: str, h: Histogram) -> None:
+def _histogram(lines: list[str], name: str, help_text: str, h: Histogram,
+               labels: dict[str, str] | None = None) -> None:
+    labels = labels or {}
     lines.append(f"# HELP {name} {help_text}")
     lines.append(f"# TYPE {name} histogram")
     cumulative = 0
     for bound, n in zip(h.buckets, h.counts):
         cumulative += n
-        lines.append(f"{name}_bucket{_labels({'le': _number(bound)})} {cumulative}")
-    lines.append(f'{name}_bucket{{le="+Inf"}} {h.count}')
-    lines.append(f"{name}_sum {_number(h.total)}")
-    lines.append(f"{name}_count {h.count}")
+        lines.append(f"{name}_bucket{_labels({**labels, 'le': _number(bound)})} {cumulative}")
+    lines.append(f"{name}_bucket{_labels({**labels, 'le': '+Inf'})} {h.count}")
+    lines.append(f"{name}_sum{_labels(labels)} {_number(h.total)}")
+    lines.append(f"{name}_count{_labels(labels)} {h.count}")
 
 
 def _labels(labels: dict[str, str]) -> str:
