@@ -16,7 +16,7 @@ from aiohttp import web
 
 from orchestrator.contracts import BackendUnavailable, Refused, ReshapeTimeout
 from orchestrator.ingress.http_util import BACKEND_KEY, read_json
-from orchestrator.ingress.openai_protocol import ApiError, InvalidRequest
+from orchestrator.ingress.errors import ApiError, InvalidRequest
 
 TOKEN_KEY = web.AppKey("admin_token", str)
 

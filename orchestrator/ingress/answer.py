@@ -16,43 +16,54 @@ from typing import Any
 
 from orchestrator.contracts import BackendUnavailable, IngressBackend, QueueFullError, TokenEvent
 from orchestrator.ingress.detokenizer import IncrementalDecoder
+from engines.sampling import TokenLogprob
+from orchestrator.ingress.errors import ApiError
 from orchestrator.ingress.metrics import IngressStats, RequestTiming
-from orchestrator.ingress.openai_protocol import ApiError, Kind, ParsedRequest, parse_request
+from orchestrator.ingress.openai_logprobs import LogprobFormatter
+from orchestrator.ingress.openai_protocol import Kind, ParsedRequest, parse_request
 from orchestrator.ingress.stop_strings import StopStringMatcher
 
 logger = logging.getLogger(__name__)
 
 
 def admit(backend: IngressBackend, stats: IngressStats, kind: Kind, body: Any, request_id: str,
-          arrival_time: float, route: str = "http") -> "Answer":
-    """Validate, tokenize and submit one request body; its ``Answer``, or ``ApiError`` (400 for a
-    bad body, 429 when the cluster's queue is full, 503 when it is not serving). ``route``
-    names the carrier in the request log (``http``, ``triton``).
+          arrival_time: float, route: str = "http") -> list["Answer"]:
+    """Validate, tokenize and submit one request body: the ``Answer`` of each of its
+    generations (prompts times ``best_of``), or ``ApiError`` (400 for a bad body, 429 when
+    the cluster's queue is full, 503 when it is not serving; generations already submitted
+    are aborted then). ``route`` names the carrier in the request log (``http``, ``triton``).
 
-    The caller must call ``Answer.end()`` when it is done with the answer, however it ends.
+    The caller must call ``Answer.end()`` on every answer when it is done with it, however it ends.
     """
     parsed = parse_request(kind, body, backend, request_id, arrival_time=arrival_time)
-    try:
-        queue = backend.submit(parsed.request)
-    except QueueFullError as exc:
-        raise ApiError(429, f"the server is overloaded, retry later ({exc})") from None
-    except BackendUnavailable as exc:
-        raise ApiError(503, f"the cluster is not serving ({exc})") from None
-    stats.prompt_tokens += len(parsed.request.prompt_token_ids)
-    stats.in_flight += 1
-    return Answer(backend, stats, parsed, queue, route)
+    answers: list[Answer] = []
+    for g, request in enumerate(parsed.generations):
+        try:
+            queue = backend.submit(request)
+        except (QueueFullError, BackendUnavailable) as exc:
+            for a in answers:
+                a.end()
+            if isinstance(exc, QueueFullError):
+                raise ApiError(429, f"the server is overloaded, retry later ({exc})") from None
+            raise ApiError(503, f"the cluster is not serving ({exc})") from None
+        stats.prompt_tokens += len(request.prompt_token_ids)
+        stats.in_flight += 1
+        answers.append(Answer(backend, stats, parsed, queue, route, generation=g))
+    return answers
 
 
 class Answer:
     """Consumes one request's events; ``close`` aborts it in the cluster unless it finished."""
 
     def __init__(self, backend: IngressBackend, stats: IngressStats, parsed: ParsedRequest,
-                 queue: asyncio.Queue[TokenEvent], route: str = "http") -> None:
+                 queue: asyncio.Queue[TokenEvent], route: str = "http", generation: int = 0) -> None:
         self.backend = backend
         self.stats = stats
         self.parsed = parsed
         self.queue = queue
-        request = parsed.request
+        self.generation = generation
+        """Its index in ``parsed.generations`` (a streamed choice's ``index``)."""
+        request = self.request = parsed.generations[generation]
         self.timing = RequestTiming(arrival_time=request.arrival_time, request_id=request.request_id, route=route,
                                     prompt_tokens=len(request.prompt_token_ids))
         self.finish_reason: str | None = None
@@ -60,17 +71,23 @@ class Answer:
         (its carrier gave up) or ``error``; None while it runs."""
         self.decoder = IncrementalDecoder(backend.tokenizer)
         self.stops = StopStringMatcher(parsed.stop)
+        self.formatter = (LogprobFormatter(backend.tokenizer, parsed.kind, parsed.logprobs)
+                          if parsed.logprobs is not None else None)
+        self._echo = parsed.echo
+        """The prompt's text (and log-probabilities) still to put before the first new text."""
+        self._echo_logprobs = parsed.echo
+        self._prompt_logprobs: list[TokenLogprob] = []
         self.done = False
         self._ended = False
 
     @property
     def request_id(self) -> str:
-        return self.parsed.request.request_id
+        return self.request.request_id
 
     async def next_event(self) -> TokenEvent:
         """The next event of the request, counted in the statistics."""
         event = await self.queue.get()
-        self.stats.on_tokens(self.timing, len(event.token_ids))
+        self.stats.on_tokens(self.timing, len(event.token_ids), queue_time_s=event.queue_time_s)
         if event.finished or event.error is not None:
             self.done = True  # an error ends the request in the cluster too: nothing to abort
             self.finish_reason = "error" if event.error is not None else event.finish_reason
@@ -82,6 +99,13 @@ class Answer:
         """New text of an event (held back while it may start a stop string) and the
         finish reason once the answer is over: the cluster's, or ``stop`` when a stop
         string ended it, in which case the request is aborted in the cluster."""
+        text, reason = self._new_text(event)
+        if self._echo and (text or reason is not None):
+            text = self.parsed.prompt_texts[self.generation // self.parsed.best_of] + text
+            self._echo = False
+        return text, reason
+
+    def _new_text(self, event: TokenEvent) -> tuple[str, str | None]:
         text = self.stops.push(self.decoder.push(event.token_ids) if event.token_ids else "")
         if self.stops.stopped:
             self.close(reason="stop")
@@ -89,6 +113,19 @@ class Answer:
         if not event.finished:
             return text, None
         return text + self.stops.push(self.decoder.flush()) + self.stops.flush(), event.finish_reason
+
+    def logprobs_of(self, event: TokenEvent) -> dict[str, Any] | None:
+        """The event's log-probabilities as the client asked for them (None if it did not);
+        the echoed prompt's come first, with the first event that has tokens. Call after
+        ``text_of``'s echo."""
+        if self.formatter is None:
+            return None
+        self._prompt_logprobs.extend(event.prompt_logprobs or ())
+        echo = self._echo_logprobs and bool(event.token_ids or event.finished)
+        self._echo_logprobs = self._echo_logprobs and not echo
+        prompt = self.request.prompt_token_ids
+        return self.formatter.format(event.logprobs or [], echo_prompt=self._prompt_logprobs if echo else None,
+                                     first_prompt_token=prompt[0] if echo else None)
 
     def close(self, reason: str = "abort") -> None:
         """Abort the request in the cluster unless its last event came (``reason``: why)."""

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from orchestrator.contracts import IngressBackend
-from orchestrator.ingress.openai_protocol import InvalidRequest
+from orchestrator.ingress.errors import InvalidRequest
 
 BACKEND_KEY = web.AppKey("backend", IngressBackend)
 

@@ -24,7 +24,7 @@ from orchestrator.ingress import relay_wire as wire
 from orchestrator.ingress.answer import Answer, admit
 from orchestrator.contracts import IngressBackend
 from orchestrator.ingress.metrics import IngressStats
-from orchestrator.ingress.openai_protocol import ApiError, error_type
+from orchestrator.ingress.errors import ApiError, error_type
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,14 @@ class _Connection:
             return
         srv = self.server
         try:
-            answer = admit(srv.backend, srv.stats, "completion", body, f"trt-{uuid.uuid4().hex}", arrival,
+            body = _with_embedding_bias(body, srv.backend)
+            answers = admit(srv.backend, srv.stats, "completion", body, f"trt-{uuid.uuid4().hex}", arrival,
                             route="triton")
+            if len(answers) > 1:
+                for a in answers:
+                    a.end()
+                raise ApiError(400, "one prompt and one choice per Triton request")
+            answer = answers[0]
         except ApiError as exc:
             srv.stats.on_error(error_type(exc.status))
             self.send({"id": rid, "error": exc.message, "status": exc.status})
@@ -135,6 +141,8 @@ class _Connection:
                 text, finish_reason = answer.text_of(event)
                 if text or event.token_ids or finish_reason is not None:
                     frame = {"id": rid, "text": text, "token_ids": event.token_ids, "finish_reason": finish_reason}
+                    if event.logprobs is not None:
+                        frame["logprobs"] = [lp.logprob for lp in event.logprobs]
                     if finish_reason is not None:
                         frame.update(num_preemptions=event.num_preemptions, num_migrations=event.num_migrations)
                     self.send(frame)
@@ -154,6 +162,20 @@ class _Connection:
     def abort_all(self) -> None:
         for task in list(self.tasks.values()):
             task.cancel()
+
+
+def _with_embedding_bias(body: Any, backend: IngressBackend) -> Any:
+    """TensorRT-LLM's ``embedding_bias_words``/``_weights`` (the relay's ``embedding_bias``
+    field) as ``logit_bias``: each weight is added to every token of its word."""
+    if not isinstance(body, dict) or "embedding_bias" not in body:
+        return body
+    body = dict(body)
+    bias: dict[str, float] = {}
+    for word, weight in body.pop("embedding_bias"):
+        for token in backend.tokenizer.encode(word, add_special_tokens=False):
+            bias[str(token)] = bias.get(str(token), 0.0) + float(weight)
+    body["logit_bias"] = {**body.get("logit_bias", {}), **bias}
+    return body
 
 
 def _clear_stale_socket(path: Path) -> None:

@@ -28,15 +28,10 @@ from orchestrator.contracts import IngressBackend
 from orchestrator.ingress.metrics import CONTENT_TYPE, IngressStats, render_metrics
 from orchestrator.ingress.relay import RelayServer
 from orchestrator.ingress.request_log import RequestLog
-from orchestrator.ingress.openai_protocol import (
-    ApiError,
-    Kind,
-    error_body,
-    error_type,
-    full_response,
-    stream_chunk,
-    usage_chunk,
-)
+from orchestrator.contracts import TokenEvent
+from orchestrator.ingress.errors import ApiError, error_body, error_type
+from orchestrator.ingress.openai_protocol import Kind
+from orchestrator.ingress.openai_responses import ChoiceResult, full_response, stream_chunk, usage_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -101,79 +96,127 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, kind: Kind, request_id: str) -> web.StreamResponse:
     arrival = time.monotonic()  # before reading the body: TTFT counts from arrival
     body = await read_json(request)
-    answer = admit(request.app[BACKEND_KEY], request.app[STATS_KEY], kind, body, request_id, arrival)
+    answers = admit(request.app[BACKEND_KEY], request.app[STATS_KEY], kind, body, request_id, arrival)
     try:
-        if answer.parsed.stream:
-            return await _HttpAnswer(request, answer).stream()
-        return await _HttpAnswer(request, answer).collect()
+        if answers[0].parsed.stream:
+            return await _HttpAnswer(request, answers).stream()
+        return await _HttpAnswer(request, answers).collect()
     finally:
-        answer.end()
+        for answer in answers:
+            answer.end()
 
 
 class _HttpAnswer:
-    """Answers one HTTP request from its ``Answer``: Server-Sent Events or one JSON body."""
+    """Answers one HTTP request from its generations' ``Answer``s: Server-Sent Events or one
+    JSON body."""
 
-    def __init__(self, request: web.Request, answer: Answer) -> None:
+    def __init__(self, request: web.Request, answers: list[Answer]) -> None:
         self.request = request
-        self.answer = answer
+        self.answers = answers
+        self.parsed = answers[0].parsed
 
     async def collect(self) -> web.Response:
-        """Wait for the whole answer; a cluster error becomes a 500."""
-        answer = self.answer
+        """Wait for every generation's whole answer; a cluster error becomes a 500."""
+        tasks = [asyncio.ensure_future(self._collect(a)) for a in self.answers]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()  # the others, when one failed or the client went away
+        return web.json_response(full_response(self.parsed, list(results)))
+
+    @staticmethod
+    async def _collect(answer: Answer) -> ChoiceResult:
+        result = ChoiceResult(answer.generation)
         parts: list[str] = []
-        token_ids: list[int] = []
         while True:
             event = await answer.next_event()
             if event.error is not None:
                 raise ApiError(500, f"the request failed in the cluster: {event.error}")
-            token_ids.extend(event.token_ids)
+            result.token_ids.extend(event.token_ids)
+            result.token_logprobs.extend(lp.logprob for lp in event.logprobs or ())
             text, finish_reason = answer.text_of(event)
             parts.append(text)
+            lps = answer.logprobs_of(event)
+            if lps is not None:
+                result.logprob_parts.append(lps)
             if finish_reason is not None:
                 break
-        return web.json_response(full_response(answer.parsed, "".join(parts), token_ids, finish_reason, event))
+        result.text, result.finish_reason, result.last = "".join(parts), finish_reason, event
+        return result
 
     async def stream(self) -> web.StreamResponse:
-        """Send Server-Sent Events: one chunk per event, the finish chunk, then ``[DONE]``."""
+        """Send Server-Sent Events: one chunk per event of any choice, each choice's finish
+        chunk, then ``[DONE]``."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        events: asyncio.Queue[tuple[Answer, TokenEvent | BaseException]] = asyncio.Queue()
+        pumps = [asyncio.get_running_loop().create_task(_pump(a, events)) for a in self.answers]
         try:
             await resp.prepare(self.request)
-            if self.answer.parsed.kind == "chat":
-                await self.send(resp, stream_chunk(self.answer.parsed, "", [], role=True))
-            while not await self._stream_event(resp):
-                pass
+            if self.parsed.kind == "chat":
+                for a in self.answers:
+                    await self.send(resp, stream_chunk(self.parsed, "", [], role=True, index=a.generation))
+            done: set[int] = set()
+            while len(done) < len(self.answers):
+                answer, event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if answer.generation not in done and await self._stream_event(resp, answer, event):
+                    done.add(answer.generation)  # later events (a stop string's abort) are not sent
+            if self.parsed.include_usage:
+                tokens = sum(len(a.decoder.token_ids) for a in self.answers)
+                await self.send(resp, usage_chunk(self.parsed, tokens))
+            await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
+        except _StreamError:
+            pass  # the error chunk is sent: the stream ends without [DONE], as vLLM's does
         except ConnectionResetError:
-            logger.debug("client of %s went away mid-stream", self.answer.request_id)
+            logger.debug("client of %s went away mid-stream", self.parsed.request_id)
         except Exception:  # noqa: BLE001 - headers are sent: end the stream, not the server
-            logger.exception("internal error streaming %s", self.answer.request_id)
-            self.answer.stats.on_error(error_type(500))
+            logger.exception("internal error streaming %s", self.parsed.request_id)
+            self.answers[0].stats.on_error(error_type(500))
             with contextlib.suppress(Exception):  # best effort: the client may be gone too
                 await self.send(resp, error_body(500, "internal server error"))
+        finally:
+            for pump in pumps:
+                pump.cancel()
         return resp
 
-    async def _stream_event(self, resp: web.StreamResponse) -> bool:
-        """Send one event's chunk; True once the stream is over."""
-        answer = self.answer
-        event = await answer.next_event()
+    async def _stream_event(self, resp: web.StreamResponse, answer: Answer, event: TokenEvent) -> bool:
+        """Send one event's chunk; True once its choice is over."""
         if event.error is not None:
             answer.stats.on_error(error_type(500))
             await self.send(resp, error_body(500, f"the request failed in the cluster: {event.error}"))
-            return True
+            raise _StreamError
         text, finish_reason = answer.text_of(event)
+        lps = answer.logprobs_of(event)
         if text or event.token_ids or finish_reason is not None:
-            await self.send(resp, stream_chunk(answer.parsed, text, event.token_ids, finish_reason=finish_reason,
-                                               last=event if finish_reason is not None else None))
-        if finish_reason is None:
-            return False
-        if answer.parsed.include_usage:
-            await self.send(resp, usage_chunk(answer.parsed, len(answer.decoder.token_ids)))
-        await resp.write(b"data: [DONE]\n\n")
-        return True
+            await self.send(resp, stream_chunk(self.parsed, text, event.token_ids, finish_reason=finish_reason,
+                                               last=event if finish_reason is not None else None,
+                                               index=answer.generation, logprobs=lps))
+        return finish_reason is not None
 
     @staticmethod
     async def send(resp: web.StreamResponse, body: dict[str, Any]) -> None:
         await resp.write(f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode())
+
+
+class _StreamError(Exception):
+    """A choice failed in the cluster; its error chunk is sent."""
+
+
+async def _pump(answer: Answer, out: asyncio.Queue) -> None:
+    """Forward one choice's events (until its last) into the stream's merged queue."""
+    try:
+        while True:
+            event = await answer.next_event()
+            await out.put((answer, event))
+            if event.finished or event.error is not None:
+                return
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - handed to the stream, which ends with an error chunk
+        await out.put((answer, exc))
 
 
 # ----------------------------------------------------------------------------- other routes
@@ -197,12 +240,13 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    backend = request.app[BACKEND_KEY]
     try:
-        state = request.app[BACKEND_KEY].state()
+        state = backend.state()
     except Exception as exc:  # noqa: BLE001 - the ingress's own metrics are still worth a scrape
         logger.warning("no cluster state for /metrics: %s", exc)
         state = None
-    text = render_metrics(request.app[STATS_KEY], state)
+    text = render_metrics(request.app[STATS_KEY], state, backend.model_name)  # vLLM's names need it
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -6,8 +6,15 @@ The ``kunserve`` model keeps TensorRT-LLM's ensemble interface so that existing 
 inputs  ``text_input`` BYTES, ``max_tokens`` INT32, ``stream`` BOOL,
         ``exclude_input_in_output`` BOOL, and optionally ``temperature`` FP32, ``top_k``
         INT32, ``top_p`` FP32, ``random_seed`` UINT64, ``end_id`` INT32, ``pad_id`` INT32,
-        ``stop_words`` BYTES;
-outputs ``text_output`` BYTES and ``output_ids`` INT32 (the generated tokens), and
+        ``stop_words`` BYTES, ``bad_words`` BYTES, ``presence_penalty``,
+        ``frequency_penalty``, ``repetition_penalty`` FP32, ``min_length`` (or its newer
+        spelling ``min_tokens``) INT32, ``embedding_bias_words`` BYTES with
+        ``embedding_bias_weights`` FP32, ``return_log_probs`` BOOL; and, refused unless
+        at their default, ``beam_width`` INT32 (1), ``return_context_logits`` and
+        ``return_generation_logits`` BOOL (false);
+outputs ``text_output`` BYTES and ``output_ids`` INT32 (the generated tokens); with
+        ``return_log_probs``, ``output_log_probs`` FP32 ``[beam, tokens]`` (each token's
+        log-probability) and ``cum_log_probs`` FP32 ``[beam]`` (their sum so far);
         ``num_preemptions`` / ``num_migrations`` INT32 (how often the cluster preempted or
         migrated the request; on the last response only).
 
@@ -29,8 +36,13 @@ from typing import Any
 import numpy as np
 
 INPUTS = ("text_input", "max_tokens", "stream", "exclude_input_in_output", "temperature", "top_k",
-          "top_p", "random_seed", "end_id", "pad_id", "stop_words")
+          "top_p", "random_seed", "end_id", "pad_id", "stop_words", "bad_words", "presence_penalty",
+          "frequency_penalty", "repetition_penalty", "min_length", "min_tokens", "embedding_bias_words",
+          "embedding_bias_weights", "return_log_probs", "beam_width", "return_context_logits",
+          "return_generation_logits")
 """Input tensors the model reads (Triton itself rejects any other name)."""
+
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 class InputError(ValueError):
@@ -51,11 +63,27 @@ class TritonGenerateRequest:
     seed: int | None = None
     end_id: int | None = None
     stop_words: tuple[str, ...] = ()
+    bad_words: tuple[str, ...] = ()
+    penalties: tuple[tuple[str, float], ...] = ()
+    """(OpenAI field, value) of the penalties sent."""
+    min_tokens: int | None = None
+    embedding_bias: tuple[tuple[str, float], ...] = ()
+    """(word, weight): the weight is added to the logit of each of the word's tokens."""
+    return_log_probs: bool = False
 
     def completion_body(self) -> dict[str, Any]:
-        """The body of ``POST /v1/completions`` for this request (always streamed)."""
+        """The body of ``POST /v1/completions`` for this request (always streamed), with
+        ``embedding_bias`` as a relay-only field (the ingress tokenizes its words)."""
         body: dict[str, Any] = {"prompt": self.prompt, "max_tokens": self.max_tokens, "stream": True,
-                                "temperature": self._temperature()}
+                                "temperature": self._temperature(), **dict(self.penalties)}
+        if self.min_tokens is not None:
+            body["min_tokens"] = self.min_tokens
+        if self.bad_words:
+            body["bad_words"] = list(self.bad_words)
+        if self.embedding_bias:
+            body["embedding_bias"] = [list(pair) for pair in self.embedding_bias]
+        if self.return_log_probs:
+            body["logprobs"] = 0
         if self.top_k is not None:
             body["top_k"] = self.top_k
         if self.top_p is not None:
@@ -76,8 +104,15 @@ class TritonGenerateRequest:
         return 1.0 if samples else 0.0
 
 
-def parse_inputs(tensors: dict[str, np.ndarray | None]) -> TritonGenerateRequest:
-    """Validate one request's input tensors (name -> array, or None when not sent)."""
+def parse_inputs(tensors: dict[str, np.ndarray | None],
+                 parameters: dict[str, Any] | None = None) -> TritonGenerateRequest:
+    """Validate one request's input tensors (name -> array, or None when not sent) and
+    its parameters: Triton's generate endpoint passes a JSON field that is no input as a
+    request parameter, and this model reads none, so each is refused by name (names in
+    Triton's own ``triton_`` namespace are Triton's business)."""
+    unread = sorted(k for k in (parameters or {}) if not k.startswith("triton_"))
+    if unread:
+        raise InputError(f"{unread[0]}: not an input of this model (it would be ignored)")
     text = tensors.get("text_input")
     if text is None:
         raise InputError("text_input is required")
@@ -86,6 +121,7 @@ def parse_inputs(tensors: dict[str, np.ndarray | None]) -> TritonGenerateRequest
         raise InputError("max_tokens is required")
     if max_tokens < 1:
         raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
+    _check_defaults(tensors)
     return TritonGenerateRequest(
         prompt=_prompt(text), max_tokens=max_tokens,
         stream=bool(_scalar(tensors, "stream", bool) or False),
@@ -93,7 +129,42 @@ def parse_inputs(tensors: dict[str, np.ndarray | None]) -> TritonGenerateRequest
         temperature=_finite(_scalar(tensors, "temperature", float), "temperature"),
         top_k=_scalar(tensors, "top_k", int), top_p=_finite(_scalar(tensors, "top_p", float), "top_p"),
         seed=_scalar(tensors, "random_seed", int), end_id=_scalar(tensors, "end_id", int),
-        stop_words=_stop_words(tensors.get("stop_words")))
+        stop_words=_words(tensors.get("stop_words"), "stop_words"),
+        bad_words=_words(tensors.get("bad_words"), "bad_words"),
+        penalties=tuple((name, v) for name in PENALTIES
+                        if (v := _finite(_scalar(tensors, name, float), name)) is not None),
+        min_tokens=_min_tokens(tensors), embedding_bias=_embedding_bias(tensors),
+        return_log_probs=bool(_scalar(tensors, "return_log_probs", bool) or False))
+
+
+def _check_defaults(tensors: dict[str, np.ndarray | None]) -> None:
+    """Inputs TensorRT-LLM clients send that only their default can be served at."""
+    beam = _scalar(tensors, "beam_width", int)
+    if beam is not None and beam != 1:
+        raise InputError(f"beam_width {beam}: beam search is not supported (only 1)")
+    for name in ("return_context_logits", "return_generation_logits"):
+        if _scalar(tensors, name, bool):
+            raise InputError(f"{name}: logits are not returned (use return_log_probs)")
+
+
+def _min_tokens(tensors: dict[str, np.ndarray | None]) -> int | None:
+    """``min_length`` (TensorRT-LLM's name until 0.17) or ``min_tokens`` (its later one)."""
+    old, new = _scalar(tensors, "min_length", int), _scalar(tensors, "min_tokens", int)
+    if old is not None and new is not None and old != new:
+        raise InputError(f"min_length {old} and min_tokens {new} disagree (they are one setting)")
+    return new if new is not None else old
+
+
+def _embedding_bias(tensors: dict[str, np.ndarray | None]) -> tuple[tuple[str, float], ...]:
+    words = _words(tensors.get("embedding_bias_words"), "embedding_bias_words")
+    weights = tensors.get("embedding_bias_weights")
+    values = [] if weights is None else [float(w) for w in weights.reshape(-1)]
+    if len(words) != len(values):
+        raise InputError(f"embedding_bias_words has {len(words)} words but embedding_bias_weights "
+                         f"{len(values)} weights")
+    for v in values:
+        _finite(v, "embedding_bias_weights")
+    return tuple(zip(words, values))
 
 
 def _prompt(arr: np.ndarray) -> str:
@@ -130,7 +201,7 @@ def _finite(value: float | None, name: str) -> float | None:
     return value
 
 
-def _stop_words(arr: np.ndarray | None) -> tuple[str, ...]:
+def _words(arr: np.ndarray | None, name: str) -> tuple[str, ...]:
     if arr is None:
         return ()
     words = []
@@ -138,7 +209,7 @@ def _stop_words(arr: np.ndarray | None) -> tuple[str, ...]:
         try:
             word = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
         except UnicodeDecodeError:
-            raise InputError("stop_words holds a word that is not valid UTF-8") from None
+            raise InputError(f"{name} holds a word that is not valid UTF-8") from None
         if word:
             words.append(word)
     return tuple(words)
@@ -156,6 +227,10 @@ class Chunk:
     finish_reason: str | None = None
     num_preemptions: int = 0
     num_migrations: int = 0
+    log_probs: list[float] | None = None
+    """With ``return_log_probs``: the chunk's tokens' log-probabilities."""
+    cum_log_prob: float = 0.0
+    """With ``return_log_probs``: the sum over every token so far."""
 
 
 class IngressStreamError(RuntimeError):
@@ -179,6 +254,7 @@ class FrameAssembler:
     request: TritonGenerateRequest
     _text: list[str] = field(default_factory=list)
     _ids: list[int] = field(default_factory=list)
+    _log_probs: list[float] = field(default_factory=list)
 
     def feed(self, frame: dict[str, Any]) -> Chunk | None:
         """The chunk to send for one frame, if any."""
@@ -188,6 +264,10 @@ class FrameAssembler:
         chunk = Chunk(frame.get("text", ""), list(frame.get("token_ids", ())), final=reason is not None,
                       finish_reason=reason, num_preemptions=int(frame.get("num_preemptions", 0)),
                       num_migrations=int(frame.get("num_migrations", 0)))
+        if self.request.return_log_probs:
+            chunk.log_probs = [float(v) for v in frame.get("logprobs", ())]
+            self._log_probs.extend(chunk.log_probs)
+            chunk.cum_log_prob = sum(self._log_probs)
         if self.request.stream:
             return chunk
         self._text.append(chunk.text)
@@ -196,7 +276,9 @@ class FrameAssembler:
             return None
         prefix = "" if self.request.exclude_input_in_output else self.request.prompt
         return Chunk(prefix + "".join(self._text), self._ids, final=True, finish_reason=reason,
-                     num_preemptions=chunk.num_preemptions, num_migrations=chunk.num_migrations)
+                     num_preemptions=chunk.num_preemptions, num_migrations=chunk.num_migrations,
+                     log_probs=self._log_probs if self.request.return_log_probs else None,
+                     cum_log_prob=chunk.cum_log_prob)
 
 
 def output_arrays(chunk: Chunk) -> dict[str, np.ndarray]:
@@ -205,6 +287,9 @@ def output_arrays(chunk: Chunk) -> dict[str, np.ndarray]:
     as each tensor costs a copy through the Python backend's shared memory."""
     arrays = {"text_output": np.array([[chunk.text.encode("utf-8")]], dtype=np.object_),
               "output_ids": np.array([chunk.token_ids], dtype=np.int32).reshape(1, -1)}
+    if chunk.log_probs is not None:  # TensorRT-LLM's shapes: [batch, beam, tokens] and [batch, beam]
+        arrays["output_log_probs"] = np.array([chunk.log_probs], dtype=np.float32).reshape(1, 1, -1)
+        arrays["cum_log_probs"] = np.array([[chunk.cum_log_prob]], dtype=np.float32)
     if chunk.final:
         arrays["num_preemptions"] = np.array([[chunk.num_preemptions]], dtype=np.int32)
         arrays["num_migrations"] = np.array([[chunk.num_migrations]], dtype=np.int32)

@@ -9,9 +9,9 @@ from orchestrator.ingress.openai_protocol import (
     ApiError,
     ModelNotFound,
     error_body,
-    full_response,
     parse_request,
 )
+from orchestrator.ingress.openai_responses import ChoiceResult, full_response
 
 
 def test_completion_defaults(backend):
@@ -76,7 +76,7 @@ def test_chat_without_template(backend):
 
 def test_response_shapes(backend):
     p = parse_request("chat", {"messages": [{"role": "user", "content": "a"}]}, backend, "chatcmpl-9")
-    body = full_response(p, "ok", [1, 2], "stop")
+    body = full_response(p, [ChoiceResult(0, "ok", [1, 2], "stop")])
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "ok"}
     assert body["usage"]["total_tokens"] == len(p.request.prompt_token_ids) + 2
     assert error_body(429, "busy") == {"error": {"message": "busy", "type": "TooManyRequestsError", "code": 429}}

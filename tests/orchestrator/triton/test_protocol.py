@@ -124,3 +124,56 @@ def test_output_arrays_have_the_batch_dimension_and_counts_only_when_final():
                                          (503, "UNAVAILABLE"), (500, "INTERNAL")])
 def test_ingress_statuses_map_onto_triton_error_codes(status, code):
     assert triton_error_code(status) == code
+
+
+def test_tensorrt_llm_sampling_controls_map_onto_the_completion_body():
+    req = parse_inputs(tensors(presence_penalty=np.array([[0.5]], np.float32),
+                               frequency_penalty=np.array([[0.25]], np.float32),
+                               repetition_penalty=np.array([[1.3]], np.float32), min_length=np.array([[4]], np.int32),
+                               bad_words=np.array([[b"foo", b"bar"]], dtype=object),
+                               embedding_bias_words=np.array([[b"yes"]], dtype=object),
+                               embedding_bias_weights=np.array([[2.5]], np.float32),
+                               return_log_probs=np.array([[True]]), beam_width=np.array([[1]], np.int32)))
+    body = req.completion_body()
+    assert body["presence_penalty"] == pytest.approx(0.5) and body["frequency_penalty"] == pytest.approx(0.25)
+    assert body["repetition_penalty"] == pytest.approx(1.3) and body["min_tokens"] == 4
+    assert body["bad_words"] == ["foo", "bar"] and body["embedding_bias"] == [["yes", 2.5]]
+    assert body["logprobs"] == 0
+    assert parse_inputs(tensors(min_tokens=np.array([[3]], np.int32))).completion_body()["min_tokens"] == 3
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"beam_width": np.array([[2]], np.int32)}, "beam_width 2: beam search is not supported"),
+    ({"return_context_logits": np.array([[True]])}, "return_context_logits"),
+    ({"return_generation_logits": np.array([[True]])}, "return_generation_logits"),
+    ({"min_length": np.array([[2]], np.int32), "min_tokens": np.array([[3]], np.int32)}, "disagree"),
+    ({"embedding_bias_words": np.array([[b"a", b"b"]], dtype=object),
+      "embedding_bias_weights": np.array([[1.0]], np.float32)}, "2 words but embedding_bias_weights 1"),
+    ({"presence_penalty": np.array([[np.nan]], np.float32)}, "presence_penalty must be a finite"),
+])
+def test_inputs_that_cannot_be_honoured_are_refused_by_name(change, message):
+    with pytest.raises(InputError, match=message):
+        parse_inputs(tensors(**change))
+
+
+def test_log_probs_come_per_chunk_with_their_running_sum():
+    req = TritonGenerateRequest(prompt="p", max_tokens=3, stream=True, return_log_probs=True)
+    asm = FrameAssembler(req)
+    first = asm.feed({"text": "a", "token_ids": [1], "logprobs": [-0.5], "finish_reason": None})
+    last = asm.feed({"text": "b", "token_ids": [2, 3], "logprobs": [-1.0, -0.25], "finish_reason": "length"})
+    assert (first.log_probs, first.cum_log_prob) == ([-0.5], -0.5)
+    assert (last.log_probs, last.cum_log_prob) == ([-1.0, -0.25], -1.75)
+    arrays = output_arrays(last)
+    assert arrays["output_log_probs"].shape == (1, 1, 2) and arrays["cum_log_probs"].tolist() == [[-1.75]]
+    whole = FrameAssembler(TritonGenerateRequest(prompt="p", max_tokens=3, return_log_probs=True))
+    whole.feed({"text": "a", "token_ids": [1], "logprobs": [-0.5], "finish_reason": None})
+    final = whole.feed({"text": "b", "token_ids": [2], "logprobs": [-1.0], "finish_reason": "length"})
+    assert final.log_probs == [-0.5, -1.0] and final.cum_log_prob == -1.5
+    assert "output_log_probs" not in output_arrays(FrameAssembler(TritonGenerateRequest("p", 3)).feed(
+        {"text": "a", "token_ids": [1], "finish_reason": "length"}))
+
+
+def test_request_parameters_are_refused_by_name_except_tritons_own():
+    with pytest.raises(InputError, match="len_penalty: not an input"):
+        parse_inputs(tensors(), {"len_penalty": 1.0})
+    assert parse_inputs(tensors(), {"triton_enable_empty_final_response": True}).max_tokens == 5

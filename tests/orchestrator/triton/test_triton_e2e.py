@@ -119,6 +119,65 @@ def test_unary_generate_includes_the_prompt_unless_excluded(cluster, expected, t
     assert generate({})["text_output"] == PROMPTS[1] + completion
 
 
+def _generate_json(cluster, model: str, body: dict) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"{cluster.triton_url}/v2/models/{model}/generate",
+                                 data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_return_log_probs_match_the_openai_routes_and_min_length_holds(cluster):
+    body = {"text_input": PROMPTS[2], "max_tokens": 6, "return_log_probs": True, "exclude_input_in_output": True}
+    status, out = _generate_json(cluster, "kunserve_unary", body)
+    assert status == 200, out
+    lps = out["output_log_probs"]
+    assert len(lps) == len(out["output_ids"]) == 6 and all(v <= 0 for v in lps)
+    assert out["cum_log_probs"] == pytest.approx(sum(lps), abs=1e-4)
+    import json
+    import urllib.request
+    ref = urllib.request.Request(f"{cluster.url}/v1/completions", method="POST", headers={
+        "Content-Type": "application/json"}, data=json.dumps({"prompt": PROMPTS[2], "max_tokens": 6,
+                                                               "temperature": 0, "logprobs": 0}).encode())
+    with urllib.request.urlopen(ref, timeout=60) as r:
+        openai_lps = json.loads(r.read())["choices"][0]["logprobs"]["token_logprobs"]
+    assert lps == pytest.approx(openai_lps, abs=1e-5)
+
+
+
+def test_min_length_holds_back_an_end_token_that_embedding_bias_forces(cluster, tiny_store):
+    from engines.store import EngineStore
+    from engines.tokenizer import Tokenizer
+
+    word = "e"  # one token of the tiny model's byte-level vocabulary
+    (end,) = Tokenizer(EngineStore(tiny_store).tokenizer_dir).encode(word, add_special_tokens=False)
+    body = {"text_input": "x", "max_tokens": 12, "end_id": end, "embedding_bias_words": [word],
+            "embedding_bias_weights": [100.0], "exclude_input_in_output": True}
+    status, forced = _generate_json(cluster, "kunserve_unary", body)
+    assert status == 200 and forced["output_ids"] in (end, [end]), forced  # the bias makes it the first token
+    # (Triton's generate endpoint writes a one-element tensor as a scalar)
+    status, held = _generate_json(cluster, "kunserve_unary", {**body, "min_length": 5})
+    assert status == 200, held
+    assert len(held["output_ids"]) == 6 and held["output_ids"][-1] == end and end not in held["output_ids"][:5]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"beam_width": 2}, "beam_width 2: beam search is not supported"),
+    ({"return_generation_logits": True}, "return_generation_logits"),
+    ({"len_penalty": 1.0}, "len_penalty"),
+])
+def test_tensorrt_llm_inputs_that_cannot_be_honoured_are_refused_by_name(cluster, extra, message):
+    status, out = _generate_json(cluster, "kunserve_unary", {"text_input": "x", "max_tokens": 4, **extra})
+    assert status == 400 and message in out["error"], out
+    _assert_served(cluster)
+
+
 @pytest.mark.parametrize("case,message", [
     ("missing_text_input", "text_input"),
     ("wrong_dtype", "data-type is 'FP32', but model 'kunserve' expects 'INT32'"),

@@ -146,7 +146,7 @@ class TritonPythonModel:
         """Decoupled: one response per chunk through the request's response sender."""
         sender = request.get_response_sender()
         try:
-            req = parse_inputs(_inputs(request))
+            req = parse_inputs(_inputs(request), _parameters(request))
         except InputError as exc:
             sender.send(_error_response(str(exc)), flags=FINAL)
             return
@@ -162,7 +162,7 @@ class TritonPythonModel:
     def _start_unary(self, request):
         """Non-decoupled: a future of the request's single response (or the error at once)."""
         try:
-            req = parse_inputs(_inputs(request))
+            req = parse_inputs(_inputs(request), _parameters(request))
         except InputError as exc:
             return _error_response(str(exc))
         if req.stream:
@@ -226,6 +226,12 @@ class TritonPythonModel:
 def _inputs(request) -> dict:
     """The request's tensors by name, as numpy arrays (one pass over what was sent)."""
     return {t.name(): t.as_numpy() for t in request.inputs() if t.name() in INPUTS}
+
+
+def _parameters(request) -> dict:
+    """The request's parameters (a JSON object; Triton's generate endpoint puts unknown fields there)."""
+    raw = request.parameters()
+    return json.loads(raw) if raw else {}
 
 
 def _send_quietly(sender, response) -> None:
