@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 
@@ -167,6 +168,24 @@ def test_chat_streaming_and_metrics(cluster):
                  'kunserve_kv_pages_total{rank="1"}', 'kunserve_num_requests_running{instance="0"}',
                  "kunserve_num_requests_queued"):
         assert name in metrics, name
+    # vLLM's names, labelled with the served model, with values a few requests give.
+    samples = {}
+    for line in metrics.splitlines():
+        if line.startswith("vllm:"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    model = re.search(r'vllm:num_requests_running\{model_name="([^"]+)"', metrics).group(1)
+    label = f'model_name="{model}"'
+    def value(name, extra=""):
+        return next(v for k, v in samples.items() if k.startswith(name + "{") and label in k and extra in k)
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:request_queue_time_seconds_count", "vllm:inter_token_latency_seconds_count",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+        assert value(name) >= 1, name
+    assert value("vllm:request_success_total", 'finished_reason="length"') >= 1
+    assert 0.0 <= value("vllm:kv_cache_usage_perc") <= 1.0
+    assert value("vllm:num_requests_running") >= 0 and value("vllm:num_requests_waiting") >= 0
+    assert value("vllm:num_preemptions_total") >= 0
 
 
 @pytest.mark.parametrize("args,words", [
