@@ -140,3 +140,17 @@ def test_errors_surface_as_the_clients_exception_types(client, model):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
     ok = client.completions.create(model=model, prompt="x", max_tokens=2, temperature=0)
     assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_streamed_completions_with_n_carry_each_choices_logprobs(client, model):
+    body = dict(model=model, prompt=TEXT, max_tokens=5, temperature=0, logprobs=2)
+    whole = client.completions.create(**body).choices[0]
+    stream = client.completions.create(n=2, stream=True, **body)
+    text, lps = {0: "", 1: ""}, {0: [], 1: []}
+    for chunk in stream:
+        for ch in chunk.choices:
+            text[ch.index] += ch.text
+            if ch.logprobs:
+                lps[ch.index].extend(ch.logprobs.token_logprobs)
+    assert text[0] == text[1] == whole.text  # greedy: both choices are the same answer
+    assert lps[0] == pytest.approx(whole.logprobs.token_logprobs, abs=1e-6) == lps[1]
