@@ -45,6 +45,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Query heads sharing a KV head are laid out as that head's query rows, so grouped-query
     attention needs no copy of K or V.
     """
+    if mask.dtype != q.dtype:  # CPU would accept it; CUDA's memory-efficient kernel raises
+        raise ValueError(f"decode mask is {mask.dtype} but the queries are {q.dtype}")
     b, heads, d = q.shape
     kv_heads = k.shape[2]
     qg = q.view(b, kv_heads, heads // kv_heads, d)

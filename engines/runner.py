@@ -41,7 +41,7 @@ class StageRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         """Run one mixed step of prefill chunks and decodes through this stage's layers."""
-        meta = build_step_meta(step.chunks, len(self.layer_range), self.kv.page_size, self.device)
+        meta = build_step_meta(step.chunks, len(self.layer_range), self.kv.page_size, self.device, self.dtype)
         x = self._embed(step) if self.is_first else self._check_hidden(step, meta)
         cos, sin = self._rope(meta.positions)
         for local, layer_id in enumerate(self.layer_range):

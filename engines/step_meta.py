@@ -54,8 +54,13 @@ class StepMeta:
 
 
 def build_step_meta(chunks: list[SeqChunk], num_layers: int, page_size: int,
-                    device: torch.device) -> StepMeta:
-    """Index tensors for one step over a stage with ``num_layers`` layers."""
+                    device: torch.device, dtype: torch.dtype = torch.float32) -> StepMeta:
+    """Index tensors for one step over a stage with ``num_layers`` layers; the decode mask
+    is in ``dtype``, the queries' (SDPA's fused kernels refuse a mask of another dtype).
+
+    Everything is computed on the host and reaches ``device`` in one copy (from pinned
+    memory on CUDA), not one small blocking copy per tensor.
+    """
     n_tokens = [c.num_tokens for c in chunks]
     max_blocks = max(len(row) for c in chunks for row in c.block_table)
     for c in chunks:
@@ -82,18 +87,33 @@ def build_step_meta(chunks: list[SeqChunk], num_layers: int, page_size: int,
         elif c.num_tokens > 1:
             prefills.append(PrefillSeq(slice(row, row + c.num_tokens), i, c.num_computed, c.context_len))
         row += c.num_tokens
-    groups = [PrefillGroup(torch.cat(rows).to(device), len(rows), n) for n, rows in fresh.items()]
-    valid = torch.arange(width)[None, :] < ctx[:, None]
-    decode_mask = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
     ends = torch.cumsum(torch.tensor(n_tokens), 0) - 1
-    sample_rows = ends[[i for i, c in enumerate(chunks) if c.sample]]
+    host = [positions, write_slots, tables, ends[decode_idx], torch.tensor(decode_idx, dtype=torch.int64),
+            ends[[i for i, c in enumerate(chunks) if c.sample]], ctx, *(torch.cat(r) for r in fresh.values())]
+    positions, write_slots, tables, decode_rows, decode_chunks, sample_rows, ctx, *group_rows = _to_device(host, device)
+    valid = torch.arange(width, device=device)[None, :] < ctx[:, None]
+    decode_mask = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill_(~valid, float("-inf"))
+    groups = [PrefillGroup(r, len(rows), n) for r, (n, rows) in zip(group_rows, fresh.items())]
     return StepMeta(
-        positions=positions.to(device), write_slots=write_slots.to(device),
-        block_tables=tables.to(device), decode_rows=ends[decode_idx].to(device),
-        decode_chunks=torch.tensor(decode_idx, dtype=torch.int64).to(device),
-        decode_mask=decode_mask[:, None, None, :].to(device), fresh_prefills=groups,
-        prefills=prefills, sample_rows=sample_rows.to(device),
+        positions=positions, write_slots=write_slots, block_tables=tables, decode_rows=decode_rows,
+        decode_chunks=decode_chunks, decode_mask=decode_mask[:, None, None, :], fresh_prefills=groups,
+        prefills=prefills, sample_rows=sample_rows,
     )
+
+
+def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """int64 host tensors on ``device``, through one flat buffer and one copy."""
+    if device.type == "cpu":
+        return tensors
+    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at:at + t.numel()].view(t.shape))
+        at += t.numel()
+    return out
 
 
 def context_slots(tables: torch.Tensor, layer: int, width: int, page_size: int) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""The decode mask is in the queries' dtype, in every dtype the engine supports.
+
+CUDA's SDPA takes no mask in flash attention and its memory-efficient kernel refuses a
+mask of another dtype than the queries' ("invalid dtype for bias"); CPU accepts a mixed
+one, so ``decode_attention`` refuses it on every device and these tests would catch a
+float32 mask under bfloat16 queries here, without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.config import DTYPES
+from engines.ops import decode_attention
+from engines.sampling import SamplingParams
+from engines.step import SeqChunk
+from engines.step_meta import build_step_meta
+from orchestrator.core.config import EngineConfig
+from orchestrator.core.llm_engine import LLMEngine
+
+FLOATS = sorted({d for d in DTYPES.values() if d.is_floating_point}, key=str)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_the_decode_mask_takes_the_queries_dtype(dtype):
+    chunks = [SeqChunk(0, 5, 1, [[0, 1]], sample=True), SeqChunk(1, 2, 1, [[2]], sample=True)]
+    meta = build_step_meta(chunks, 1, 4, torch.device("cpu"), dtype)
+    assert meta.decode_mask.dtype == dtype
+    assert meta.decode_mask[1, 0, 0, :3].tolist() == [0, 0, 0] and meta.decode_mask[1, 0, 0, 3] == float("-inf")
+
+
+def test_a_mask_of_another_dtype_is_refused_as_cuda_would():
+    q = torch.zeros(1, 4, 8, dtype=torch.bfloat16)
+    kv = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="decode mask is torch.float32 but the queries are torch.bfloat16"):
+        decode_attention(q, kv, kv, torch.zeros(1, 1, 1, 4))
+
+
+@pytest.mark.parametrize("dtype", [n for n, d in DTYPES.items() if d.is_floating_point])
+def test_decoding_sixteen_tokens_in_each_dtype(tiny_store, dtype):
+    engine = LLMEngine(EngineConfig(engine_dir=tiny_store, device="cpu", dtype=dtype, pp_size=2, page_size=4))
+    out = engine.generate(["a prompt for every dtype"], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert len(out.token_ids) == 16
