@@ -71,6 +71,10 @@ class DropMeasure:
     """From freeing the first weight to the new pages being usable."""
 
 
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
 class RankEngine:
     """The weights, KV pool and stage runners of one rank."""
 
@@ -135,18 +139,23 @@ class RankEngine:
 
     def _adopt_weights(self) -> None:
         """Move each weight buffer into a chunk of its own (once, at start-up), so that a drop
-        can remap it. Tensors smaller than a chunk (norms) stay where they are."""
+        can remap it. Tensors smaller than a chunk (norms) stay where they are.
+
+        One buffer at a time: each original is dropped and its memory handed back before the
+        next chunk is made, so start-up needs the weights plus one buffer, not twice the
+        weights (no list or loop variable keeps an original alive)."""
         w, arena = self.weights, self.arena
-        for i, layer in list(w.layers.items()):
-            w.layers[i] = LayerWeights(self.cfg, arena.adopt(layer.flat))
+        for i in sorted(w.layers):
+            w.layers[i] = LayerWeights(self.cfg, arena.adopt(w.layers[i].flat))
+            release_freed_memory(w.device)
         tied = w.lm_head is not None and w.embedding is not None and w.lm_head.data_ptr() == w.embedding.data_ptr()
         for name in ("embedding", "final_norm") + (() if tied else ("lm_head",)):
-            t = getattr(w, name)
-            if t is not None and t.numel() * t.element_size() >= arena.granularity:
-                setattr(w, name, arena.adopt(t))
-        if tied:
-            w.lm_head = w.embedding
-        release_freed_memory(w.device)
+            nbytes = _nbytes(getattr(w, name))
+            if nbytes >= arena.granularity:
+                setattr(w, name, arena.adopt(getattr(w, name)))
+                if tied and name == "embedding":
+                    w.lm_head = w.embedding  # the old head was the old embedding: let it go
+                release_freed_memory(w.device)
 
     def _weight_buffers(self) -> dict[int, torch.Tensor]:
         """Every weight buffer held, by address (a tied head and embedding once)."""

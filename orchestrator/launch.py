@@ -85,6 +85,9 @@ def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
             engine, topology, cost, faults = _build(comm, cfg)
         except (EngineError, ValueError, OSError) as exc:
             err = str(exc)
+        except (torch.OutOfMemoryError, MemoryError) as exc:  # told to every rank, not a lone death
+            err = f"out of memory while loading the weights and KV pool ({exc}); lower --device-memory " \
+                  f"or serve a smaller model or dtype"
         _agree(comm, err)
         kv_pages = comm.allgather(engine.plan.kv_pages)
         policy = get_policy(cfg.policy)
