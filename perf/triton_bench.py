@@ -19,7 +19,13 @@
    log (``serve --request-log``); each TTFT less the ingress's own for that request gives
    the hop again without the model's time, whose noise a noisy host makes larger than
    the hop.
+6. Deterministic output length: genai-perf with ``--output-tokens-mean N
+   --output-tokens-stddev 0 --output-tokens-mean-deterministic``, through Triton and to the
+   OpenAI completions endpoint; every request must get exactly N output tokens, by the
+   cluster's request log (and genai-perf's own, re-tokenized, counts are shown).
 
+``--only load,hop,deterministic`` picks steps (default: all), e.g.
+``python -m perf.triton_bench --out runs/triton-det --only deterministic`` (a few minutes).
 Everything raw is kept under ``--out``; ``summary.md`` and ``summary.json`` hold the tables.
 """
 
@@ -119,11 +125,15 @@ def genai_perf_point(tools: Tools, args: argparse.Namespace, concurrency: int, o
 
 
 def _run(cmd: list[str], env: dict[str, str], log: Path) -> None:
+    status = _run_status(cmd, env, log)
+    if status != 0:
+        raise SystemExit(f"error: {cmd[0]} failed with status {status}; see {log}")
+
+
+def _run_status(cmd: list[str], env: dict[str, str], log: Path) -> int:
     print("  $ " + " ".join(cmd[:2] + ["..."]), f"(log: {log})", flush=True)
     with open(log, "w") as f:
-        res = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent)
-    if res.returncode != 0:
-        raise SystemExit(f"error: {cmd[0]} failed with status {res.returncode}; see {log}")
+        return subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent).returncode
 
 
 # ----------------------------------------------------------------------------- trace intervals
@@ -402,12 +412,156 @@ class _TritonStream:
                 return sent, first
 
 
+# ----------------------------------------------------------------------------- deterministic output length
+
+@dataclass
+class LengthCheck:
+    """One genai-perf run with ``--output-tokens-mean N --output-tokens-stddev 0`` (and,
+    unless a control, ``--output-tokens-mean-deterministic``): each request's output tokens."""
+
+    route: str
+    tokens: int
+    """N, the output length asked for."""
+    requests: int
+    """Requests genai-perf counted."""
+    how: str
+    """genai-perf's flags beyond the common ones: what asked for the length and what else."""
+    deterministic: bool
+    """Whether the run asked for exactly N (False: a control that only sets ``max_tokens``)."""
+    server: list[int] | None
+    """Each request's ``output_tokens`` in the server's request log (None without one)."""
+    server_finish: list[str] | None
+    genai_perf: dict[str, float]
+    """genai-perf's ``output_sequence_length`` stats (it re-tokenizes the text it received)."""
+    note: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Every request got exactly N tokens: by the server's log when there is one (every
+        request genai-perf counted, finished by ``length``), else by genai-perf's counts."""
+        if self.server is not None:
+            return (len(self.server) == self.requests > 0 and all(n == self.tokens for n in self.server)
+                    and all(f == "length" for f in self.server_finish or ()))
+        return self.requests > 0 and self.genai_perf.get("min") == self.genai_perf.get("max") == self.tokens
+
+
+GENAI_PERF_REFUSES_DETERMINISTIC = "deterministic is only supported with Triton"
+"""genai-perf 0.0.16's refusal of ``--output-tokens-mean-deterministic`` for any service
+kind but ``triton`` and ``tensorrtllm_engine`` (``ConfigCommand._check_output_tokens_and_service_kind``)."""
+
+
+def deterministic_length(tools: Tools, args: argparse.Namespace, out: Path) -> list[LengthCheck]:
+    """genai-perf asking for exactly N output tokens, through Triton (TensorRT-LLM backend:
+    genai-perf adds ``min_length: [N]`` next to ``max_tokens: [N]``) and to the OpenAI
+    completions endpoint (genai-perf 0.0.16 refuses the flag there, so ``min_tokens: N``,
+    vLLM's field, goes with ``--extra-inputs``: what its vLLM converter adds). Each request's
+    output tokens are read from the server's request log; genai-perf's own counts from its
+    export.
+
+    With ``--deterministic-stop-token`` (default a newline), each route runs twice more with
+    that token ending generation (Triton's ``end_id``, OpenAI's ``stop_token_ids``): once
+    asking for N, where the minimum must hold the stop token back, and once without, a
+    control that must stop short, so that the check is seen to be able to fail."""
+    n = args.deterministic_tokens
+    common = ["--streaming", "--tokenizer", str(args.tokenizer),
+              "--synthetic-input-tokens-mean", str(args.deterministic_input_tokens),
+              "--synthetic-input-tokens-stddev", "0", "--output-tokens-mean", str(n), "--output-tokens-stddev", "0",
+              "--concurrency", str(args.deterministic_concurrency),
+              "--request-count", str(args.deterministic_requests), "--random-seed", str(args.seed)]
+    routes = {"triton": ("Triton gRPC stream (kserve, tensorrtllm)",
+                         ["-m", args.model, "--endpoint-type", "kserve", "--backend", "tensorrtllm", "-u", args.grpc]),
+              "http": ("OpenAI /v1/completions (streamed)",
+                       ["-m", _served_model(args.ingress), "--endpoint-type", "completions",
+                        "-u", args.ingress.removeprefix("http://")])}
+    variants: list[tuple[str, bool, int | None]] = [("", True, None)]
+    if args.deterministic_stop_token:
+        stop = _one_token(args.tokenizer, args.deterministic_stop_token)
+        variants += [("-stop", True, stop), ("-stop-control", False, stop)]
+    checks = []
+    for route, (label, extra) in routes.items():
+        for suffix, deterministic, stop in variants:
+            stop_inputs = [] if stop is None else (
+                ["--extra-inputs", f"end_id:{stop}"] if route == "triton"
+                else ["--extra-inputs", json.dumps({"stop_token_ids": [stop]}, separators=(",", ":"))])
+            checks.append(_length_run(tools, out / f"{route}{suffix}", route, label, n,
+                                      [str(tools.genai_perf), "profile", *extra, *common], stop_inputs,
+                                      deterministic, args.request_log))
+    return checks
+
+
+def _one_token(tokenizer_dir: Path, text: str) -> int:
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(tokenizer_dir)).encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise SystemExit(f"error: --deterministic-stop-token {text!r} is {len(ids)} tokens, not one")
+    return ids[0]
+
+
+def _length_run(tools: Tools, d: Path, route: str, label: str, n: int, cmd: list[str], inputs: list[str],
+                deterministic: bool, request_log: Path | None) -> LengthCheck:
+    """One genai-perf run; the request log's records are those that arrived while it ran."""
+    d.mkdir(parents=True, exist_ok=True)
+    log = d / "genai-perf.log"
+    asks = ["--output-tokens-mean-deterministic"] if deterministic else []
+    note = None
+    start = time.monotonic()
+    status = _run_status([*cmd, *inputs, *asks, "--artifact-dir", str(d)], tools.env, log)
+    if status != 0 and deterministic and GENAI_PERF_REFUSES_DETERMINISTIC in log.read_text(errors="replace"):
+        log.rename(d / "genai-perf-refused.log")
+        note = ("genai-perf refuses --output-tokens-mean-deterministic for the openai service kind "
+                "(genai-perf-refused.log), so min_tokens goes with --extra-inputs")
+        asks = ["--extra-inputs", f"min_tokens:{n}"]
+        start = time.monotonic()
+        status = _run_status([*cmd, *inputs, *asks, "--artifact-dir", str(d)], tools.env, log)
+    if status != 0:
+        raise SystemExit(f"error: genai-perf failed with status {status}; see {log}")
+    end = time.monotonic()
+    stats = json.loads(next(d.rglob("profile_export_genai_perf.json")).read_text())
+    server = finish = None
+    if request_log is not None:
+        from orchestrator.ingress.request_log import read_request_log
+
+        records = [r for r in read_request_log(request_log) if r["route"] == route and start <= r["arrival"] <= end]
+        server, finish = [r["output_tokens"] for r in records], [r["finish_reason"] for r in records]
+    return LengthCheck(label, n, int(stats["request_count"]["avg"]), " ".join([*asks, *inputs]) or "(max_tokens only)",
+                       deterministic, server, finish,
+                       {k: stats["output_sequence_length"][k] for k in ("min", "p50", "max", "avg")}, note)
+
+
+def length_table(checks: list[LengthCheck]) -> list[str]:
+    """The markdown table of the runs; a control's last column says whether it stopped short."""
+    def mmm(values) -> str:
+        return f"{min(values):g} / {statistics.median(values):g} / {max(values):g}" if values else "n/a"
+
+    lines = ["| route | genai-perf adds | requests | server log: records; min / median / max output tokens | "
+             "genai-perf (re-tokenized): min / median / max | exactly N (server log) |",
+             "|---|---|---:|---|---|---|"]
+    for c in checks:
+        g = c.genai_perf
+        server = "n/a" if c.server is None else f"{len(c.server)}; {mmm(c.server)}"
+        hits = "" if c.server is None else f"{sum(t == c.tokens for t in c.server)} of {len(c.server)}, "
+        verdict = hits + ("all: " + ("yes" if c.exact else "no")) + ("" if c.deterministic else " (control: no expected)")
+        lines.append(f"| {c.route} | `{c.how}` | {c.requests} | {server} | "
+                     f"{g['min']:g} / {g['p50']:g} / {g['max']:g} | {verdict} |")
+    return lines
+
+
+def lengths_failed(checks: list[LengthCheck]) -> list[str]:
+    """What went wrong: a run asking for N that did not get it everywhere, or a control that did."""
+    return [f"{c.route} with `{c.how}`: " + ("not every request got exactly N output tokens" if c.deterministic else
+                                              "the control got N everywhere, so the check could not have failed")
+            for c in checks if c.exact != c.deterministic]
+
+
 # ----------------------------------------------------------------------------- report
 
-def summary_markdown(points: list[LoadResult], hop: HopResult | None, settings: dict) -> str:
-    lines = [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}", "",
-             "| load | requests | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | output tok/s | req/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+def summary_markdown(points: list[LoadResult], hop: HopResult | None, settings: dict,
+                     lengths: list[LengthCheck] | None = None) -> str:
+    lines = [f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}"]
+    if points:
+        lines += ["", "| load | requests | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | output tok/s | req/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in points:
         lines.append(f"| {p.load} | {p.requests} | {p.ttft_p50_ms:.1f} | {p.ttft_p99_ms:.1f} | {p.itl_p50_ms:.1f} | "
                      f"{p.itl_p99_ms:.1f} | {p.output_tok_s:.1f} | {p.request_s:.2f} |")
@@ -431,6 +585,11 @@ def summary_markdown(points: list[LoadResult], hop: HopResult | None, settings: 
                               f"ingress's own p50 direct {pa['transport_ingress_p50_ms']:.2f} ms, through Triton "
                               f"{pa['transport_triton_p50_ms']:.2f} ms; median of the rounds' differences "
                               f"{pa['transport_round_diff_p50_ms']:.2f} ms"]
+    if lengths:
+        lines += ["", f"Deterministic output length (genai-perf `--output-tokens-mean {lengths[0].tokens} "
+                      "--output-tokens-stddev 0` and what each row adds):", "", *length_table(lengths)]
+        lines += [f"\n{note}." for note in dict.fromkeys(f"{c.route}: {c.note}" for c in lengths if c.note)]
+        lines += [f"\nFAILED: {why}" for why in lengths_failed(lengths)]
     return "\n".join(lines) + "\n"
 
 
@@ -464,14 +623,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hop-rounds", type=int, default=6,
                    help="alternating perf_analyzer rounds for the hop, each side (default: 6; 0 skips)")
     p.add_argument("--hop-requests", type=int, default=40, help="requests per side and round (default: 40)")
-    p.add_argument("--hop-only", action="store_true", help="measure only the Triton hop (no genai-perf/perf_analyzer)")
+    p.add_argument("--hop-only", action="store_true", help="measure only the Triton hop (the same as --only hop)")
+    p.add_argument("--only", default=",".join(STEPS),
+                   help=f"the steps to run, comma-separated, of {','.join(STEPS)} (default: all): load is the "
+                        "genai-perf sweep and the perf_analyzer trace replay, hop the Triton hop, deterministic "
+                        "the exact-output-length check")
+    p.add_argument("--deterministic-tokens", type=int, default=24,
+                   help="output tokens asked for (and checked) in the deterministic step (default: 24)")
+    p.add_argument("--deterministic-requests", type=int, default=24, help="requests per route (default: 24)")
+    p.add_argument("--deterministic-concurrency", type=int, default=2, help="concurrency (default: 2)")
+    p.add_argument("--deterministic-input-tokens", type=int, default=32, help="prompt tokens (default: 32)")
+    p.add_argument("--deterministic-stop-token", default="\n",
+                   help="a one-token text that also ends generation in two more runs a route, one asking for N "
+                        "(the minimum must hold it back) and a control without (it must stop short); "
+                        "'' skips them (default: a newline)")
     p.add_argument("--request-log", type=Path, default=None,
                    help="the cluster's --request-log, read to take the model's time out of the hop "
                         "(default: the cluster this script starts writes OUT/requests.jsonl; none with --attach)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.only = {"hop"} if args.hop_only else {s.strip() for s in args.only.split(",") if s.strip()}
+    if unknown := args.only - set(STEPS):
+        p.error(f"--only: unknown step(s) {', '.join(sorted(unknown))} (of {', '.join(STEPS)})")
     return args
+
+
+STEPS = ("load", "hop", "deterministic")
 
 
 def _load_points(tools: Tools, args: argparse.Namespace) -> list[LoadResult]:
@@ -500,21 +678,36 @@ def run(args: argparse.Namespace) -> int:
         print(f"starting the cluster ({args.ranks} ranks) behind Triton ...", flush=True)
         cluster.start()
         args.grpc, args.ingress = cluster.grpc_target, cluster.url
+    hop, lengths = None, []
     try:
-        points = [] if args.hop_only else _load_points(tools, args)
-        hop = triton_hop(args)
-        if args.hop_rounds:
-            hop.perf_analyzer = triton_hop_perf_analyzer(tools, args, args.out / "hop-perf_analyzer")
+        points = _load_points(tools, args) if "load" in args.only else []
+        if "hop" in args.only:
+            hop = triton_hop(args)
+            if args.hop_rounds:
+                hop.perf_analyzer = triton_hop_perf_analyzer(tools, args, args.out / "hop-perf_analyzer")
+        if "deterministic" in args.only:
+            lengths = deterministic_length(tools, args, args.out / "deterministic")
     finally:
         if cluster is not None:
             cluster.stop()
-    settings = {"store": args.engine_dir.name, "ranks": args.ranks, "input_tokens": args.input_tokens,
-                "output_tokens": args.output_tokens, "trace": args.trace.name}
-    md = summary_markdown(points, hop, settings)
+    settings = {"store": args.engine_dir.name, "ranks": args.ranks, "steps": ",".join(s for s in STEPS if s in args.only)}
+    if "load" in args.only:
+        settings.update(input_tokens=args.input_tokens, output_tokens=args.output_tokens, trace=args.trace.name)
+    if lengths:
+        settings.update(deterministic_tokens=args.deterministic_tokens, deterministic_requests=args.deterministic_requests,
+                        deterministic_concurrency=args.deterministic_concurrency,
+                        deterministic_input_tokens=args.deterministic_input_tokens,
+                        deterministic_stop_token=repr(args.deterministic_stop_token))
+    md = summary_markdown(points, hop, settings, lengths)
     (args.out / "summary.md").write_text(md)
     (args.out / "summary.json").write_text(json.dumps(
-        {"settings": settings, "points": [asdict(p) for p in points], "triton_hop": asdict(hop)}, indent=2))
+        {"settings": settings, "points": [asdict(p) for p in points], "triton_hop": hop and asdict(hop),
+         "deterministic_length": [dict(asdict(c), exact=c.exact) for c in lengths],
+         "deterministic_failed": lengths_failed(lengths)}, indent=2))
     print(md)
+    if failed := lengths_failed(lengths):
+        print("error: the deterministic-length check failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 
