@@ -27,7 +27,7 @@ import mmap
 import torch
 
 from engines.config import ModelConfig
-from engines.vmm import Arena, Chunk, VirtualRange
+from engines.vmm import Arena, Chunk, VirtualRange, VmmError
 
 _OS_PAGE = mmap.PAGESIZE
 
@@ -140,25 +140,34 @@ class KVPool:
         if self._range is None:
             raise ValueError("only a remapped pool (one made with an arena) takes chunks")
         self._range.check_room(sum(c.nbytes for c in chunks))  # all or nothing
-        for chunk in chunks:
-            self._range.push(chunk)
+        for i, chunk in enumerate(chunks):
+            try:
+                self._range.push(chunk)
+            except VmmError:  # all or nothing here too: the chunks stay the caller's
+                self._range.pop_many(i, synced=True)  # mapped just now: nothing used them
+                raise
         before = self.num_pages
         self._commit(min(self.max_pages, self._range.mapped // self.page_bytes))
         return self.num_pages - before
 
     def detach_chunks(self, num_pages: int) -> list[Chunk]:
         """Shrink to ``num_pages`` (the pages above are empty) and unmap every chunk the
-        smaller pool does not need; they are the caller's now."""
+        smaller pool does not need, after one wait for the device; they are the caller's now."""
         if self._range is None:
             raise ValueError("only a remapped pool has chunks to detach")
         if not 0 < num_pages <= self.num_pages:
             raise ValueError(f"cannot shrink {self.num_pages} pages to {num_pages}")
-        need = num_pages * self.page_bytes
-        chunks = []
-        while len(self._range.chunks) > 1 and self._range.mapped - self._range.chunks[-1].nbytes >= need:
-            chunks.append(self._range.pop())
+        chunks = self._range.pop_many(self._spare_chunks(num_pages * self.page_bytes))
         self.num_pages = num_pages
-        return chunks[::-1]
+        return chunks
+
+    def _spare_chunks(self, nbytes: int) -> int:
+        """How many chunks off the tail the first ``nbytes`` do not need (never the first)."""
+        rng, count, mapped = self._range, 0, self._range.mapped
+        while count < len(rng.chunks) - 1 and mapped - rng.chunks[-1 - count].nbytes >= nbytes:
+            mapped -= rng.chunks[-1 - count].nbytes
+            count += 1
+        return count
 
     def shrink(self, num_pages: int) -> None:
         """Give the pages from ``num_pages`` on back; the caller has emptied them."""

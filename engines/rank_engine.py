@@ -262,7 +262,7 @@ class RankEngine:
             self.kv.grow(pages)
             return pages, 0, used
         kept = self._weight_buffers()
-        chunks = [self.arena.reclaim(t) for p, t in buffers.items() if p not in kept]
+        chunks = self.arena.reclaim_all([t for p, t in buffers.items() if p not in kept])  # one wait
         used = self._memory_in_use()
         return self.kv.extend(chunks), sum(c.nbytes for c in chunks), used
 

@@ -13,7 +13,12 @@ Two drivers carry the same interface (``VmmDriver``):
   cuMemMap, cuMemSetAccess, cuMemUnmap) through ``cuda.bindings.driver``;
 - ``host``: the same on a CPU with Linux shared memory (``memfd_create`` chunks mapped
   with ``mmap(MAP_FIXED)`` into ``PROT_NONE`` reservations): the CPU counterpart, and what
-  runs the remap path in tests on machines without a GPU.
+  runs the remap path in tests on machines without a GPU. It enforces CUDA's rules (sizes
+  and addresses on the granularity, whole mappings), can run at CUDA's 2 MiB granularity,
+  and can be made to fail a chosen call.
+
+Mapping undoes itself when access cannot be granted, and unmapping waits for the compute
+stream once per batch of chunks (``VmmDriver.sync``), never for the whole device.
 """
 
 from engines.vmm.arena import Arena, VirtualRange

@@ -1,4 +1,9 @@
-"""Reserved ranges with chunks mapped back to back, and the per-device arena of buffers."""
+"""Reserved ranges with chunks mapped back to back, and the per-device arena of buffers.
+
+Unmapping waits for the device once per batch (``VmmDriver.sync``), not once per chunk:
+``VirtualRange.pop_many``, ``Arena.reclaim_all`` and the pool's ``detach_chunks`` unmap
+any number of chunks after one wait.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import logging
 
 import torch
 
-from engines.vmm.driver import Chunk, VmmDriver, VmmError
+from engines.vmm.driver import Chunk, VmmDriver, VmmError, round_up
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +37,34 @@ class VirtualRange:
                            "reserved bytes are mapped")
 
     def push(self, chunk: Chunk) -> None:
-        """Map ``chunk`` right after the chunks already mapped."""
+        """Map ``chunk`` right after the chunks already mapped (if the driver raises, nothing
+        was mapped and the chunk is still the caller's)."""
         self.check_room(chunk.nbytes)
         self.driver.map(self.address + self.mapped, chunk.nbytes, chunk.handle)
         self.chunks.append(chunk)
         self.mapped += chunk.nbytes
 
-    def pop(self) -> Chunk:
-        """Unmap the last chunk and hand it over (still allocated)."""
-        chunk = self.chunks[-1]
-        self.driver.unmap(self.address + self.mapped - chunk.nbytes, chunk.nbytes)
-        self.chunks.pop()
-        self.mapped -= chunk.nbytes
+    def pop(self, synced: bool = False) -> Chunk:
+        """Unmap the last chunk and hand it over (still allocated). ``synced``: see ``pop_many``."""
+        [chunk] = self.pop_many(1, synced)
         return chunk
+
+    def pop_many(self, count: int, synced: bool = False) -> list[Chunk]:
+        """Unmap the last ``count`` chunks, the last one first, and hand them over in mapped
+        order. One wait for the device covers them all; none when ``synced`` (the caller
+        has called ``driver.sync()`` since the memory was last used) or nothing is unmapped."""
+        if not 0 <= count <= len(self.chunks):
+            raise VmmError(f"cannot unmap {count} of the {len(self.chunks)} chunks mapped")
+        if count and not synced:
+            self.driver.sync()
+        popped = []
+        for _ in range(count):
+            chunk = self.chunks[-1]
+            self.driver.unmap(self.address + self.mapped - chunk.nbytes, chunk.nbytes)
+            self.chunks.pop()
+            self.mapped -= chunk.nbytes
+            popped.append(chunk)
+        return popped[::-1]
 
     def view(self, nbytes: int) -> torch.Tensor:
         """``uint8`` tensor over the first ``nbytes`` of the range (may run past ``mapped``:
@@ -53,15 +73,11 @@ class VirtualRange:
             raise VmmError(f"a view of {nbytes} bytes is larger than the range ({self.capacity})")
         return self.driver.tensor(self.address, nbytes)
 
-    def close(self) -> list[Chunk]:
+    def close(self, synced: bool = False) -> list[Chunk]:
         """Unmap everything, give the address space back; the chunks that were mapped."""
-        chunks = [self.pop() for _ in range(len(self.chunks))][::-1]
+        chunks = self.pop_many(len(self.chunks), synced)
         self.driver.free(self.address, self.capacity)
         return chunks
-
-
-def round_up(n: int, unit: int) -> int:
-    return -(-n // unit) * unit
 
 
 class Arena:
@@ -96,19 +112,30 @@ class Arena:
             self.allocated -= chunk.nbytes
 
     def place(self, chunk: Chunk, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A flat tensor of ``numel`` elements over ``chunk``, mapped in a range of its own."""
+        """A flat tensor of ``numel`` elements over ``chunk``, mapped in a range of its own.
+        If mapping fails, the range is given back and the chunk stays the caller's."""
         nbytes = numel * dtype.itemsize
         if nbytes > chunk.nbytes:
             raise VmmError(f"{numel} x {dtype} ({nbytes} bytes) does not fit a chunk of {chunk.nbytes}")
         rng = VirtualRange(self.driver, chunk.nbytes)
-        rng.push(chunk)
+        try:
+            rng.push(chunk)
+        except VmmError:
+            rng.close()
+            raise
         tensor = rng.view(nbytes).view(dtype)
         self._buffers[tensor.data_ptr()] = rng
         return tensor
 
     def adopt(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A copy of ``tensor`` in a chunk of its own (same shape and dtype)."""
-        flat = self.place(self.chunk(tensor.numel() * tensor.element_size()), tensor.numel(), tensor.dtype)
+        """A copy of ``tensor`` in a chunk of its own (same shape and dtype); nothing is
+        left allocated if mapping the chunk fails."""
+        chunk = self.chunk(tensor.numel() * tensor.element_size())
+        try:
+            flat = self.place(chunk, tensor.numel(), tensor.dtype)
+        except VmmError:
+            self.release([chunk])
+            raise
         flat.copy_(tensor.reshape(-1))
         return flat.view(tensor.shape)
 
@@ -124,8 +151,18 @@ class Arena:
     def reclaim(self, tensor: torch.Tensor) -> Chunk:
         """Take a buffer's chunk back. The buffer (and every view of it) must not be used
         again: its addresses no longer have memory behind them."""
-        rng = self._buffers.pop(tensor.data_ptr(), None)
-        if rng is None:
-            raise VmmError("this tensor was not made by the arena")
-        [chunk] = rng.close()
+        [chunk] = self.reclaim_all([tensor])
         return chunk
+
+    def reclaim_all(self, tensors: list[torch.Tensor]) -> list[Chunk]:
+        """``reclaim`` each buffer, after a single wait for the device (a drop's, however
+        many buffers it drops); the chunks in the same order. Nothing is unmapped unless
+        every tensor is a distinct buffer made here."""
+        ptrs = [t.data_ptr() for t in tensors]
+        if len(set(ptrs)) != len(ptrs):
+            raise VmmError("a buffer is named twice")
+        if any(p not in self._buffers for p in ptrs):
+            raise VmmError("this tensor was not made by the arena")
+        if ptrs:
+            self.driver.sync()
+        return [self._buffers.pop(p).close(synced=True)[0] for p in ptrs]

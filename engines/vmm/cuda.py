@@ -5,13 +5,18 @@ Chunks are ``cuMemCreate`` allocations of pinned device memory, ranges come from
 (read-write for the device). Tensors over a range are made with torch's
 ``__cuda_array_interface__`` support, so torch kernels read and write the mapped memory
 in place. All calls run in the device's primary context, the one torch uses.
+
+Unmapping waits for the compute stream (``sync``), once for a batch of unmaps, as torch's
+own expandable segments do (``cudaStreamSynchronize`` on the segment's stream before
+``cuMemUnmap``), since ``cuMemUnmap`` is not documented to wait for kernels still using
+the memory. Not ``torch.cuda.synchronize``: that waits for NCCL's streams too.
 """
 
 from __future__ import annotations
 
 import torch
 
-from engines.vmm.driver import VmmError
+from engines.vmm.driver import VmmError, check_aligned, map_then_grant
 
 INSTALL_HINT = "pip install 'kunserve-orchestrator[cuda]' (cuda-bindings 12.x)"
 
@@ -37,6 +42,7 @@ class CudaDriver:
         if not torch.cuda.is_available():
             raise VmmError("the CUDA virtual-memory path needs a CUDA build of torch and a GPU")
         self._cu = cu
+        self.syncs = 0
         index = device.index if device.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)
         torch.empty(1, device=self.device)  # torch creates (and makes current) its context
@@ -71,17 +77,25 @@ class CudaDriver:
         self._call("cuMemAddressFree", address, nbytes)
 
     def create(self, nbytes: int) -> object:
+        check_aligned("cuMemCreate", self.device, self.granularity, size=nbytes)
         return self._call("cuMemCreate", nbytes, self._prop, 0)
 
     def release(self, handle: object) -> None:
         self._call("cuMemRelease", handle)
 
     def map(self, address: int, nbytes: int, handle: object) -> None:
-        self._call("cuMemMap", address, nbytes, 0, handle, 0)
-        self._call("cuMemSetAccess", address, nbytes, self._access, 1)
+        check_aligned("cuMemMap", self.device, self.granularity, address=address, size=nbytes)
+        map_then_grant(address, lambda: self._call("cuMemMap", address, nbytes, 0, handle, 0),
+                       lambda: self._call("cuMemSetAccess", address, nbytes, self._access, 1),
+                       lambda: self._call("cuMemUnmap", address, nbytes))
+
+    def sync(self) -> None:
+        # The stream torch launches the runners' kernels on; NCCL's streams are not waited for.
+        torch.cuda.current_stream(self.device).synchronize()
+        self.syncs += 1
 
     def unmap(self, address: int, nbytes: int) -> None:
-        torch.cuda.synchronize(self.device)  # kernels still reading the memory finish first
+        check_aligned("cuMemUnmap", self.device, self.granularity, address=address, size=nbytes)
         self._call("cuMemUnmap", address, nbytes)
 
     def tensor(self, address: int, nbytes: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""The interface a virtual-memory driver offers, and the choice of driver."""
+"""The interface a virtual-memory driver offers, the rules both drivers enforce, and the
+choice of driver."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -22,15 +23,25 @@ class Chunk:
 
 
 class VmmDriver(Protocol):
-    """Reserve address ranges, create physical chunks, and map chunks into ranges."""
+    """Reserve address ranges, create physical chunks, and map chunks into ranges.
+
+    Sizes and addresses follow CUDA's rules on both drivers (the host driver enforces them,
+    so that code sized wrongly fails on a CPU as it would on a GPU): chunks, mappings and
+    their addresses are multiples of ``granularity``; an unmap or a free names exactly one
+    whole mapping or reservation.
+    """
 
     name: str
     device: torch.device
     granularity: int
     """Sizes and offsets of chunks and ranges are multiples of this many bytes."""
+    syncs: int
+    """How many times ``sync`` has waited: one per batch of unmaps (a drop, a restore),
+    however many chunks the batch unmaps."""
 
     def reserve(self, nbytes: int) -> int:
-        """Reserve ``nbytes`` of address space (no memory behind it); its address."""
+        """Reserve ``nbytes`` of address space (no memory behind it), aligned to the
+        granularity; its address."""
 
     def free(self, address: int, nbytes: int) -> None:
         """Give a reserved range (with nothing mapped in it) back."""
@@ -42,11 +53,18 @@ class VmmDriver(Protocol):
         """Free a chunk's physical memory (it must not be mapped)."""
 
     def map(self, address: int, nbytes: int, handle: object) -> None:
-        """Map a whole chunk at ``address`` inside a reserved range, readable and writable."""
+        """Map a whole chunk at ``address`` inside a reserved range, readable and writable.
+        If it raises, nothing is left mapped there."""
+
+    def sync(self) -> None:
+        """Wait for the work queued so far that may use memory about to be unmapped: the
+        compute (current) stream's kernels. Not the whole device: a rank waiting here for
+        its NCCL streams could wait on a transfer its peer, in its own drop, never posts.
+        Transfers on the memory are the caller's to have waited for."""
 
     def unmap(self, address: int, nbytes: int) -> None:
-        """Unmap what is mapped at ``address`` (the range stays reserved). Work the device
-        has queued on that memory finishes first."""
+        """Unmap what is mapped at ``address`` (the range stays reserved). It does not wait:
+        the caller has called ``sync`` since the memory was last used, once for a batch."""
 
     def tensor(self, address: int, nbytes: int) -> torch.Tensor:
         """A ``uint8`` tensor over ``[address, address + nbytes)``; it does not own the memory."""
@@ -54,6 +72,36 @@ class VmmDriver(Protocol):
     def memory_in_use(self) -> int:
         """Memory in use as the system reports it, for measurements: the whole GPU's on
         CUDA, this process's resident set on a CPU."""
+
+
+def round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+def check_aligned(call: str, device: torch.device, granularity: int, **values: int) -> None:
+    """Raise, naming the call, unless every value is a multiple of ``granularity`` (sizes
+    positive): CUDA refuses such a call with CUDA_ERROR_INVALID_VALUE, the host driver here."""
+    for what, value in values.items():
+        if value % granularity or (what == "size" and value <= 0):
+            raise VmmError(f"{call} failed on {device}: {what} {value:#x} is not a positive multiple "
+                           f"of the granularity {granularity:#x}")
+
+
+def map_then_grant(address: int, mapping: Callable[[], None], grant: Callable[[], None],
+                   undo: Callable[[], None]) -> None:
+    """Map, then grant access; if the grant fails, unmap before raising. The caller records
+    a mapping only once ``map`` returns, so one left behind would be unknown to it: its
+    address could not be mapped again, nor its chunk moved."""
+    mapping()
+    try:
+        grant()
+    except VmmError as exc:
+        try:
+            undo()
+        except VmmError as undo_exc:
+            raise VmmError(f"{exc}; unmapping {address:#x} again failed too, it stays mapped: "
+                           f"{undo_exc}") from exc
+        raise
 
 
 def make_driver(device: torch.device) -> VmmDriver:

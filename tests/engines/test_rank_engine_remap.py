@@ -1,11 +1,14 @@
 """A rank's drop and restore with ``--kv-extension remap``: the dropped weights' chunks are
 mapped onto the KV pool's tail (nothing allocated, nothing copied), the restore maps them
-back under the weights, and the rank ends where it started. On the host driver always;
-on CUDA's virtual-memory API where a GPU is available (the remap time is logged)."""
+back under the weights, and the rank ends where it started. On the host driver always,
+at the page size and at CUDA's 2 MiB granularity (where the tiny model's head and norms,
+each under one granule, stay in torch memory as they do on a GPU); on CUDA's
+virtual-memory API where a GPU is available (the remap time is logged)."""
 
 from __future__ import annotations
 
 import logging
+import mmap
 
 import pytest
 import torch
@@ -15,13 +18,20 @@ from engines.mapping import LayerRange
 from engines.store import EngineStore
 from engines.weights import LayerWeights
 from engines.rank_engine import RankEngine
+from engines.vmm.host import HostDriver
 
 needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+HOST_GRANULARITIES = {"host-page": mmap.PAGESIZE, "host-2MiB": 2 << 20}
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=needs_gpu)])
-def device(request) -> torch.device:
-    return torch.device(request.param)
+@pytest.fixture(params=[*HOST_GRANULARITIES, pytest.param("cuda", marks=needs_gpu)])
+def device(request, monkeypatch) -> torch.device:
+    """The device; on a CPU, the rank engine's host driver gets the case's granularity."""
+    if request.param == "cuda":
+        return torch.device("cuda")
+    granularity = HOST_GRANULARITIES[request.param]
+    monkeypatch.setattr("engines.rank_engine.make_driver", lambda device: HostDriver(granularity))
+    return torch.device("cpu")
 
 
 def _engine(store, device, kv_extension="remap") -> RankEngine:
@@ -32,6 +42,17 @@ def _same_weights(engine: RankEngine, reference) -> bool:
     w = engine.weights
     same = all(torch.equal(w.layers[i].flat, reference.layers[i].flat) for i in reference.layers)
     return same and all(torch.equal(getattr(w, n), getattr(reference, n)) for n in ("embedding", "final_norm", "lm_head"))
+
+
+def _placed_by_the_rule(engine: RankEngine) -> bool:
+    """Every layer is in the arena, whatever its size (a drop remaps layers); the embedding,
+    the final norm and the head are there only from one granule up, smaller ones stay in
+    torch memory (a chunk of their own would be mostly waste)."""
+    w, arena = engine.weights, engine.arena
+    if not all(arena.owns(layer.flat) for layer in w.layers.values()):
+        return False
+    others = [t for t in (w.embedding, w.final_norm, w.lm_head) if t is not None]
+    return all(arena.owns(t) == (t.numel() * t.element_size() >= arena.granularity) for t in others)
 
 
 def _pull_back(engine: RankEngine, reference, memory) -> None:
@@ -64,7 +85,9 @@ def test_drop_remaps_weight_chunks_onto_the_pool_and_restore_maps_them_back(tiny
         w = engine.weights
         dropping = [w.layers[i].flat for i in (3, 4, 5)] + [w.lm_head, w.final_norm]
         chunked = sum(arena.footprint(t) for t in dropping if arena.owns(t))
-        assert arena.owns(w.lm_head) and not arena.owns(w.final_norm)  # a norm is smaller than a chunk
+        assert _placed_by_the_rule(engine) and not arena.owns(w.final_norm)  # a norm is under a granule
+        head_bytes = w.lm_head.numel() * w.lm_head.element_size()  # ~66 KB: in the arena at 4 KiB, not at 2 MiB
+        assert arena.owns(w.lm_head) == (head_bytes >= arena.granularity)
         added = engine.drop_to(LayerRange(0, 3))  # stage 0 of 2: drops layers 3-5, the norm and the head
         del w, dropping
         m = engine.last_drop
@@ -80,9 +103,26 @@ def test_drop_remaps_weight_chunks_onto_the_pool_and_restore_maps_them_back(tiny
         engine.restored(memory)
         assert kv.num_pages == base_pages and arena.allocated == allocated
         assert engine.weight_memory() == footprint and _same_weights(engine, reference)
-        assert all(arena.owns(layer.flat) for layer in engine.weights.layers.values())
+        assert _placed_by_the_rule(engine)
         assert bool((kv.data[:base_pages] == 0.25).all())
     assert any("remapped onto the pool" in r.getMessage() for r in caplog.records)
+
+
+def test_a_restore_unmaps_its_chunks_after_one_wait_for_the_device(tiny_store, device):
+    engine = _engine(tiny_store, device)
+    drv = engine.arena.driver
+    engine.drop_to(LayerRange(0, 3))
+    waits = drv.syncs
+    memory = engine.memory_for_restore()
+    assert len(memory.chunks) >= 3 and drv.syncs == waits + 1
+
+
+def test_a_drop_unmaps_its_chunks_after_one_wait_for_the_device(tiny_store, device):
+    engine = _engine(tiny_store, device)
+    drv = engine.arena.driver
+    waits = drv.syncs
+    engine.drop_to(LayerRange(0, 3))  # three layers (and at 4 KiB the head): several chunks
+    assert engine.last_drop.remapped >= 3 * engine.arena.granularity and drv.syncs == waits + 1
 
 
 def test_kv_extension_choices_are_checked(tiny_store):
