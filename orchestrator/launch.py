@@ -50,13 +50,13 @@ def _agree(comm: MPI.Comm, error: str | None) -> None:
 
 
 def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology, CostModel | None, Faults]:
+    device = rank_device(cfg.device, comm)  # first: collective, before anything a rank alone may fail
     faults = Faults.from_env()
     store = EngineStore(cfg.engine_dir)
     world = comm.Get_size()
     topology = Topology.parse(cfg.groups, world)
     for size in sorted(topology.group_sizes()):
         store.mapping(size)  # the split each group needs must exist
-    device = rank_device(cfg.device, comm.Get_rank())
     memory = cfg.device_memory or default_device_memory(device)
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else (None if device.type == "cpu" else torch.bfloat16)
     cost = CostModel.load(cfg.cost_model) if cfg.cost_model else None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from engines.devices import rank_cuda_device
 from orchestrator.config_cli import add_config_args, cli, fmt_bytes
 from orchestrator.config_cli import config_from_args as config_from_args_of
 from orchestrator.core.config import EngineConfig, parse_bytes, resolve_device
@@ -74,7 +75,7 @@ class ServeConfig:
     pool's tail (CUDA virtual memory, needs cuda-bindings; shared memory on CPU), commit frees
     them and commits pages (CPU); auto: remap on CUDA, commit on CPU."""
     device: str = "auto"
-    """auto, cpu or cuda (rank r takes GPU r mod count; ranks sharing a GPU need --device-memory)."""
+    """auto, cpu or cuda (a rank takes GPU (its index on its host) mod count; ranks sharing a GPU need --device-memory)."""
     dtype: str | None = None
     """Compute dtype; the store's on CPU, bfloat16 on CUDA when not given."""
     model_name: str | None = None
@@ -176,10 +177,12 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                                migration=config_from_args_of(MigrationConfig, args, prefix="migration-"))
 
 
-def rank_device(name: str, rank: int) -> torch.device:
+def rank_device(name: str, comm) -> torch.device:
+    """This rank's device; a CUDA one is picked from the rank's index on its host, as the
+    transport picks it (collective over ``comm`` then: every rank must call it)."""
     device = resolve_device(name)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        device = rank_cuda_device(comm)
     return device
 
 

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [parse_bytes(s) for s in args.sizes.split(",")]
     if any(s % 2 for s in sizes):
         p.error("sizes must be even (the transport side sends bfloat16 elements)")
-    transport = make_transport(args.transport, comm)
+    transport = make_transport(args.transport, comm, tags=(TAG,))
     device = getattr(transport, "device", torch.device("cpu"))
     results = []
     for nbytes in sizes:

@@ -103,10 +103,10 @@ def _check_live(results, state, restored: bool):
     (2, [0, 1], False, "commit"), (4, [0, 1, 2, 3], False, "commit"), (2, [0, 1], True, "commit"),
     (4, [0, 1, 2, 3], False, "remap")])
 def test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, cost_model, n, group, lookahead,
-                                                     extension):
+                                                     extension, transport="auto"):
     extra = ["--cost-model", str(cost_model)] if lookahead else []
     with ServingCluster(n, tiny_store, "--max-num-batched-tokens", "24", "--kv-extension", extension,
-                        *extra) as cluster:
+                        "--transport", transport, *extra) as cluster:
         events = []
         for cycle in range(2):
             results, drop, restored = run(_cycle(cluster.url, group, restore=True))
@@ -134,6 +134,14 @@ def test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, cost_
         assert run(_restore_all(cluster.url))[0] == 200
         state = cluster.state()
         assert all(r["role"] == "replica" for r in state["ranks"])
+
+
+@pytest.mark.parametrize("transport", ["gloo"])
+def test_tokens_identical_across_drop_restore_cycles_over(tiny_store, expected, transport):
+    """The 2-rank case through the nccl transport's code (over gloo, CPU): during a drop the
+    group's activations and the exchange's KV pages share the one pair, each on its channel."""
+    test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, None, 2, [0, 1], False, "commit",
+                                                     transport)  # no lookahead: no cost model
 
 
 async def _restore_all(url):

@@ -1,6 +1,8 @@
-"""Tensor transports: the factory, MpiTransport in one process and across two ranks, NCCL on GPUs.
+"""Tensor transports: the factory, MpiTransport in one process and across two ranks, the
+nccl transport's code over gloo (CPU) across two and four ranks, NCCL on GPUs, and how a
+rank's GPU is chosen and whether ranks share one.
 
-Single-process tests use ``MPI.COMM_SELF`` (a rank may send to itself); the two-rank
+Single-process tests use ``MPI.COMM_SELF`` (a rank may send to itself); the multi-rank
 tests launch ``mpi_transport_job.py`` under mpirun.
 """
 
@@ -8,11 +10,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
 
-from orchestrator.transport import Transport, known_transports, make_transport, register_transport, resolve_kind
+from engines.devices import cuda_index, gpus_shared
+from orchestrator.transport import (TENSOR_TAGS, Transport, known_transports, make_transport, register_transport,
+                                    resolve_kind)
 from tests.mpi_util import REPO_ROOT, requires_mpirun, run_mpi_module
 
 JOB = "tests.orchestrator.transport.mpi_transport_job"
@@ -40,9 +46,10 @@ def transport(comm_self):
 # --- the factory --------------------------------------------------------------------------
 
 def test_unknown_kind_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown transport 'gloo'; known: auto, mpi, nccl"):
-        resolve_kind("gloo")
-    assert known_transports() == ["auto", "mpi", "nccl"]
+    with pytest.raises(ValueError, match=r"unknown transport 'pigeon'; known: auto, gloo, mpi, nccl"):
+        resolve_kind("pigeon")
+    assert known_transports() == ["auto", "gloo", "mpi", "nccl"]
+    assert resolve_kind("gloo") == "gloo"  # serve --transport gloo selects it
 
 
 def test_auto_picks_nccl_only_with_cuda(monkeypatch):
@@ -54,7 +61,7 @@ def test_auto_picks_nccl_only_with_cuda(monkeypatch):
 
 
 def test_register_refuses_taken_names():
-    for name in ("auto", "mpi", "nccl"):
+    for name in ("auto", "gloo", "mpi", "nccl"):
         with pytest.raises(ValueError, match="is taken"):
             register_transport(name, lambda comm: None)
 
@@ -323,6 +330,214 @@ def test_two_ranks_exchange_bit_exact():
     assert "mpi transport job: ok" in proc.stdout
 
 
+# --- the nccl transport's code, over gloo (CPU) ----------------------------------------------
+
+def test_tensor_tags_are_the_clusters():
+    """The channels made by default are the cluster's tensor tags (transport may not import them)."""
+    from orchestrator.cluster.messages import TAG_HIDDEN, TAG_KV, TAG_WEIGHTS
+
+    assert sorted(TENSOR_TAGS) == sorted({TAG_HIDDEN, TAG_KV, TAG_WEIGHTS})
+
+
+@pytest.fixture()
+def gloo(comm_self):
+    t = make_transport("gloo", comm_self)
+    yield t
+    t.close()
+
+
+def test_gloo_has_one_channel_per_tag_and_refuses_others(gloo):
+    from orchestrator.transport.nccl import GlooTransport
+
+    assert isinstance(gloo, GlooTransport) and gloo.name == "gloo" and gloo.device == torch.device("cpu")
+    assert gloo.tags == tuple(sorted(TENSOR_TAGS)) and len({id(gloo._channel(t)) for t in gloo.tags}) == 3
+    for post in (gloo.isend, gloo.irecv):
+        with pytest.raises(ValueError, match="tag 99 has no channel in the gloo transport"):
+            post(torch.zeros(2), 0, 99)
+    with pytest.raises(ValueError, match="tag 99 has no channel"):
+        gloo.isend_rows(torch.zeros(4, 2), [0, 1], 0, 99)
+    with pytest.raises(ValueError, match="tag 99 has no channel"):
+        gloo.irecv_rows(torch.zeros(4, 2), [0, 1], 0, 99)
+
+
+def test_gloo_refuses_bad_tensors_and_peers(gloo):
+    tag = TENSOR_TAGS[0]
+    with pytest.raises(ValueError, match="moves tensors on cpu, got one on meta"):
+        gloo.isend(torch.empty(2, device="meta"), 0, tag)
+    with pytest.raises(ValueError, match="contiguous"):
+        gloo.irecv(torch.zeros(4, 6).t(), 0, tag)
+    with pytest.raises(ValueError, match="peer 0 must be another rank"):
+        gloo.isend(torch.zeros(2), 0, tag)  # one process: no peer
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        gloo.isend([1.0], 0, tag)
+
+
+def test_gloo_can_be_built_again_after_close(comm_self):
+    from orchestrator.transport.nccl import GlooTransport
+
+    for tags in ((7,), (1, 2)):
+        t = GlooTransport(comm_self, tags)
+        assert t.tags == tags
+        t.close()
+    with pytest.raises(ValueError, match="at least one tag"):
+        GlooTransport(comm_self, ())
+
+
+class FakeWork:
+    """A gloo work as torch gives it: ``is_completed`` false until ``wait`` returns."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.arrived = threading.Event()
+        self.error = error
+
+    def is_completed(self) -> bool:
+        return False
+
+    def wait(self) -> bool:
+        self.arrived.wait(10)
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+def _poll(handle, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not handle.test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_waited_handle_polls_without_blocking():
+    """gloo's works complete only from wait(): test() must still report completion, and
+    never block (the rank loop and the KV mover poll their transfers)."""
+    from orchestrator.transport.nccl import WaitedHandle
+
+    work = FakeWork()
+    h = WaitedHandle(work, torch.zeros(3))
+    t0 = time.monotonic()
+    assert not h.test() and not h.test()
+    assert time.monotonic() - t0 < 1 and h.tensor is not None
+    work.arrived.set()
+    assert _poll(h) and h.tensor is None
+    h.wait()  # and done stays done
+    direct = WaitedHandle(FakeWork(), torch.zeros(1))
+    direct.work.arrived.set()
+    direct.wait()  # no thread when waited at once
+    assert direct.test() and direct._waiter is None
+
+
+def test_waited_handle_reports_a_failed_transfer():
+    from orchestrator.transport.nccl import WaitedHandle
+
+    work = FakeWork(error=RuntimeError("Connection closed by peer"))
+    h = WaitedHandle(work, torch.zeros(1))
+    assert not h.test()
+    work.arrived.set()
+    with pytest.raises(RuntimeError, match="a gloo transfer failed: Connection closed by peer"):
+        _poll(h)
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        h.wait()
+
+
+def _simulate(size: int, tags: tuple[int, ...]) -> int:
+    """Run every rank's warm-up steps, a step completing when both its ranks are at it;
+    returns the rounds taken (the critical path), or raises on a deadlock."""
+    from orchestrator.transport.nccl import warm_up_steps
+
+    todo = {r: [s for s in warm_up_steps(size, tags) if r in s[:2]] for r in range(size)}
+    rounds = 0
+    while any(todo.values()):
+        heads = {steps[0] for steps in todo.values() if steps}
+        ready = [s for s in heads if todo[s[0]][0] == s == todo[s[1]][0]]
+        assert ready, f"deadlock: every rank waits on a peer at {sorted(heads)}"
+        for lo, hi, _ in ready:
+            todo[lo].pop(0)
+            todo[hi].pop(0)
+        rounds += 1
+    return rounds
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 8])
+def test_warm_up_order_covers_every_pair_and_cannot_deadlock(size):
+    from orchestrator.transport.nccl import warm_up_steps
+
+    tags = (3, 5, 6)
+    steps = list(warm_up_steps(size, tags))
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) == size * (size - 1) // 2 * len(tags)
+    assert {(lo, hi) for lo, hi, _ in steps} == {(i, j) for i in range(size) for j in range(i + 1, size)}
+    # Disjoint pairs proceed at once: about 2n - 3 pair steps on the critical path, not n (n-1) / 2.
+    assert _simulate(size, tags) == max(0, 2 * size - 3) * len(tags)
+
+
+@requires_mpirun
+def test_gloo_two_ranks_fifo_rows_classes_and_unknown_tags():
+    """The nccl transport's code over gloo on two ranks: bit-exact FIFO on one channel,
+    rows (gather/scatter), two classes posted in opposite orders on one pair landing in
+    their own receives (this fails when the tags share one group), an unknown tag."""
+    proc = run_mpi_module(2, JOB, "--kind", "gloo", timeout=120)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "gloo transport job: ok" in proc.stdout
+
+
+@requires_mpirun
+def test_gloo_four_ranks_every_pair_every_channel():
+    """Four ranks: warm-up of 6 pairs x 3 channels, then each pair both ways on every
+    channel, posted in different channel orders by the two sides, completed by test() alone."""
+    proc = run_mpi_module(4, JOB, "--kind", "gloo-pairs", timeout=180)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "gloo-pairs transport job: ok" in proc.stdout and "6 pairs x 3 channels" in proc.stdout
+
+
+# --- which GPU, and whether ranks share one ------------------------------------------------
+
+def _identities(ranks: list[tuple[str, list[str]]]) -> list[tuple[str, str]]:
+    """Each rank's (host, UUID) in a fake cluster: ``(host, UUIDs this rank sees)`` per rank,
+    in rank order; local ranks count per host, as MPI's shared-memory split does."""
+    seen: dict[str, int] = {}
+    out = []
+    for host, visible in ranks:
+        local = seen[host] = seen.get(host, -1) + 1
+        out.append((host, visible[cuda_index(local, len(visible))]))
+    return out
+
+
+GPUS = ["GPU-a", "GPU-b", "GPU-c", "GPU-d"]
+
+
+def test_one_visible_gpu_per_rank_is_not_sharing():
+    """CUDA_VISIBLE_DEVICES=i for rank i: each sees one GPU, index 0; none is shared (the
+    count rule took 4 ranks > 1 device for sharing and staged everything through the host)."""
+    ranks = [("node0", [g]) for g in GPUS]
+    assert [cuda_index(i, 1) for i in range(4)] == [0, 0, 0, 0]
+    assert not gpus_shared(_identities(ranks))
+
+
+def test_more_ranks_than_gpus_is_sharing():
+    assert gpus_shared(_identities([("node0", GPUS)] * 8))  # 8 ranks on 4 GPUs
+    assert not gpus_shared(_identities([("node0", GPUS)] * 4))
+    assert [cuda_index(i, 4) for i in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+def test_two_hosts_and_ranks_without_a_gpu():
+    # GPU index 0 on two hosts is two GPUs; local ranks restart on each host.
+    assert not gpus_shared(_identities([("node0", ["GPU-a", "GPU-b"])] * 2 + [("node1", ["GPU-x", "GPU-y"])] * 2))
+    assert gpus_shared([("node0", "GPU-a"), None])  # a rank with no GPU cannot take part in NCCL
+    with pytest.raises(RuntimeError, match="no CUDA device is visible"):
+        cuda_index(0, 0)
+
+
+def test_auto_reads_gpu_identities(comm_self, monkeypatch):
+    """The factory's check gathers every rank's (host, UUID) and asks gpus_shared."""
+    import engines.devices
+    from orchestrator import transport
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(engines.devices, "gpu_identity", lambda device: ("node0", f"GPU-{device.index}"))
+    assert not transport._ranks_share_gpus(comm_self)
+
+
 # --- CUDA ----------------------------------------------------------------------------------
 
 def test_nccl_needs_cuda(comm_self):
@@ -331,7 +546,7 @@ def test_nccl_needs_cuda(comm_self):
     from orchestrator.transport.nccl import NcclTransport
 
     with pytest.raises(RuntimeError, match="needs CUDA"):
-        NcclTransport(comm_self)
+        NcclTransport(comm_self, TENSOR_TAGS)
 
 
 @pytest.mark.gpu
