@@ -86,6 +86,16 @@ MUTATIONS = [
                "        event = await self.queue.get()\n"
                "        if event.finished:  # MUTATION\n            event.token_ids = event.token_ids[1:]\n"),),
              (E2E + "[2-None]",)),
+    Mutation("channels-shared", "the tagless transport puts every traffic class on one channel",
+             "orchestrator/transport/nccl.py",
+             (("            return self._channels[tag]\n",
+               "            return self._channels[min(self._channels)]  # MUTATION\n"),),
+             ("tests/orchestrator/transport/test_transport.py::test_gloo_two_ranks_fifo_rows_classes_and_unknown_tags",)),
+    Mutation("decode-mask-float32", "the decode mask stays float32 under bf16 or fp16 queries",
+             "engines/step_meta.py",
+             (("    decode_mask = torch.zeros(valid.shape, dtype=dtype, device=device)",
+               "    decode_mask = torch.zeros(valid.shape, device=device)"),),  # the line goes on: no comment
+             ("tests/engines/test_attention_dtypes.py",)),
 ]
 
 
