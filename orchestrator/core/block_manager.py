@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from engines.mapping import LayerRange
 from engines.paging import PageAllocator, pages_for_tokens
+from orchestrator.core.prefix_cache import ROOT_HASH, CachedBlock, PrefixCache
 from orchestrator.core.request import Request
 
 
@@ -26,26 +27,37 @@ class PoolSpec:
 class BlockManager:
     """Allocates and frees the KV pages of requests on one instance."""
 
-    def __init__(self, page_size: int, pools: list[PoolSpec]) -> None:
+    def __init__(self, page_size: int, pools: list[PoolSpec], prefix_caching: bool = False) -> None:
         if not pools:
             raise ValueError("an instance needs at least one KV pool")
         self.page_size = page_size
         self.specs = list(pools)
         self.allocators = [PageAllocator(p.num_pages) for p in pools]
         self.num_layers = sum(len(p.layers) for p in pools)
+        self.cache = PrefixCache(page_size) if prefix_caching else None
+        """Full computed blocks shared between requests (None: no prefix caching)."""
 
     @classmethod
-    def single(cls, num_pages: int, page_size: int, num_layers: int) -> "BlockManager":
+    def single(cls, num_pages: int, page_size: int, num_layers: int,
+               prefix_caching: bool = False) -> "BlockManager":
         """One pool holding every layer (a replica, or stages sharing one process)."""
-        return cls(page_size, [PoolSpec(LayerRange(0, num_layers), num_pages)])
+        return cls(page_size, [PoolSpec(LayerRange(0, num_layers), num_pages)], prefix_caching)
 
     @property
     def num_pages(self) -> int:
         return sum(a.num_pages for a in self.allocators)
 
     def usage(self) -> list[tuple[int, int]]:
-        """``(used, total)`` pages per pool."""
-        return [(a.num_pages - a.num_free, a.num_pages) for a in self.allocators]
+        """``(used, total)`` pages per pool; cached pages no request refers to count as free
+        (they are given back as soon as a page is needed)."""
+        return [(a.num_pages - self._free(i), a.num_pages) for i, a in enumerate(self.allocators)]
+
+    def _evictable(self, pool: int) -> int:
+        """Pages of ``pool`` in unreferenced cached blocks (a block has one page per layer)."""
+        return len(self.cache.lru) * len(self.specs[pool].layers) if self.cache is not None else 0
+
+    def _free(self, pool: int) -> int:
+        return self.allocators[pool].num_free + self._evictable(pool)
 
     def token_capacity(self) -> int:
         """Tokens one request could hold if it had every pool to itself."""
@@ -64,10 +76,14 @@ class BlockManager:
         return self._new_pages_per_layer(req, num_new_tokens) * self.num_layers
 
     def allocate(self, req: Request, num_new_tokens: int) -> bool:
-        """Make room for ``num_new_tokens`` more tokens of ``req``; False if any pool is short."""
+        """Make room for ``num_new_tokens`` more tokens of ``req``; False if any pool is short
+        (unreferenced cached blocks are evicted first, least recently used first)."""
         per_layer = self._new_pages_per_layer(req, num_new_tokens)
-        if any(per_layer * len(p.layers) > a.num_free for a, p in zip(self.allocators, self.specs)):
+        need = [per_layer * len(p.layers) for p in self.specs]
+        if any(n > self._free(i) for i, n in enumerate(need)):
             return False
+        while any(n > a.num_free for n, a in zip(need, self.allocators)):
+            self._release_pages(self.cache.evict())
         if not req.block_table:
             req.block_table = [[] for _ in range(self.num_layers)]
         if per_layer:
@@ -96,10 +112,19 @@ class BlockManager:
         self.allocators[pool].free(pages)
 
     def audit(self, requests) -> None:
-        """Check that every page is either free or owned by exactly one request's layer."""
+        """Check that every page is either free, owned by exactly one request's layer, or in
+        exactly one cached block; and that each cached block's references are the requests
+        that list it."""
+        requests = list(requests)
+        cached = list(self.cache.blocks.values()) if self.cache is not None else []
+        for block in cached:
+            holders = sum(any(b is block for b in r.prefix_blocks) for r in requests)
+            if holders != block.refs or (block.refs == 0) != (block.hash in self.cache.lru):
+                raise RuntimeError(f"cached block {block.hash:#x}: {block.refs} references, {holders} holders")
         for i, (alloc, spec) in enumerate(zip(self.allocators, self.specs)):
             owned = [p for r in requests for layer in spec.layers if layer < len(r.block_table)
-                     for p in r.block_table[layer]]
+                     for p in r.block_table[layer][len(r.prefix_blocks):]]
+            owned += [b.pages[layer] for b in cached for layer in spec.layers]
             free = alloc.free_pages()
             if len(set(owned)) != len(owned):
                 raise RuntimeError(f"pool {i}: a KV page is owned twice")
@@ -108,9 +133,47 @@ class BlockManager:
                                    f"!= {alloc.num_pages} (leaked or double-booked)")
 
     def free(self, req: Request) -> None:
-        """Return every page of ``req`` to its pool."""
+        """Return every page of ``req`` to its pool; its cached blocks lose a reference (and
+        stay cached)."""
+        shared = len(req.prefix_blocks)
         for alloc, spec in zip(self.allocators, self.specs):
             for layer in spec.layers:
                 if layer < len(req.block_table):
-                    alloc.free(req.block_table[layer])
+                    alloc.free(req.block_table[layer][shared:])
+        for block in req.prefix_blocks:
+            self.cache.release(block)
         req.block_table = []
+        req.prefix_blocks = []
+        req.prefix_closed = False
+
+    # Prefix caching ---------------------------------------------------------------------
+    def match(self, req: Request) -> int:
+        """Start a request that holds no KV with the longest cached prefix of its tokens (at
+        most all but its last token); the tokens served from the cache."""
+        if self.cache is None or req.block_table or req.num_computed_tokens or req.swapped:
+            return 0
+        blocks = self.cache.lookup(req.all_token_ids, req.num_tokens - 1)
+        for block in blocks:
+            self.cache.acquire(block)
+        req.block_table = [[b.pages[layer] for b in blocks] for layer in range(self.num_layers)]
+        req.prefix_blocks = list(blocks)
+        req.num_computed_tokens = len(blocks) * self.page_size
+        return req.num_computed_tokens
+
+    def cache_computed(self, req: Request) -> None:
+        """Cache the request's blocks that are full and computed, in order (after a step)."""
+        if self.cache is None or req.prefix_closed:
+            return
+        tokens = req.all_token_ids
+        for i in range(len(req.prefix_blocks), req.num_computed_tokens // self.page_size):
+            parent = req.prefix_blocks[-1].hash if req.prefix_blocks else ROOT_HASH
+            pages = tuple(req.block_table[layer][i] for layer in range(self.num_layers))
+            block = self.cache.insert(parent, tuple(tokens[i * self.page_size:(i + 1) * self.page_size]), pages)
+            if block is None:
+                req.prefix_closed = True
+                return
+            req.prefix_blocks.append(block)
+
+    def _release_pages(self, block: CachedBlock) -> None:
+        for alloc, spec in zip(self.allocators, self.specs):
+            alloc.free([block.pages[layer] for layer in spec.layers])

@@ -52,6 +52,8 @@ class EngineConfig:
     """Token budget of one step."""
     max_num_seqs: int = SchedulerConfig.max_num_seqs
     """Most requests running at once."""
+    enable_prefix_caching: bool = False
+    """Share the KV of full pages between requests with the same prefix (``prefix_cache.py``)."""
 
     def __post_init__(self) -> None:
         if self.pp_size < 1:

@@ -65,7 +65,8 @@ class LLMEngine:
         self.swap_space = HostSwapSpace(self.kv, swap_space_bytes) if preemption_mode == "swap" else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
-            BlockManager.single(num_pages, config.page_size, self.model.num_hidden_layers),
+            BlockManager.single(num_pages, config.page_size, self.model.num_hidden_layers,
+                                config.enable_prefix_caching),
             eos_token_ids=self.model.eos_token_ids, swapper=self.swap_space)
         self._ids = itertools.count()
         logger.info("engine ready: %s, pp=%d, %s %s, %d KV pages of %d tokens",

@@ -80,6 +80,13 @@ class Request:
     logprobs: LogprobBuffer = field(default_factory=LogprobBuffer)
     first_scheduled_time: float | None = None
     """When its first step was scheduled on this instance (``time.monotonic``)."""
+    prefix_blocks: list = field(default_factory=list)
+    """The leading blocks of ``block_table`` that are the prefix cache's (``CachedBlock``s
+    this request holds a reference on); the pages after them are its own."""
+    prefix_closed: bool = False
+    """An equal block was cached by another request first: no later block of this one is cached."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache when it was first scheduled."""
 
     @property
     def num_tokens(self) -> int:

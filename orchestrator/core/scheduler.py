@@ -166,6 +166,9 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(out.chunks) < limit and not out.preempted):
             req = self.waiting[0]
+            hit = self.blocks.match(req)
+            if req.first_scheduled_time is None:
+                req.num_cached_tokens = hit
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.blocks.allocate(req, n):
                 break  # FCFS: the head of the queue waits for pages, nobody overtakes it
@@ -240,6 +243,7 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue
             req.num_computed_tokens += chunk.num_tokens
+            self.blocks.cache_computed(req)
             scored = result.prompt_logprobs.get(req.seq_id)
             if scored:
                 req.logprobs.prompt.extend(scored)

@@ -1,0 +1,113 @@
+"""Automatic prefix caching: full KV pages shared by the requests whose tokens they hold.
+
+Pure CPU bookkeeping, no tensors. A *block* is one page-sized run of a request's tokens;
+its KV lives in one page per layer, in the pool of the rank that runs the layer. A full,
+computed block is identified by a chained hash of its parent block's hash and its own
+token ids, so equal hashes mean equal prefixes up to and including the block (the token
+ids are kept and compared too: a hash collision is never a hit).
+
+The cache holds, per block hash, the block's pages (one per layer, all pools together, so
+a hit is a hit in every stage's pool) and a reference count: the requests whose block
+tables list them. A block whose count falls to zero stays cached, in LRU order, until a
+page is needed: its pages count as free for the load monitor, and ``evict`` hands them
+back to the allocators, least recently used first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+ROOT_HASH = 0
+"""The parent hash of a request's first block."""
+
+
+def block_hash(parent: int, tokens: tuple[int, ...]) -> int:
+    """The chained hash of a block: equal only if the parent and the tokens are (modulo
+    collisions, which ``CachedBlock.tokens`` rules out)."""
+    return hash((parent, tokens))
+
+
+def block_hashes(token_ids: list[int], page_size: int, num_blocks: int) -> list[int]:
+    """The chained hashes of the first ``num_blocks`` full blocks of ``token_ids``."""
+    out, parent = [], ROOT_HASH
+    for i in range(num_blocks):
+        parent = block_hash(parent, tuple(token_ids[i * page_size:(i + 1) * page_size]))
+        out.append(parent)
+    return out
+
+
+@dataclass
+class CachedBlock:
+    """One cached block: its pages (layer order) and who refers to it."""
+
+    hash: int
+    parent: int
+    tokens: tuple[int, ...]
+    pages: tuple[int, ...]
+    """Page id of each layer, in layer order."""
+    refs: int = 0
+
+
+class PrefixCache:
+    """Cached blocks by hash, their reference counts, and the LRU of unreferenced ones."""
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self.blocks: dict[int, CachedBlock] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        """Hashes of blocks no request refers to, least recently used first."""
+        self.queries = 0
+        """Prompt tokens looked up (for the hit rate)."""
+        self.hits = 0
+        """Of those, tokens served from the cache."""
+
+    def lookup(self, token_ids: list[int], max_tokens: int) -> list[CachedBlock]:
+        """The longest run of cached blocks that starts ``token_ids``, covering at most
+        ``max_tokens`` tokens (a request always computes its last token, for its logits)."""
+        found, parent = [], ROOT_HASH
+        for i in range(max_tokens // self.page_size):
+            tokens = tuple(token_ids[i * self.page_size:(i + 1) * self.page_size])
+            block = self.blocks.get(block_hash(parent, tokens))
+            if block is None or block.tokens != tokens or block.parent != parent:
+                break
+            found.append(block)
+            parent = block.hash
+        self.queries += max_tokens
+        self.hits += len(found) * self.page_size
+        return found
+
+    def acquire(self, block: CachedBlock) -> None:
+        """One more request refers to ``block``; it is no longer evictable."""
+        block.refs += 1
+        self.lru.pop(block.hash, None)
+
+    def release(self, block: CachedBlock) -> None:
+        """One request less refers to ``block``; at zero it becomes the most recently used
+        evictable block (its pages keep their KV)."""
+        if block.refs <= 0:
+            raise RuntimeError(f"block {block.hash:#x} released more often than acquired")
+        block.refs -= 1
+        if block.refs == 0:
+            self.lru[block.hash] = None
+
+    def insert(self, parent: int, tokens: tuple[int, ...], pages: tuple[int, ...]) -> CachedBlock | None:
+        """Cache a request's full, computed block (referred to by that request), or None if
+        an equal block is cached already (the request's pages then stay its own)."""
+        h = block_hash(parent, tokens)
+        if h in self.blocks:
+            return None
+        block = self.blocks[h] = CachedBlock(h, parent, tokens, pages, refs=1)
+        return block
+
+    def evict(self) -> CachedBlock:
+        """Forget the least recently used unreferenced block; the caller frees its pages."""
+        h, _ = self.lru.popitem(last=False)
+        return self.blocks.pop(h)
+
+    def evictable(self) -> list[CachedBlock]:
+        return [self.blocks[h] for h in self.lru]
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
