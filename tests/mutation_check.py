@@ -96,6 +96,11 @@ MUTATIONS = [
              (("    decode_mask = torch.zeros(valid.shape, dtype=dtype, device=device)",
                "    decode_mask = torch.zeros(valid.shape, device=device)"),),  # the line goes on: no comment
              ("tests/engines/test_attention_dtypes.py",)),
+    Mutation("shared-page-freed", "a request's cached (shared) pages go back to the free list when it ends",
+             "orchestrator/core/block_manager.py",
+             (("                    alloc.free(req.block_table[layer][shared:])",
+               "                    alloc.free(req.block_table[layer])  # MUTATION"),),
+             ("tests/orchestrator/core/test_prefix_cache.py", "tests/orchestrator/core/test_prefix_caching_engine.py")),
 ]
 
 
