@@ -179,6 +179,10 @@ class DistTransport(Transport):
         self._owns_group = _join_default_group(comm, self.backend, device, timeout)
         self._channels = {tag: dist.new_group(backend=self.backend, timeout=timeout) for tag in tags}
         """One process group per tag, made in tag order on every rank (``new_group`` is collective)."""
+        self._pending: dict[int, list[tuple[int, WorkHandle]]] = {}
+        self.interleaved = 0
+        """Transfers posted while another tag's transfers with the same peer were pending."""
+        self._interleave_logged: set[tuple[int, int, int]] = set()
         t0 = time.perf_counter()
         self._warm_up()
         self.warm_up_s = time.perf_counter() - t0
@@ -195,12 +199,28 @@ class DistTransport(Transport):
         group = self._channel(tag)
         self._check(tensor, dst, "isend")
         # No tag: gloo would match by it and hide an ordering bug that NCCL, tagless, has.
-        return self.handle_type(dist.isend(tensor, dst, group=group), tensor)
+        return self._track(dst, tag, self.handle_type(dist.isend(tensor, dst, group=group), tensor))
 
     def irecv(self, out: torch.Tensor, src: int, tag: int) -> Handle:
         group = self._channel(tag)
         self._check(out, src, "irecv")
-        return self.handle_type(dist.irecv(out, src, group=group), out)
+        return self._track(src, tag, self.handle_type(dist.irecv(out, src, group=group), out))
+
+    def _track(self, peer: int, tag: int, handle: WorkHandle) -> WorkHandle:
+        """Note a transfer posted while another class's with the same peer is pending: the
+        case channels exist for. Counted in ``interleaved``; logged once per peer and pair
+        of classes, so a run shows that its classes did meet on a pair."""
+        pending = [(t, h) for t, h in self._pending.get(peer, ()) if not h.done]
+        others = sorted({t for t, _ in pending if t != tag})
+        if others:
+            self.interleaved += 1
+            key = (peer, tag, others[0])
+            if key not in self._interleave_logged:
+                self._interleave_logged.add(key)
+                logger.info("%s transport: a tag %d transfer with rank %d posted while tag %d ones with it are "
+                            "in flight (each on its own channel)", self.name, tag, peer, others[0])
+        self._pending[peer] = pending + [(tag, handle)]
+        return handle
 
     def close(self) -> None:
         """Destroy the channels, and the default group if this transport created it (collective)."""

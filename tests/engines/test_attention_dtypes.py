@@ -42,3 +42,25 @@ def test_decoding_sixteen_tokens_in_each_dtype(tiny_store, dtype):
     engine = LLMEngine(EngineConfig(engine_dir=tiny_store, device="cpu", dtype=dtype, pp_size=2, page_size=4))
     out = engine.generate(["a prompt for every dtype"], SamplingParams(max_tokens=16, ignore_eos=True))[0]
     assert len(out.token_ids) == 16
+
+
+def test_a_steps_index_tensors_reach_the_device_in_one_copy(monkeypatch):
+    """Off the CPU (here the ``meta`` device, which needs no GPU), ``build_step_meta``
+    ships its index tensors in one flat copy, not one small blocking copy each."""
+    moves = []
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if out.device.type == "meta" and self.device.type == "cpu":
+            moves.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    chunks = [SeqChunk(0, 0, 6, [[0, 1]], token_ids=list(range(6)), sample=True),
+              SeqChunk(1, 5, 1, [[2, 3]], sample=True), SeqChunk(2, 3, 2, [[4]])]
+    meta = build_step_meta(chunks, 1, 4, torch.device("meta"), torch.bfloat16)
+    assert len(moves) == 1, moves
+    assert meta.positions.shape == (9,) and meta.write_slots.shape == (1, 9) and meta.block_tables.shape == (3, 1, 2)
+    assert meta.decode_mask.dtype == torch.bfloat16 and meta.decode_mask.shape == (1, 1, 1, 8)
+    assert [g.rows.shape for g in meta.fresh_prefills] == [(6,)] and meta.sample_rows.shape == (2,)

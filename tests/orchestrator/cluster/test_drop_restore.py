@@ -14,6 +14,7 @@ test-only fault hook (``orchestrator.cluster.faults``) and shown correct too.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aiohttp
 import pytest
@@ -103,7 +104,8 @@ def _check_live(results, state, restored: bool):
     (2, [0, 1], False, "commit"), (4, [0, 1, 2, 3], False, "commit"), (2, [0, 1], True, "commit"),
     (4, [0, 1, 2, 3], False, "remap")])
 def test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, cost_model, n, group, lookahead,
-                                                     extension, transport="auto"):
+                                                     extension, transport="auto", logs=None):
+    """``transport`` and ``logs`` (a list that gets the cluster's log) serve the test below."""
     extra = ["--cost-model", str(cost_model)] if lookahead else []
     with ServingCluster(n, tiny_store, "--max-num-batched-tokens", "24", "--kv-extension", extension,
                         "--transport", transport, *extra) as cluster:
@@ -134,14 +136,21 @@ def test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, cost_
         assert run(_restore_all(cluster.url))[0] == 200
         state = cluster.state()
         assert all(r["role"] == "replica" for r in state["ranks"])
+        if logs is not None:
+            logs.append(cluster.output())
 
 
 @pytest.mark.parametrize("transport", ["gloo"])
 def test_tokens_identical_across_drop_restore_cycles_over(tiny_store, expected, transport):
     """The 2-rank case through the nccl transport's code (over gloo, CPU): during a drop the
     group's activations and the exchange's KV pages share the one pair, each on its channel."""
+    logs: list[str] = []
     test_tokens_identical_across_drop_restore_cycles(tiny_store, expected, None, 2, [0, 1], False, "commit",
-                                                     transport)  # no lookahead: no cost model
+                                                     transport, logs)  # no lookahead: no cost model
+    # The transport logs the first time one class's transfer is posted on a pair while the
+    # other's are in flight: activations (tag 3) and KV pages (tag 5) did meet on the pair.
+    met = set(re.findall(r"gloo transport: a tag (\d+) transfer with rank \d+ posted while tag (\d+) ones", logs[0]))
+    assert met & {("3", "5"), ("5", "3")}, f"activations and KV never overlapped on the pair: {met}"
 
 
 async def _restore_all(url):
