@@ -92,7 +92,8 @@ def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
         kv_pages = comm.allgather(engine.plan.kv_pages)
         policy = get_policy(cfg.policy)
         sched = SchedulerConfig(cfg.max_num_batched_tokens, cfg.max_num_seqs,
-                                preemption_mode=policy.preemption, swap_space_bytes=cfg.swap_space)
+                                preemption_mode=policy.preemption, swap_space_bytes=cfg.swap_space,
+                                enable_prefix_caching=cfg.enable_prefix_caching)
         loop = RankLoop(comm, engine, topology, kv_pages, sched, make_transport(cfg.transport, comm),
                         engine.plan.device_memory, cost, faults)
         err = None
@@ -149,7 +150,7 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
         send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=store.splits,
         num_layers=store.config.num_hidden_layers, reshape_policy=make_reshape_policy(bundle.reshape, mem, cfg.monitor),
         migration_policy=MIGRATION.make(bundle.migration, cfg.migration) if bundle.migration else None,
-        policy_name=bundle.name)
+        policy_name=bundle.name, prefix_caching=cfg.enable_prefix_caching)
     loop.attach_controller(controller)
     ingress = IngressServer(controller, cfg.host, cfg.ingress_port, admin_token=cfg.admin_token,
                             relay_socket=cfg.relay_path(), request_log=cfg.request_log)

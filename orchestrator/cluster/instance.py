@@ -62,7 +62,8 @@ class InstanceDriver:
         if len(ranks) > 1:  # a group of g stages runs g micro-batches, each as large as a replica's
             sched_config = replace(sched_config, max_num_seqs=sched_config.max_num_seqs * len(ranks))
         self.swap_space = _swap_space(sched_config, engine, pools)
-        self.scheduler = Scheduler(sched_config, BlockManager(engine.kv.page_size, pools),
+        blocks = BlockManager(engine.kv.page_size, pools, sched_config.enable_prefix_caching)
+        self.scheduler = Scheduler(sched_config, blocks,
                                    eos_token_ids=engine.cfg.eos_token_ids, swapper=self.swap_space)
         self.requests: dict[str, Request] = {}
         self.sent: dict[str, int] = {}
@@ -108,6 +109,7 @@ class InstanceDriver:
                 req.request_id, list(new), finished, req.status.finish_reason, req.error,
                 req.num_preemptions, req.num_migrations,
                 queue_time_s=req.first_scheduled_time - req.arrival_time if first else None,
+                num_cached_tokens=req.num_cached_tokens if first and self.blocks.cache is not None else None,
                 logprobs=output_lps if req.sampling.logprobs is not None else None,
                 prompt_logprobs=prompt_lps if req.sampling.prompt_logprobs is not None and prompt_lps else None))
             self.sent[req.request_id] += len(new)

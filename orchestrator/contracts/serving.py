@@ -47,6 +47,9 @@ class TokenEvent:
     queue_time_s: float | None = None
     """On the request's first event with tokens: seconds it waited in its instance's queue
     before its first step was scheduled (vLLM's ``request_queue_time``); None elsewhere."""
+    num_cached_tokens: int | None = None
+    """On the first event with tokens, with prefix caching on: prompt tokens whose KV came
+    from the cache (OpenAI's ``usage.prompt_tokens_details.cached_tokens``)."""
     logprobs: list[TokenLogprob] | None = None
     """When the request asked for them: one per token of ``token_ids``."""
     prompt_logprobs: list[TokenLogprob] | None = None

@@ -147,11 +147,12 @@ class BlockManager:
         req.prefix_closed = False
 
     # Prefix caching ---------------------------------------------------------------------
-    def match(self, req: Request) -> int:
+    def match(self, req: Request) -> int | None:
         """Start a request that holds no KV with the longest cached prefix of its tokens (at
-        most all but its last token); the tokens served from the cache."""
+        most all but its last token); the tokens served from the cache, or None when there
+        was nothing to look up (no cache, or the request holds KV already)."""
         if self.cache is None or req.block_table or req.num_computed_tokens or req.swapped:
-            return 0
+            return None
         blocks = self.cache.lookup(req.all_token_ids, req.num_tokens - 1)
         for block in blocks:
             self.cache.acquire(block)

@@ -39,6 +39,8 @@ class SchedulerConfig:
     """What preemption does with a request's KV: ``recompute`` (drop it) or ``swap`` (to host
     memory and back; needs the instance's KV on one rank)."""
     swap_space_bytes: int = 4 << 30
+    enable_prefix_caching: bool = False
+    """Share full KV pages between requests with a common prefix (``prefix_cache.py``)."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -167,8 +169,11 @@ class Scheduler:
                and len(out.chunks) < limit and not out.preempted):
             req = self.waiting[0]
             hit = self.blocks.match(req)
-            if req.first_scheduled_time is None:
-                req.num_cached_tokens = hit
+            if hit is not None:
+                self.counts["prefix_cache_queries"] += req.num_tokens  # tokens looked up, as vLLM counts
+                self.counts["prefix_cache_hits"] += hit
+                if req.first_scheduled_time is None:
+                    req.num_cached_tokens = hit
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.blocks.allocate(req, n):
                 break  # FCFS: the head of the queue waits for pages, nobody overtakes it

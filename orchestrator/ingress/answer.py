@@ -88,6 +88,8 @@ class Answer:
         """The next event of the request, counted in the statistics."""
         event = await self.queue.get()
         self.stats.on_tokens(self.timing, len(event.token_ids), queue_time_s=event.queue_time_s)
+        if event.num_cached_tokens is not None:
+            self.timing.cached_tokens = event.num_cached_tokens
         if event.finished or event.error is not None:
             self.done = True  # an error ends the request in the cluster too: nothing to abort
             self.finish_reason = "error" if event.error is not None else event.finish_reason

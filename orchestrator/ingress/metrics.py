@@ -87,6 +87,8 @@ class RequestTiming:
     prompt_tokens: int = 0
     queue_time_s: float | None = None
     """Seconds it waited in its instance's queue, once the cluster reported it."""
+    cached_tokens: int | None = None
+    """Prompt tokens served from the prefix cache, once the cluster reported it (caching on)."""
 
 
 @dataclass
@@ -233,6 +235,11 @@ def _reshape_counters(state: ClusterState) -> dict[str, tuple[str, float]]:
         "kunserve_migrations_total": ("Requests migrated live between replicas (--policy llumnix).",
                                       c.get("migrations", 0)),
         "kunserve_migration_bytes_total": ("KV bytes moved by migrations.", c.get("migration_bytes", 0)),
+        **({"kunserve_prefix_cache_queries_total": ("Prompt tokens looked up in the prefix caches.",
+                                                    c["prefix_cache_queries"]),
+            "kunserve_prefix_cache_hits_total": ("Of those, tokens whose KV the caches held.",
+                                                 c.get("prefix_cache_hits", 0))}
+           if "prefix_cache_queries" in c else {}),  # prefix caching on, and a request looked up
     }
 
 
@@ -281,6 +288,13 @@ def _vllm_cluster(lines: list[str], state: ClusterState, model: dict[str, str]) 
     # The schedulers count every preemption; the key appears with the first one.
     _family(lines, "vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.",
             [(model, state.counters.get("preemptions", 0))])
+    if "prefix_cache_queries" in state.counters:  # only with prefix caching on
+        _family(lines, "vllm:prefix_cache_queries_total", "counter",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                [(model, state.counters["prefix_cache_queries"])])
+        _family(lines, "vllm:prefix_cache_hits_total", "counter",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                [(model, state.counters.get("prefix_cache_hits", 0))])
 
 
 def _kv_usage(ranks: list[RankState]) -> float | None:

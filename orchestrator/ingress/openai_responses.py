@@ -25,6 +25,8 @@ class ChoiceResult:
     token_logprobs: list[float] = field(default_factory=list)
     """The generated tokens' own log-probabilities (for ranking ``best_of``)."""
     last: TokenEvent | None = None
+    cached_tokens: int | None = None
+    """Prompt tokens served from the prefix cache (when the cluster reported it)."""
 
     @property
     def mean_logprob(self) -> float:
@@ -52,10 +54,20 @@ def _envelope(p: ParsedRequest, chunk: bool) -> dict[str, Any]:
             "model": p.model}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """The OpenAI ``usage`` object."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """The OpenAI ``usage`` object; ``prompt_tokens_details.cached_tokens`` when the
+    cluster reported it (prefix caching on)."""
+    body: dict = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return body
+
+
+def cached_tokens(p: ParsedRequest, per_generation: list[int | None]) -> int | None:
+    """Each prompt's cached tokens, summed (its first generation's; None if none reported)."""
+    first = per_generation[::p.best_of]
+    return None if all(c is None for c in first) else sum(c or 0 for c in first)
 
 
 def full_response(p: ParsedRequest, results: list[ChoiceResult]) -> dict[str, Any]:
@@ -74,7 +86,8 @@ def full_response(p: ParsedRequest, results: list[ChoiceResult]) -> dict[str, An
         choices.append(choice)
     body = _envelope(p, chunk=False)
     body["choices"] = choices
-    body["usage"] = usage(p.prompt_tokens, sum(len(r.token_ids) for r in chosen))
+    body["usage"] = usage(p.prompt_tokens, sum(len(r.token_ids) for r in chosen),
+                          cached_tokens(p, [r.cached_tokens for r in results]))
     return body
 
 
@@ -100,9 +113,9 @@ def _counts(last: TokenEvent | None) -> dict[str, int]:
     return {"num_preemptions": last.num_preemptions, "num_migrations": last.num_migrations}
 
 
-def usage_chunk(p: ParsedRequest, completion_tokens: int) -> dict[str, Any]:
+def usage_chunk(p: ParsedRequest, completion_tokens: int, cached: int | None = None) -> dict[str, Any]:
     """The last chunk when ``stream_options.include_usage`` is set: no choices, only usage."""
     body = _envelope(p, chunk=True)
     body["choices"] = []
-    body["usage"] = usage(p.prompt_tokens, completion_tokens)
+    body["usage"] = usage(p.prompt_tokens, completion_tokens, cached)
     return body

@@ -37,6 +37,8 @@ class RequestLog:
                   "arrival": timing.arrival_time, "first_token": timing.first_token_time, "end": end,
                   "ttft_ms": None if ttft is None else round(ttft, 3), "prompt_tokens": timing.prompt_tokens,
                   "output_tokens": timing.num_output_tokens, "finish_reason": finish_reason}
+        if timing.cached_tokens is not None:
+            record["cached_tokens"] = timing.cached_tokens
         self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:

@@ -31,7 +31,8 @@ from orchestrator.ingress.request_log import RequestLog
 from orchestrator.contracts import TokenEvent
 from orchestrator.ingress.errors import ApiError, error_body, error_type
 from orchestrator.ingress.openai_protocol import Kind
-from orchestrator.ingress.openai_responses import ChoiceResult, full_response, stream_chunk, usage_chunk
+from orchestrator.ingress.openai_responses import (ChoiceResult, cached_tokens, full_response, stream_chunk,
+                                                  usage_chunk)
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class _HttpAnswer:
             if finish_reason is not None:
                 break
         result.text, result.finish_reason, result.last = "".join(parts), finish_reason, event
+        result.cached_tokens = answer.timing.cached_tokens
         return result
 
     async def stream(self) -> web.StreamResponse:
@@ -165,7 +167,8 @@ class _HttpAnswer:
                     done.add(answer.generation)  # later events (a stop string's abort) are not sent
             if self.parsed.include_usage:
                 tokens = sum(len(a.decoder.token_ids) for a in self.answers)
-                await self.send(resp, usage_chunk(self.parsed, tokens))
+                cached = cached_tokens(self.parsed, [a.timing.cached_tokens for a in self.answers])
+                await self.send(resp, usage_chunk(self.parsed, tokens, cached))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except _StreamError:
