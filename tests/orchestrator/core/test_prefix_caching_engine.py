@@ -86,3 +86,25 @@ def test_a_preempted_request_hits_its_own_prefix(tiny_store):
         cached.step()
     assert req.output_token_ids == want
     audit(cached)
+
+
+def test_a_swapped_request_sharing_a_prefix_comes_back_identical(tiny_store):
+    plain = engine(tiny_store, False)
+    prompts = [SYSTEM + "Swap me out, then back in.", SYSTEM + "And keep me running meanwhile."]
+    want = [run(plain, [p])[0] for p in prompts]
+    e = LLMEngine(EngineConfig(engine_dir=tiny_store, device="cpu", page_size=4, enable_prefix_caching=True,
+                               max_num_batched_tokens=64), preemption_mode="swap", swap_space_bytes=64 << 20)
+    a = e.make_request(prompts[0], GREEDY)
+    e.add_request(a)
+    e.step()
+    b = e.make_request(prompts[1], GREEDY)
+    e.add_request(b)
+    e.step()
+    assert b.prefix_blocks and any(blk is x for blk in b.prefix_blocks for x in a.prefix_blocks)
+    e.scheduler._preempt(a)  # swap a out while b still shares its first blocks
+    assert a.swapped and all(blk.refs == 1 for blk in b.prefix_blocks)
+    e.scheduler.blocks.audit([b])
+    while e.scheduler.has_work():
+        e.step()
+    assert [a.output_token_ids, b.output_token_ids] == want and a.num_swaps == 1
+    e.scheduler.blocks.audit([])
