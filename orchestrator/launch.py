@@ -146,7 +146,7 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
     bundle = get_policy(cfg.policy)
     controller = Controller(
         loop.topology, cfg.model_name or store.path.resolve().name, Tokenizer(store.tokenizer_dir),
-        store.config.max_position_embeddings, cfg.max_queued_requests, make_dispatch_policy(cfg.dispatch),
+        store.config.max_position_embeddings, cfg.max_queued_requests, make_dispatch_policy(cfg.dispatch, cfg.page_size),
         send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=store.splits,
         num_layers=store.config.num_hidden_layers, reshape_policy=make_reshape_policy(bundle.reshape, mem, cfg.monitor),
         migration_policy=MIGRATION.make(bundle.migration, cfg.migration) if bundle.migration else None,

@@ -248,7 +248,7 @@ class Controller:
         if not loads:
             self._deferred.append(req)  # every instance is reshaping: dispatch it right after
             return
-        instance = self._policy.choose(loads)
+        instance = self._policy.choose(loads, req.prompt_token_ids)
         self.requests.move([req.request_id], instance)
         self._send(instance, AddRequest(req.request_id, req.prompt_token_ids, req.sampling, self.max_model_len))
 
@@ -258,7 +258,7 @@ class Controller:
             stats = self._stats.get(instance)
         return InstanceLoad(instance, len(ranks), stats.free_fraction if stats else 1.0,
                             stats.waiting if stats else 0, stats.running if stats else 0,
-                            self.requests.outstanding(instance))
+                            self.requests.outstanding(instance), stats.capacity_tokens if stats else 0)
 
     def _abort(self, request_id: str) -> None:
         instance = self.requests.instance_of(request_id)

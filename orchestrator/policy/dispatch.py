@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestrator.policy.registry import Registry
+
+DEFAULT_BLOCK_TOKENS = 16
+"""Tokens per block a prefix-aware policy hashes (the KV page size when the cluster says)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class InstanceLoad:
     running: int
     outstanding: int
     """Requests the controller sent there that have not finished (never stale)."""
+    capacity_tokens: int = 0
+    """Tokens its KV pool holds (0: not reported yet)."""
 
 
 class DispatchPolicy(ABC):
@@ -32,9 +39,13 @@ class DispatchPolicy(ABC):
 
     name: str
 
+    def __init__(self, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+        self.block_tokens = block_tokens
+        """The KV page size: what a prefix-aware policy hashes prompts by."""
+
     @abstractmethod
-    def choose(self, loads: list[InstanceLoad]) -> int:
-        """Return the chosen instance id; ``loads`` is never empty."""
+    def choose(self, loads: list[InstanceLoad], prompt_token_ids: Sequence[int] = ()) -> int:
+        """Return the chosen instance id for a request with this prompt; ``loads`` is never empty."""
 
 
 DISPATCH: Registry[DispatchPolicy] = Registry("dispatch policy")
@@ -45,8 +56,8 @@ def dispatch_policies() -> list[str]:
     return DISPATCH.names()
 
 
-def make_dispatch_policy(name: str) -> DispatchPolicy:
-    return DISPATCH.make(name)
+def make_dispatch_policy(name: str, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> DispatchPolicy:
+    return DISPATCH.make(name, block_tokens)
 
 
 @register
@@ -55,10 +66,11 @@ class RoundRobin(DispatchPolicy):
 
     name = "round_robin"
 
-    def __init__(self) -> None:
+    def __init__(self, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+        super().__init__(block_tokens)
         self._counter = itertools.count()
 
-    def choose(self, loads: list[InstanceLoad]) -> int:
+    def choose(self, loads: list[InstanceLoad], prompt_token_ids: Sequence[int] = ()) -> int:
         return loads[next(self._counter) % len(loads)].instance
 
 
@@ -71,6 +83,68 @@ class LeastLoaded(DispatchPolicy):
 
     name = "least_loaded"
 
-    def choose(self, loads: list[InstanceLoad]) -> int:
+    def choose(self, loads: list[InstanceLoad], prompt_token_ids: Sequence[int] = ()) -> int:
         best = min(loads, key=lambda x: (x.outstanding / x.num_ranks, -x.free_fraction, x.instance))
         return best.instance
+
+
+@register
+class PrefixAware(DispatchPolicy):
+    """The instance with the least work for this request: the prompt blocks it would still
+    have to prefill plus the blocks of the requests it already serves, per rank.
+
+    ``cost(i) = (B - hit(i)) + outstanding(i) * mean_B / ranks(i)``, with ``B`` the
+    request's full prompt blocks, ``hit(i)`` the longest run of them instance i is believed
+    to hold, and ``mean_B`` the mean blocks of the requests routed so far. It is Dynamo's
+    router score (prefill blocks to compute plus active blocks), with the active blocks
+    taken from the controller's outstanding count, which is never stale, rather than from
+    the leaders' reports, which lag by a report period and would send a burst of requests
+    with one prefix all to one instance. ``hit(i)`` comes from an index of the blocks
+    routed to each instance, kept in LRU order and bounded by the instance's KV capacity,
+    as llm-d's prefix scorer does: an estimate, since the instance may have evicted them.
+    Ties go to the least loaded.
+    """
+
+    name = "prefix_aware"
+
+    def __init__(self, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+        super().__init__(block_tokens)
+        self._index: dict[int, OrderedDict[int, None]] = {}
+        self._blocks_routed = 0
+        self._requests_routed = 0
+
+    def choose(self, loads: list[InstanceLoad], prompt_token_ids: Sequence[int] = ()) -> int:
+        hashes = self._hashes(prompt_token_ids)
+        mean = self._blocks_routed / self._requests_routed if self._requests_routed else len(hashes)
+        def cost(x: InstanceLoad) -> tuple[float, float, float, int]:
+            hit = self._hit(x.instance, hashes)
+            return (len(hashes) - hit + x.outstanding * mean / x.num_ranks, x.outstanding / x.num_ranks,
+                    -x.free_fraction, x.instance)
+        best = min(loads, key=cost)
+        self._remember(best, hashes)
+        return best.instance
+
+    def _hashes(self, tokens: Sequence[int]) -> list[int]:
+        n, out, parent = self.block_tokens, [], 0
+        for i in range(len(tokens) // n):
+            parent = hash((parent, tuple(tokens[i * n:(i + 1) * n])))
+            out.append(parent)
+        return out
+
+    def _hit(self, instance: int, hashes: list[int]) -> int:
+        index = self._index.get(instance, {})
+        hit = 0
+        while hit < len(hashes) and hashes[hit] in index:
+            hit += 1
+        return hit
+
+    def _remember(self, load: InstanceLoad, hashes: list[int]) -> None:
+        index = self._index.setdefault(load.instance, OrderedDict())
+        for h in hashes:
+            index[h] = None
+            index.move_to_end(h)
+        limit = load.capacity_tokens // self.block_tokens
+        while limit and len(index) > limit:
+            index.popitem(last=False)
+        self._blocks_routed += len(hashes)
+        self._requests_routed += 1
