@@ -1,0 +1,178 @@
+"""Prefix caching on a multi-turn chat workload: caching off, on, and on with prefix-aware
+dispatch, side by side in one run.
+
+    python -m perf.bench_prefix --out runs/prefix [--store stores/smollm2] [--ranks 4]
+
+The workload (synthetic, seeded): ``--sessions`` conversations share one system prompt;
+each has ``--turns`` turns, and turn t's prompt is turn t-1's prompt, its answer and a new
+user message (token ids, so a turn's prefix is exactly the previous turn's tokens).
+Sessions start staggered and wait ``--think-s`` between turns (a closed loop: a turn is
+sent when the previous answer is in). Every configuration replays the same sessions on
+a fresh cluster (``--policy vllm``, replicas only).
+
+Reported per configuration: TTFT P50/P99 (client-side, streamed), the prompt tokens the
+cluster prefilled (prompt tokens less the cached ones it reported in
+``usage.prompt_tokens_details``), and the hit rate against the ideal: the tokens of each
+prompt that some earlier request's tokens already held, in whole pages and short of the
+prompt's last token (what a cache that never evicts and always routes right would hit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from perf.cluster_client import ServingCluster
+from perf.mpi_launch import REPO_ROOT
+
+
+@dataclass(frozen=True)
+class Workload:
+    sessions: int = 8
+    turns: int = 4
+    system_tokens: int = 384
+    user_tokens: int = 32
+    answer_tokens: int = 24
+    think_s: float = 1.0
+    stagger_s: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class Turn:
+    session: int
+    turn: int
+    prompt: list[int]
+    output: list[int] = field(default_factory=list)
+    cached: int = 0
+    ttft_s: float = 0.0
+
+
+CONFIGS = (("caching off, least_loaded", (), "least_loaded"),
+           ("caching on, least_loaded", ("--enable-prefix-caching",), "least_loaded"),
+           ("caching on, prefix_aware", ("--enable-prefix-caching",), "prefix_aware"))
+
+
+def token_text(rng: random.Random, n: int, vocab: int) -> list[int]:
+    """``n`` token ids away from the special ones at the start of the vocabulary."""
+    return [rng.randrange(256, vocab) for _ in range(n)]
+
+
+async def run_session(session: aiohttp.ClientSession, url: str, w: Workload, s: int, system: list[int],
+                      vocab: int, turns: list[Turn]) -> None:
+    rng = random.Random(w.seed * 1000 + s)
+    await asyncio.sleep(s * w.stagger_s)
+    history: list[int] = list(system)
+    for t in range(w.turns):
+        turn = Turn(s, t, history + token_text(rng, w.user_tokens, vocab))
+        await complete(session, url, turn, w.answer_tokens)
+        turns.append(turn)
+        history = turn.prompt + turn.output
+        await asyncio.sleep(w.think_s)  # the user reads and types: simulated think time, no compute stands in
+
+
+async def complete(session: aiohttp.ClientSession, url: str, turn: Turn, max_tokens: int) -> None:
+    body = {"prompt": turn.prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"session {turn.session} turn {turn.turn}: {r.status} {await r.text()}")
+        async for line in r.content:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk["choices"]:
+                if choice["token_ids"] and not turn.output:
+                    turn.ttft_s = time.perf_counter() - t0
+                turn.output.extend(choice["token_ids"])
+            if chunk.get("usage"):
+                turn.cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+
+
+def ideal_hits(turns: list[Turn], page: int) -> int:
+    """Tokens each prompt shares with an earlier request's tokens, in whole pages, short of its last."""
+    total, seen = 0, []
+    for t in sorted(turns, key=lambda x: (x.turn, x.session)):  # a turn's predecessors come before it
+        best = 0
+        for prev in seen:
+            n = 0
+            while n < min(len(prev), len(t.prompt)) and prev[n] == t.prompt[n]:
+                n += 1
+            best = max(best, n)
+        total += min(best, len(t.prompt) - 1) // page * page
+        seen.append(t.prompt + t.output)
+    return total
+
+
+def replay(store: Path, ranks: int, w: Workload, args: tuple[str, ...], dispatch: str, page: int,
+           device_memory: str) -> list[Turn]:
+    from engines.store import EngineStore
+
+    vocab = EngineStore(store).config.vocab_size
+    system = token_text(random.Random(w.seed), w.system_tokens, vocab)
+    with ServingCluster(ranks, store, "--dispatch", dispatch, "--page-size", str(page), *args,
+                        device_memory=device_memory) as cluster:
+        turns: list[Turn] = []
+
+        async def go():
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+                await asyncio.gather(*(run_session(s, cluster.url, w, i, system, vocab, turns)
+                                       for i in range(w.sessions)))
+        asyncio.run(go())
+    return turns
+
+
+def summarize(name: str, turns: list[Turn], page: int) -> dict:
+    ttft = sorted(t.ttft_s * 1e3 for t in turns)
+    prompt = sum(len(t.prompt) for t in turns)
+    cached = sum(t.cached for t in turns)
+    ideal = ideal_hits(turns, page)
+    return {"config": name, "requests": len(turns), "ttft_p50_ms": statistics.median(ttft),
+            "ttft_p99_ms": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], "prompt_tokens": prompt,
+            "prefilled_tokens": prompt - cached, "hit_rate": cached / prompt, "ideal_hit_rate": ideal / prompt}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m perf.bench_prefix", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--store", type=Path, default=REPO_ROOT / "stores" / "smollm2")
+    p.add_argument("--ranks", type=int, default=4, help="replicas (one rank each)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--device-memory", default="1GiB", help="per rank: enough that nothing is evicted")
+    for f in Workload.__dataclass_fields__.values():
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    args = p.parse_args(argv)
+    w = Workload(**{k: getattr(args, k) for k in Workload.__dataclass_fields__})
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, raw = [], {}
+    for name, extra, dispatch in CONFIGS:
+        turns = replay(args.store, args.ranks, w, extra, dispatch, args.page_size, args.device_memory)
+        rows.append(summarize(name, turns, args.page_size))
+        raw[name] = [asdict(t) | {"prompt": len(t.prompt), "output": len(t.output)} for t in turns]
+        print(f"{name}: {rows[-1]}", flush=True)
+    base = rows[0]
+    lines = [f"{w}, {args.ranks} replicas, page {args.page_size}, store {args.store.name}", "",
+             "| config | TTFT P50 (ms) | TTFT P99 (ms) | prefilled tokens | hit rate | ideal | P50 vs off | P99 vs off |",
+             "|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['prefilled_tokens']} "
+                     f"| {r['hit_rate']:.1%} | {r['ideal_hit_rate']:.1%} | {r['ttft_p50_ms'] / base['ttft_p50_ms']:.2f}x "
+                     f"| {r['ttft_p99_ms'] / base['ttft_p99_ms']:.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    (args.out / "summary.md").write_text(text + "\n")
+    (args.out / "summary.json").write_text(json.dumps({"workload": asdict(w), "rows": rows, "turns": raw}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
