@@ -171,7 +171,11 @@ def _with_embedding_bias(body: Any, backend: IngressBackend) -> Any:
         return body
     body = dict(body)
     bias: dict[str, float] = {}
-    for word, weight in body.pop("embedding_bias"):
+    pairs = body.pop("embedding_bias")
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                              and isinstance(p[1], (int, float)) for p in pairs):
+        raise ApiError(400, "embedding_bias must be a list of [word, weight] pairs")
+    for word, weight in pairs:
         for token in backend.tokenizer.encode(word, add_special_tokens=False):
             bias[str(token)] = bias.get(str(token), 0.0) + float(weight)
     body["logit_bias"] = {**body.get("logit_bias", {}), **bias}

@@ -88,6 +88,8 @@ def test_frames_carry_the_same_answer_as_the_http_route(relay_server, client, ba
     ({"prompt": "", "max_tokens": 2}, 400, "prompt"),
     ({"prompt": "a" * 200, "max_tokens": 2}, 400, "context"),
     ("not an object", 400, "must be a JSON object"),
+    ({"prompt": "abc", "max_tokens": 2, "embedding_bias": [["a"]]}, 400, "embedding_bias must be a list"),
+    ({"prompt": "abc", "max_tokens": 2, "n": 2}, 400, "one prompt and one choice per Triton request"),
 ])
 def test_a_bad_body_gets_one_error_frame_and_the_connection_keeps_serving(client, body, status, message):
     frames = Frames()
@@ -195,3 +197,12 @@ def test_a_stale_socket_is_replaced_but_a_live_one_or_a_file_is_refused(backend,
     plain.write_text("x")
     with pytest.raises(OSError, match="is not a socket"):
         IngressServer(backend, port=0, relay_socket=plain).start()
+
+
+def test_embedding_bias_becomes_a_logit_bias_on_each_of_the_words_tokens(client, backend):
+    frames = Frames()
+    client.submit({"prompt": "abc", "max_tokens": 8, "embedding_bias": [["ab", 2.5], ["b", 1.0]]}, frames)
+    frames.wait()
+    bias = dict(backend.submitted[-1].sampling.logit_bias)
+    a, b = backend.tokenizer.encode("ab", add_special_tokens=False)
+    assert bias == {a: 2.5, b: 3.5}
