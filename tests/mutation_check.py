@@ -97,6 +97,11 @@ MUTATIONS = [
              (("    decode_mask = torch.zeros(valid.shape, dtype=dtype, device=device)",
                "    decode_mask = torch.zeros(valid.shape, device=device)"),),  # the line goes on: no comment
              ("tests/engines/test_attention_dtypes.py",)),
+    Mutation("logprobs-lost-in-export", "a request handed to another leader leaves its unreported log-probabilities behind",
+             "orchestrator/cluster/instance.py",
+             (("                               req.num_migrations + migrated, logprobs=req.logprobs)",
+               "                               req.num_migrations + migrated)  # MUTATION"),),
+             ("tests/orchestrator/cluster/test_logprobs_across_drop.py",)),
     Mutation("shared-page-freed", "a request's cached (shared) pages go back to the free list when it ends",
              "orchestrator/core/block_manager.py",
              (("                    alloc.free(req.block_table[layer][shared:])",
