@@ -30,10 +30,15 @@ async def burst(url: str):
         return await asyncio.gather(*(complete(s, url, b) for b in bodies))
 
 
-@pytest.mark.parametrize("policy", ["vllm", "swap", "oracle"])
-def test_burst_tokens_match_and_the_mechanism_acted(wide, policy):
+@pytest.mark.parametrize("policy,caching", [("vllm", False), ("swap", False), ("oracle", False),
+                                            ("vllm", True), ("swap", True)])
+def test_burst_tokens_match_and_the_mechanism_acted(wide, policy, caching):
+    """With prefix caching too: recompute preemption and swap of requests whose pages may
+    be shared give the same tokens, and no page is left in use."""
     store, expected = wide
-    with ServingCluster(2, store, "--policy", policy, "--dispatch", "round_robin", device_memory="112MiB") as c:
+    extra = ("--enable-prefix-caching",) if caching else ()
+    with ServingCluster(2, store, "--policy", policy, "--dispatch", "round_robin", *extra,
+                        device_memory="112MiB") as c:
         plan = c.plan()
         assert (plan["policy"], plan["reshape_policy"], plan["groups"]) == (policy, "never", []), plan
         results = run(burst(c.url))
@@ -43,6 +48,8 @@ def test_burst_tokens_match_and_the_mechanism_acted(wide, policy):
         assert all(r["kv_pages_used"] == 0 for r in state["ranks"]), state["ranks"]
     # every request's final chunk carries its own count; together they are the cluster's
     assert sum(r.num_preemptions for r in results) == counters.get("preemptions", 0)
+    if caching and policy == "vllm":  # a recomputed request found its own prefix in the cache
+        assert counters.get("prefix_cache_hits", 0) > 0, counters
     if policy == "vllm":
         assert counters.get("preemptions", 0) > 0 and counters.get("swaps", 0) == 0, counters
     elif policy == "swap":
@@ -57,23 +64,31 @@ SKEWED_PROMPTS = [f"skew {i}: " + ("tokens of context " * 10 if i % 2 == 0 else 
 SKEWED_MAX = [80 if i % 2 == 0 else 4 for i in range(14)]
 
 
-def test_llumnix_migrates_running_requests_and_keeps_their_tokens(wide):
+@pytest.mark.parametrize("caching", [False, True])
+def test_llumnix_migrates_running_requests_and_keeps_their_tokens(wide, caching):
+    """With prefix caching, the prompts share a prefix, so migrated requests leave shared
+    pages behind (their source keeps them cached) and arrive with pages of their own."""
     store, _ = wide
-    expected = reference_completions(store, SKEWED_PROMPTS, SKEWED_MAX)
+    prompts = [("A shared opening for every request. " if caching else "") + p for p in SKEWED_PROMPTS]
+    expected = reference_completions(store, prompts, SKEWED_MAX)
 
     async def skewed(url):
         async with aiohttp.ClientSession() as s:
             bodies = [{"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True}
-                      for p, n in zip(SKEWED_PROMPTS, SKEWED_MAX)]
+                      for p, n in zip(prompts, SKEWED_MAX)]
             return await asyncio.gather(*(complete(s, url, b) for b in bodies))
 
-    with ServingCluster(2, store, "--policy", "llumnix", "--dispatch", "round_robin", device_memory="112MiB") as c:
+    extra = ("--enable-prefix-caching",) if caching else ()
+    with ServingCluster(2, store, "--policy", "llumnix", "--dispatch", "round_robin", *extra,
+                        device_memory="112MiB") as c:
         assert (c.plan()["policy"], c.plan()["reshape_policy"]) == ("llumnix", "never")
         results = run(skewed(c.url))
         assert [r.token_ids for r in results] == expected
         state = c.wait_all_free(timeout=10)
         assert all(r["kv_pages_used"] == 0 for r in state["ranks"]), state["ranks"]
     migrations = [e for e in state["events"] if e["event"] == "migration"]
+    if caching:  # the shared opening was served from the cache
+        assert state["counters"].get("prefix_cache_hits", 0) > 0, state["counters"]
     assert state["counters"].get("migrations", 0) == len(migrations) > 0, state["counters"]
     assert sum(r.num_migrations for r in results) == len(migrations)  # per request, as the final chunk says
     assert all(e["ranks"] == [0, 1] and e["bytes"] > 0 for e in migrations), migrations
