@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
@@ -45,6 +46,7 @@ from perf.bench_records import (ClusterEvent, RequestRecord, SecondSample, write
 from perf.bench_stats import SLO, compare, markdown_table, summarize, write_summary_json
 from perf.traces import (PromptSynthesizer, Trace, busiest_window, load_trace, repeat_window, scale_lengths,
                          time_scale, upscale, window)
+from perf.traces.loaders import MOONCAKE_BLOCK_TOKENS
 from perf.triton_client import GenerateRequest, GenerateResult, TritonCluster, stream_generate
 
 MODEL = "kunserve"
@@ -105,8 +107,16 @@ def build_requests(p: BenchPreset, tokenizer: Any) -> list[RequestSpec]:
     for i, r in enumerate(requests):
         n_in = max(r.input_len, synth.min_tokens)
         n_out = r.output_len if p.context_len is None else max(1, min(r.output_len, p.context_len - n_in))
-        specs.append(RequestSpec(f"r{i:05d}", r.arrival_s, n_in, n_out, synth.prompt(n_in, i), r.source_row))
+        prompt = (synth.prompt_blocks(r.block_hashes, n_in, _block_tokens(p)) if r.block_hashes
+                  else synth.prompt(n_in, i))
+        specs.append(RequestSpec(f"r{i:05d}", r.arrival_s, n_in, n_out, prompt, r.source_row))
     return specs
+
+
+def _block_tokens(p: BenchPreset) -> int:
+    """Tokens of one Mooncake ``hash_ids`` block after ``--input-scale`` (rounded up, so the
+    blocks still cover a scaled prompt)."""
+    return max(1, math.ceil(MOONCAKE_BLOCK_TOKENS * p.input_scale))
 
 
 def write_requests_jsonl(path: Path, specs: list[RequestSpec]) -> None:

@@ -27,7 +27,9 @@ BURSTGPT_COLUMNS = ("Timestamp", "Model", "Request tokens", "Response tokens")
 MOONCAKE_KEYS = ("timestamp", "input_length", "output_length")
 
 # (arrival in the file's own clock, input_len, output_len, line number)
-_Row = tuple[float, int, int, int]
+_Row = tuple  # (seconds, input tokens, output tokens, line[, block hashes])
+MOONCAKE_BLOCK_TOKENS = 512
+"""Tokens per ``hash_ids`` block in the Mooncake traces."""
 
 
 def load_azure(path: PathLike) -> Trace:
@@ -114,7 +116,7 @@ def _build_trace(path: PathLike, name: str, rows: list[_Row]) -> Trace:
     if not rows:
         raise TraceFormatError(path, "the trace has no requests")
     t0 = min(r[0] for r in rows)
-    return Trace([TraceRequest(t - t0, i, o, line) for t, i, o, line in rows], name=name)
+    return Trace([TraceRequest(t - t0, i, o, line, *rest) for t, i, o, line, *rest in rows], name=name)
 
 
 def _csv_records(path: PathLike, required: tuple[str, ...]) -> Iterator[tuple[int, list[str]]]:
@@ -209,7 +211,14 @@ def _mooncake_row(path: PathLike, line: int, text: str) -> _Row:
     input_len = _json_count(path, line, "input_length", obj["input_length"])
     if input_len == 0:
         raise _no_prompt(path, line, "input_length")
-    return stamp / 1000.0, input_len, _json_count(path, line, "output_length", obj["output_length"]), line
+    hashes = obj.get("hash_ids", [])
+    if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hashes):
+        raise TraceFormatError(path, f"hash_ids is not a list of integers: {hashes!r}", line)
+    if hashes and not (len(hashes) - 1) * MOONCAKE_BLOCK_TOKENS < input_len <= len(hashes) * MOONCAKE_BLOCK_TOKENS:
+        raise TraceFormatError(path, f"{len(hashes)} hash_ids of {MOONCAKE_BLOCK_TOKENS} tokens do not cover "
+                                     f"input_length {input_len}", line)
+    output = _json_count(path, line, "output_length", obj["output_length"])
+    return stamp / 1000.0, input_len, output, line, tuple(hashes)
 
 
 def _json_count(path: PathLike, line: int, key: str, value: Any) -> int:

@@ -33,6 +33,9 @@ class TraceRequest:
     input_len: int
     output_len: int
     source_row: int | None = None
+    block_hashes: tuple[int, ...] = ()
+    """Mooncake's ``hash_ids``: each names one block of the prompt (``MOONCAKE_BLOCK_TOKENS``
+    tokens in the trace; the last may be partial), equal ids meaning identical blocks."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.arrival_s) and self.arrival_s >= 0):

@@ -68,6 +68,25 @@ class PromptSynthesizer:
         words = (self._index_words(index) + self._draw(rng, body))[:body]
         return self._fit(words, n_tokens, rng)
 
+    def prompt_blocks(self, block_hashes: tuple[int, ...], n_tokens: int, block_tokens: int) -> str:
+        """A text of exactly ``n_tokens`` tokens made of one ``block_tokens``-word block per
+        hash (the last cut short): equal hashes give identical blocks, so requests that share
+        leading hashes share that token prefix, as Mooncake's ``hash_ids`` mean. Words are
+        single space-led tokens, so blocks tokenize the same wherever they stand."""
+        if n_tokens < self.min_tokens:
+            raise ValueError(f"n_tokens={n_tokens} is impossible: a non-empty prompt has at least "
+                             f"{self.min_tokens} tokens with this tokenizer")
+        body = n_tokens - self.overhead
+        if len(block_hashes) * block_tokens < body:
+            raise ValueError(f"{len(block_hashes)} blocks of {block_tokens} tokens cannot make {body}")
+        words = [w for h in block_hashes for w in self._draw(random.Random(f"{self.seed}/block/{h}"), block_tokens)]
+        text = "".join(words[:body])
+        got = len(self._tok.encode(text, add_special_tokens=True))
+        if got != n_tokens:
+            raise ValueError(f"a block prompt encoded to {got} tokens, not {n_tokens}: this tokenizer merges "
+                             "across words")
+        return text
+
     def _index_words(self, index: int) -> list[str]:
         # Least significant digit first, so that consecutive indices differ at the first word.
         base = len(self._alphabet)

@@ -181,6 +181,9 @@ def test_bad_burstgpt_row(tmp_path, bad_row, reason):
     ('{"timestamp": 5, "input_length": "3", "output_length": 3}', "input_length is not an integer: '3'"),
     ('{"timestamp": "x", "input_length": 3, "output_length": 3}', "timestamp is not a number"),
     ('[1, 2]', "expected a JSON object, got list"),
+    ('{"timestamp": 5, "input_length": 600, "output_length": 3, "hash_ids": [7]}',
+     "1 hash_ids of 512 tokens do not cover input_length 600"),
+    ('{"timestamp": 5, "input_length": 3, "output_length": 3, "hash_ids": ["a"]}', "hash_ids is not a list"),
 ])
 def test_bad_mooncake_line(tmp_path, bad_line, reason):
     good = '{"timestamp": 0, "input_length": 3, "output_length": 3}'
@@ -416,3 +419,22 @@ def test_smollm2_prompts_are_made_quickly(smollm2_store):
     start = time.perf_counter()
     check_exact(tok, synth, sizes)
     assert time.perf_counter() - start < 5
+
+
+def test_mooncake_hash_ids_are_kept_through_the_transforms(tmp_path):
+    trace = load_mooncake(mooncake_file(tmp_path))
+    assert [r.block_hashes for r in trace.requests] == [(2,), (0, 1), ()]
+    scaled = scale_lengths(time_scale(trace, 2.0), 0.5, 1.0, 10_000, 10_000, None)
+    assert [r.block_hashes for r in scaled.requests] == [(2,), (0, 1), ()]
+
+
+def test_block_prompts_share_exactly_the_blocks_their_hashes_share(tiny_tokenizer):
+    synth = PromptSynthesizer(tiny_tokenizer, seed=0)
+    a = tiny_tokenizer.encode(synth.prompt_blocks((5, 6, 7), 21, 8))
+    b = tiny_tokenizer.encode(synth.prompt_blocks((5, 6, 9), 23, 8))
+    c = tiny_tokenizer.encode(synth.prompt_blocks((4, 6, 7), 21, 8))
+    assert len(a) == 21 and len(b) == 23  # exact, BOS included
+    assert a[:17] == b[:17] and a[17:21] != b[17:21]  # BOS + two shared blocks, then the third differs
+    assert a[1:9] != c[1:9] and a[9:17] == c[9:17]  # same block, other position: same tokens (no prefix)
+    with pytest.raises(ValueError, match="cannot make"):
+        synth.prompt_blocks((1,), 20, 8)
