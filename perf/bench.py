@@ -74,6 +74,8 @@ class RequestSpec:
     """``max_tokens`` asked for; generation may stop earlier at end-of-sequence."""
     prompt: str
     source_row: int | None = None
+    block_hashes: tuple[int, ...] = ()
+    """The trace's ``hash_ids`` (Mooncake): which prompt blocks it shares with other requests."""
 
 
 def select_trace(p: BenchPreset) -> Trace:
@@ -109,7 +111,7 @@ def build_requests(p: BenchPreset, tokenizer: Any) -> list[RequestSpec]:
         n_out = r.output_len if p.context_len is None else max(1, min(r.output_len, p.context_len - n_in))
         prompt = (synth.prompt_blocks(r.block_hashes, n_in, _block_tokens(p)) if r.block_hashes
                   else synth.prompt(n_in, i))
-        specs.append(RequestSpec(f"r{i:05d}", r.arrival_s, n_in, n_out, prompt, r.source_row))
+        specs.append(RequestSpec(f"r{i:05d}", r.arrival_s, n_in, n_out, prompt, r.source_row, r.block_hashes))
     return specs
 
 
@@ -117,6 +119,23 @@ def _block_tokens(p: BenchPreset) -> int:
     """Tokens of one Mooncake ``hash_ids`` block after ``--input-scale`` (rounded up, so the
     blocks still cover a scaled prompt)."""
     return max(1, math.ceil(MOONCAKE_BLOCK_TOKENS * p.input_scale))
+
+
+def ideal_hit_rate(specs: list[RequestSpec], block_tokens: int) -> float | None:
+    """The share of prompt tokens a cache that never evicts could serve: each prompt's
+    leading blocks that an earlier request began with too (short of its last token), from
+    the trace's hash ids; None when the trace has none."""
+    if not any(s.block_hashes for s in specs):
+        return None
+    seen: set[tuple[int, ...]] = set()
+    hits = 0
+    for s in sorted(specs, key=lambda x: x.arrival_s):
+        shared = 0
+        while shared < len(s.block_hashes) and s.block_hashes[:shared + 1] in seen:
+            shared += 1
+        hits += min(shared * block_tokens, s.input_len - 1)
+        seen.update(s.block_hashes[:k] for k in range(1, len(s.block_hashes) + 1))
+    return hits / sum(s.input_len for s in specs)
 
 
 def write_requests_jsonl(path: Path, specs: list[RequestSpec]) -> None:
@@ -129,7 +148,8 @@ def write_requests_jsonl(path: Path, specs: list[RequestSpec]) -> None:
 def read_requests_jsonl(path: Path) -> list[RequestSpec]:
     """The requests written by :func:`write_requests_jsonl`."""
     with open(path, encoding="utf-8") as f:
-        return [RequestSpec(**json.loads(line)) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [RequestSpec(**{**r, "block_hashes": tuple(r.get("block_hashes", ()))}) for r in rows]
 
 
 def describe_stream(specs: list[RequestSpec]) -> str:
@@ -439,18 +459,22 @@ def _settings_lines(p: BenchPreset, specs: list[RequestSpec]) -> list[str]:
         f"durations are each policy's makespan (run start to last answer)",
         "- failed requests count as infinite TTFT and E2E in the percentiles and the P99 ratios "
         "(`failed` in the table when a percentile falls on them); TPOT is over successful requests",
-    ]
+    ] + ([f"- prefix sharing: the trace's hash ids allow {ideal:.1%} of the prompt tokens to be prefix-cache "
+          f"hits (the ideal the Prefix hits column is held against)"]
+         if (ideal := ideal_hit_rate(specs, _block_tokens(p))) is not None else [])
 
 
 def _runs_table(runs: list[PolicyRun]) -> list[str]:
     fmt = (lambda v: "-" if v is None else f"{v:.1f}")
-    lines = ["| Policy | Status | Start (s) | Replay (s) | Stop (s) | Request errors | Drops | Restores |",
-             "|:---|:---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| Policy | Status | Start (s) | Replay (s) | Stop (s) | Request errors | Drops | Restores | Prefix hits |",
+             "|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         status = "ok" if r.ok else f"failed: {r.error}"
+        queries = r.counters.get("prefix_cache_queries")  # present only with --enable-prefix-caching
+        hits = "-" if not queries else f"{r.counters.get('prefix_cache_hits', 0) / queries:.1%}"
         lines.append(f"| {r.policy} | {status} | {fmt(r.startup_s)} | {fmt(r.replay_s)} | {fmt(r.stop_s)} | "
                      f"{sum(x.error is not None for x in r.records)} | {int(r.counters.get('drops', 0))} | "
-                     f"{int(r.counters.get('restores', 0))} |")
+                     f"{int(r.counters.get('restores', 0))} | {hits} |")
     return lines
 
 

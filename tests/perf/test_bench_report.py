@@ -270,3 +270,16 @@ def test_auto_bucket_is_round():
     records = [rec(rid=str(k), arrival=float(k), first=k + 0.001 * k, finish=k + 1.0) for k in range(10)]
     mids, p99 = p99_ttft_series(records, bucket_s=5.0)
     assert mids == [2.5, 7.5] and p99 == pytest.approx([3.96, 8.96])
+
+
+def test_the_ideal_prefix_hit_rate_follows_the_traces_hash_ids():
+    from perf.bench import RequestSpec, ideal_hit_rate
+
+    def spec(t, n, hashes):
+        return RequestSpec(f"r{t}", float(t), n, 1, "p", None, hashes)
+
+    specs = [spec(0, 20, (1, 2)), spec(1, 30, (1, 2, 3)), spec(2, 10, (4,)), spec(3, 15, (1, 5)), spec(4, 9, (1, 2))]
+    # r1 shares blocks 1,2 (16 tokens); r3 shares block 1 (8); r4 shares 1,2 but only 8 tokens of its 9 are
+    # servable (its last token is computed); r0 and r2 share nothing.
+    assert ideal_hit_rate(specs, 8) == (16 + 8 + 8) / (20 + 30 + 10 + 15 + 9)
+    assert ideal_hit_rate([spec(0, 5, ())], 8) is None
