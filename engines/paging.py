@@ -67,3 +67,23 @@ class PageAllocator:
 
     def num_free_below(self, limit: int) -> int:
         return sum(1 for p in self._free if p < limit)
+
+
+ROOT_HASH = 0
+"""The parent hash of a sequence's first block."""
+
+
+def block_hash(parent: int, tokens: tuple[int, ...]) -> int:
+    """The chained hash of one page-sized block of tokens: equal only if the parent's hash
+    and the tokens are (modulo collisions, which a cache rules out by comparing tokens)."""
+    return hash((parent, tokens))
+
+
+def block_hashes(token_ids, page_size: int, num_blocks: int | None = None) -> list[int]:
+    """The chained hashes of the first ``num_blocks`` (default: all) full blocks of ``token_ids``."""
+    n = len(token_ids) // page_size if num_blocks is None else num_blocks
+    out, parent = [], ROOT_HASH
+    for i in range(n):
+        parent = block_hash(parent, tuple(token_ids[i * page_size:(i + 1) * page_size]))
+        out.append(parent)
+    return out

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from perf.hf_reference import greedy_with_logits
 from perf.mpi_launch import REPO_ROOT
 
 GPU_TESTS = ("tests/engines/test_cuda_numerics.py", "tests/engines/test_vmm.py", "tests/engines/test_rank_engine_remap.py",
@@ -99,21 +100,6 @@ def gpu_tests(out: Path) -> list[Row]:
 
 
 # ----------------------------------------------------------------------------- 2. numerics
-
-def greedy_with_logits(engine, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    from engines.sampling import SamplingParams
-
-    req = engine.make_request(ids, SamplingParams(max_tokens=n, ignore_eos=True))
-    engine.add_request(req)
-    logits = []
-    while engine.scheduler.has_work():
-        sched = engine.scheduler.schedule()
-        res = engine.executor.execute(sched.to_step())
-        if res.logits is not None and len(res.logits):
-            logits.append(res.logits[0].float().cpu())
-        engine.scheduler.update(sched, res)
-    return req.output_token_ids, torch.stack(logits)
-
 
 def numerics(hf_dir: Path, store: Path, device: str) -> list[Row]:
     import transformers

@@ -1,6 +1,7 @@
 """A Hugging Face transformers model with exactly the weights of an engine store's pp1 split.
 
-Benchmarks compare the engine against it on the same weights, whatever the store's source.
+Benchmarks and tests compare the engine against it on the same weights, whatever the
+store's source; ``greedy_with_logits`` is the engine's side of such a comparison.
 """
 
 from __future__ import annotations
@@ -56,3 +57,20 @@ def load_hf_model(store: EngineStore, dtype: torch.dtype = torch.float32):
     if missing or unexpected:
         raise RuntimeError(f"weight mismatch: missing {missing}, unexpected {unexpected}")
     return model.eval()
+
+
+def greedy_with_logits(engine, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy-generate on an ``LLMEngine`` and collect the float32 logits every sampled token
+    was drawn from (``[max_tokens, vocab]``, on the CPU)."""
+    from engines.sampling import SamplingParams
+
+    req = engine.make_request(prompt_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    engine.add_request(req)
+    logits = []
+    while engine.scheduler.has_work():
+        sched = engine.scheduler.schedule()
+        out = engine.executor.execute(sched.to_step())
+        if out.logits is not None and len(out.logits):
+            logits.append(out.logits[0].float().cpu())
+        engine.scheduler.update(sched, out)
+    return req.output_token_ids, torch.stack(logits)

@@ -18,23 +18,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-ROOT_HASH = 0
-"""The parent hash of a request's first block."""
+from engines.paging import ROOT_HASH, block_hash
 
-
-def block_hash(parent: int, tokens: tuple[int, ...]) -> int:
-    """The chained hash of a block: equal only if the parent and the tokens are (modulo
-    collisions, which ``CachedBlock.tokens`` rules out)."""
-    return hash((parent, tokens))
-
-
-def block_hashes(token_ids: list[int], page_size: int, num_blocks: int) -> list[int]:
-    """The chained hashes of the first ``num_blocks`` full blocks of ``token_ids``."""
-    out, parent = [], ROOT_HASH
-    for i in range(num_blocks):
-        parent = block_hash(parent, tuple(token_ids[i * page_size:(i + 1) * page_size]))
-        out.append(parent)
-    return out
+__all__ = ["ROOT_HASH", "CachedBlock", "PrefixCache", "block_hash"]
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engines.paging import block_hashes
 from orchestrator.policy.registry import Registry
 
 DEFAULT_BLOCK_TOKENS = 16
@@ -114,7 +115,7 @@ class PrefixAware(DispatchPolicy):
         self._requests_routed = 0
 
     def choose(self, loads: list[InstanceLoad], prompt_token_ids: Sequence[int] = ()) -> int:
-        hashes = self._hashes(prompt_token_ids)
+        hashes = block_hashes(prompt_token_ids, self.block_tokens)
         mean = self._blocks_routed / self._requests_routed if self._requests_routed else len(hashes)
         def cost(x: InstanceLoad) -> tuple[float, float, float, int]:
             hit = self._hit(x.instance, hashes)
@@ -123,13 +124,6 @@ class PrefixAware(DispatchPolicy):
         best = min(loads, key=cost)
         self._remember(best, hashes)
         return best.instance
-
-    def _hashes(self, tokens: Sequence[int]) -> list[int]:
-        n, out, parent = self.block_tokens, [], 0
-        for i in range(len(tokens) // n):
-            parent = hash((parent, tuple(tokens[i * n:(i + 1) * n])))
-            out.append(parent)
-        return out
 
     def _hit(self, instance: int, hashes: list[int]) -> int:
         index = self._index.get(instance, {})

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from build_scripts.sources.tiny import TinySpec
-from engines.sampling import SamplingParams
 from orchestrator.core.config import EngineConfig
 from orchestrator.core.llm_engine import LLMEngine
+from perf.hf_reference import greedy_with_logits as run_with_logits
 from tests.conftest import build_tiny_store
 from tests.deps import require
 
@@ -22,20 +22,6 @@ SPECS = {
         "original_max_position_embeddings": 64}),
     "qwen2-bias-tied": TinySpec(arch="qwen2", num_layers=5, intermediate_size=96, seed=3),
 }
-
-
-def run_with_logits(engine: LLMEngine, prompt_ids: list[int], max_tokens: int):
-    """Greedy-generate and collect the logits every sampled token was drawn from."""
-    req = engine.make_request(prompt_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    engine.add_request(req)
-    logits = []
-    while engine.scheduler.has_work():
-        sched = engine.scheduler.schedule()
-        out = engine.executor.execute(sched.to_step())
-        if out.logits is not None:
-            logits.append(out.logits[0].cpu())
-        engine.scheduler.update(sched, out)
-    return req.output_token_ids, torch.stack(logits)
 
 
 def hf_greedy(model, prompt_ids: list[int], max_tokens: int):

@@ -8,7 +8,8 @@ import orchestrator.core.prefix_cache as pc
 from engines.mapping import LayerRange
 from engines.sampling import SamplingParams
 from orchestrator.core.block_manager import BlockManager, PoolSpec
-from orchestrator.core.prefix_cache import ROOT_HASH, PrefixCache, block_hashes
+from engines.paging import ROOT_HASH, block_hashes
+from orchestrator.core.prefix_cache import PrefixCache
 from orchestrator.core.request import Request
 
 PS = 4

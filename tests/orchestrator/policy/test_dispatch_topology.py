@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from engines.paging import block_hashes
 from orchestrator.contracts import Topology
 from orchestrator.policy.dispatch import InstanceLoad, dispatch_policies, make_dispatch_policy
 
@@ -82,4 +83,4 @@ def test_prefix_aware_forgets_beyond_an_instances_capacity():
     pa2.choose([load(0, capacity=16), load(1, capacity=16)], list(range(16)))
     pa2.choose([load(0, capacity=16), load(1, capacity=16, outstanding=5)], list(range(100, 116)))
     # instance 0 no longer remembers blocks 0-3, so instance 1 (tie broken by id) is not beaten by a stale hit:
-    assert pa2._hit(0, pa2._hashes(list(range(16)))) == 0
+    assert pa2._hit(0, block_hashes(list(range(16)), 4)) == 0

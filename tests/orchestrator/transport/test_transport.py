@@ -405,7 +405,7 @@ def _poll(handle, timeout: float = 5.0) -> bool:
     while not handle.test():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.001)
+        time.sleep(0.001)  # waiting for the handle's waiter thread, not standing in for a transfer
     return True
 
 
