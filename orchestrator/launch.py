@@ -150,7 +150,7 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
         send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=store.splits,
         num_layers=store.config.num_hidden_layers, reshape_policy=make_reshape_policy(bundle.reshape, mem, cfg.monitor),
         migration_policy=MIGRATION.make(bundle.migration, cfg.migration) if bundle.migration else None,
-        policy_name=bundle.name, prefix_caching=cfg.enable_prefix_caching)
+        policy_name=bundle.name)
     loop.attach_controller(controller)
     ingress = IngressServer(controller, cfg.host, cfg.ingress_port, admin_token=cfg.admin_token,
                             relay_socket=cfg.relay_path(), request_log=cfg.request_log)

@@ -104,10 +104,10 @@ class ServeConfig:
     """The kunserve policy's load monitor (--monitor-*)."""
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     """The llumnix policy's thresholds (--migration-*)."""
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = SchedulerConfig.enable_prefix_caching
     """Share the KV of full pages between requests with a common prefix, in each instance
-    (vLLM's automatic prefix caching). Not yet with --policy kunserve, whose drops and
-    restores move KV between instances; refused there, and /admin/drop is refused while it is on."""
+    (vLLM's automatic prefix caching), under every policy; a drop and a restore carry the
+    shared pages once and keep them shared, and give back cached pages no request uses."""
 
     def relay_path(self) -> Path | None:
         """Where the Triton relay listens, or None when nothing needs it."""
@@ -133,9 +133,6 @@ class ServeConfig:
                              "has none")
         if self.migration != MigrationConfig() and policy.migration is None:
             raise ValueError(f"--migration-* options tune the llumnix policy; --policy {self.policy} never migrates")
-        if self.enable_prefix_caching and policy.reshape != "never":
-            raise ValueError(f"--enable-prefix-caching: not yet with --policy {self.policy}: a drop's KV "
-                             "exchange and a restore do not keep shared pages shared yet")
         if self.swap_space != SchedulerConfig.swap_space_bytes and policy.preemption != "swap":
             raise ValueError(f"--swap-space sizes --policy swap's host memory; --policy {self.policy} does not swap")
         t = self.triton

@@ -203,7 +203,8 @@ def reference_completions(store: Path, prompts: list[str], max_tokens: list[int]
         for p, n in zip(prompts, max_tokens):
             f.write(json.dumps({"prompt": p, "max_tokens": n}) + "\n")
     res = subprocess.run([sys.executable, "-m", "orchestrator", "generate", "--engine-dir", str(store),
-                          "--prompts-file", f.name, "--json", *(["--ignore-eos"] if ignore_eos else [])],
+                          "--prompts-file", f.name, "--json", "--no-enable-prefix-caching",
+                          *(["--ignore-eos"] if ignore_eos else [])],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     os.unlink(f.name)
     assert res.returncode == 0, res.stderr

@@ -68,12 +68,9 @@ class Controller:
                  max_queued: int, policy: DispatchPolicy, send_to_leader: Callable[[int, object], None],
                  start_regroup: Callable[[Topology], None], splits: list[int] | None = None,
                  num_layers: int = 0, reshape_policy: ReshapePolicy | None = None,
-                 migration_policy: MigrationPolicy | None = None, policy_name: str = "vllm",
-                 prefix_caching: bool = False) -> None:
+                 migration_policy: MigrationPolicy | None = None, policy_name: str = "vllm") -> None:
         self.policy_name = policy_name
         """The serving policy (``serve --policy``) this cluster runs."""
-        self.prefix_caching = prefix_caching
-        """Instances share cached KV pages: a drop (which moves KV) is refused."""
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -140,9 +137,6 @@ class Controller:
         self.reshapes.wait(reshape.ranks, wait_s)
 
     def _begin_drop(self, ranks: tuple[int, ...]) -> Reshape:
-        if self.prefix_caching:
-            raise Refused("prefix caching is on (--enable-prefix-caching): a drop's KV exchange does not keep "
-                          "shared pages shared yet")
         with self._lock:
             cannot_grow = {r for r, info in self._ranks.items() if not info.can_grow_kv}
         migrating = self.migrations.busy_ranks() if self.migrations else set()

@@ -19,7 +19,9 @@ from engines.errors import RequestError
 from engines.mapping import LayerRange
 from engines.step import SeqChunk, StepInput, StepOutput
 from orchestrator.core.block_manager import BlockManager, PoolSpec
-from orchestrator.cluster.messages import AddRequest, ExportedRequest, InstanceReport, StageResult, StageStep
+from orchestrator.core.prefix_cache import CachedBlock
+from orchestrator.cluster.messages import (AddRequest, ExportedBlock, ExportedRequest, InstanceReport, StageResult,
+                                           StageStep)
 from engines.rank_engine import RankEngine
 from orchestrator.contracts import InstanceStats, PoolUsage, TokenEvent
 from orchestrator.core.request import Request
@@ -135,7 +137,8 @@ class InstanceDriver:
 
     # Hand-over between instances (drop and restore) -----------------------------------------
     def export_requests(self, home: int) -> list[ExportedRequest]:
-        """Give up every request (pages included) to another leader; nothing may be in flight."""
+        """Give up every request (pages included) to another leader; nothing may be in flight.
+        The cached blocks they share go with them once each (``export_blocks``)."""
         assert not self.inflight, "export with micro-batches in flight"
         out = []
         for req in list(self.requests.values()):
@@ -145,11 +148,26 @@ class InstanceDriver:
         self.sent.clear()
         return out
 
+    def export_blocks(self) -> list[ExportedBlock]:
+        """The cached blocks the exported requests share; the unreferenced ones are given back
+        (a reshaped instance keeps only the KV its requests use)."""
+        self.blocks.drop_unreferenced()
+        return [ExportedBlock(b.hash, b.parent, b.tokens, b.pages) for b in self.blocks.shared_blocks()]
+
+    def adopt_blocks(self, blocks: list[ExportedBlock], pool: int) -> None:
+        """Cache blocks handed over with requests, their pages in stage ``pool``'s pool (taken
+        out of its free list); the requests that share them follow (``adopt``)."""
+        for b in blocks:
+            self.blocks.take(pool, list(b.pages))
+            self.blocks.cache.register(CachedBlock(b.hash, b.parent, b.tokens, tuple(b.pages)))
+
     def adopt(self, er: ExportedRequest, pool: int | None = None, held: bool = False) -> Request:
-        """Take over an exported request. Its pages are taken out of the free list of stage
-        ``pool``'s pool first, or (``pool`` None) are already this instance's. A ``held``
-        request waits, unscheduled, until ``release_held`` (its KV is still moving)."""
-        pages = [p for row in er.block_table for p in row]
+        """Take over an exported request. Its own pages are taken out of the free list of
+        stage ``pool``'s pool first, or (``pool`` None) are already this instance's; the cached
+        blocks it shares must be registered here already. A ``held`` request waits,
+        unscheduled, until ``release_held`` (its KV is still moving)."""
+        shared = len(er.prefix_hashes)
+        pages = [p for row in er.block_table for p in row[shared:]]
         if pool is not None and pages:
             self.blocks.take(pool, pages)
         req = Request(er.request_id, er.prompt_token_ids, er.sampling, er.max_model_len,
@@ -157,6 +175,8 @@ class InstanceDriver:
                       num_computed_tokens=er.num_computed_tokens, block_table=er.block_table,
                       num_preemptions=er.num_preemptions, num_migrations=er.num_migrations,
                       logprobs=er.logprobs)
+        self.blocks.link_prefix(req, er.prefix_hashes)
+        req.prefix_closed = er.prefix_closed
         self.scheduler.adopt(req)
         self.requests[req.request_id] = req
         self.sent[req.request_id] = er.sent
@@ -176,10 +196,12 @@ class InstanceDriver:
 
     def _exported(self, req: Request, block_table: list[list[int]], home: int,
                   migrated: bool = False) -> ExportedRequest:
+        shared = [] if migrated else [b.hash for b in req.prefix_blocks]  # a migration copies them
         return ExportedRequest(req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling,
                                req.max_model_len, req.num_computed_tokens, block_table, home,
                                self.sent[req.request_id], req.num_preemptions, req.arrival_time,
-                               req.num_migrations + migrated, logprobs=req.logprobs)
+                               req.num_migrations + migrated, logprobs=req.logprobs, prefix_hashes=shared,
+                               prefix_closed=req.prefix_closed and not migrated)
 
     def hold(self, req: Request) -> None:
         """Schedule nothing more for ``req`` until ``release_held`` (a migration's last stop)."""

@@ -158,11 +158,30 @@ class ExportedRequest:
     num_migrations: int = 0
     logprobs: LogprobBuffer = field(default_factory=LogprobBuffer)
     """Log-probabilities not yet reported, and how far the prompt's are done."""
+    prefix_hashes: list[int] = field(default_factory=list)
+    """The cached blocks it shares, in order: the first ``len(prefix_hashes)`` pages of each
+    layer in ``block_table`` are theirs (handed over once, as ``ExportedBlock``s)."""
+    prefix_closed: bool = False
+    """Its later full blocks are not to be cached (an equal block was cached first)."""
+
+
+@dataclass
+class ExportedBlock:
+    """A cached block handed from one leader to another with the requests that share it:
+    its identity and its page of each layer (in the pool that holds that layer there)."""
+
+    hash: int
+    parent: int
+    tokens: tuple[int, ...]
+    pages: tuple[int, ...]
 
 
 @dataclass
 class KvMove:
-    """Move one request's pages of one layer from one rank's pool to another's (or within one)."""
+    """Move one request's pages of one layer from one rank's pool to another's (or within one).
+
+    A move of a cached block's page (``block`` its hash) is made once, whichever requests
+    share the block; ``request_id`` is then empty."""
 
     request_id: str
     layer: int
@@ -170,6 +189,7 @@ class KvMove:
     src_pages: list[int]
     dst_rank: int
     dst_pages: list[int]
+    block: int | None = None
 
 
 @dataclass
@@ -189,6 +209,8 @@ class MemberReady:
     kv_pages: int
     base_pages: int
     requests: list[ExportedRequest]
+    blocks: list[ExportedBlock] = field(default_factory=list)
+    """The cached blocks those requests share, once each (unreferenced ones were given back)."""
 
 
 class MovePurpose(enum.Enum):
@@ -277,6 +299,8 @@ class SplitGroup:
     ranks: tuple[int, ...]
     epoch: int
     requests: list[ExportedRequest]
+    blocks: list[ExportedBlock] = field(default_factory=list)
+    """The cached blocks those requests share, their pages in your base pool."""
 
 
 @dataclass

@@ -92,6 +92,7 @@ class Reshaper:
             raise RuntimeError(f"rank {ctx.rank} got a drop order but is not a replica")
         ctx.to_controller(driver.report())  # tokens and counts from before the drop still reach the controller
         exported = driver.export_requests(home=ctx.rank)
+        shared = driver.export_blocks()  # the cached blocks they share; unreferenced ones are given back
         stage = msg.ranks.index(ctx.rank)
         ranges = self._ranges(msg.ranks)
         pages = ctx.engine.drop_to(ranges[stage])
@@ -107,7 +108,7 @@ class Reshaper:
         else:
             ctx.take_role(role, worker=StageWorker(msg.ranks[0], msg.ranks, stage, ranges, ctx.engine, ctx.messenger))
         ctx.to_controller(ctx.rank_info())
-        ready = MemberReady(ctx.rank, msg.epoch, ctx.engine.kv.num_pages, ctx.engine.plan.kv_pages, exported)
+        ready = MemberReady(ctx.rank, msg.epoch, ctx.engine.kv.num_pages, ctx.engine.plan.kv_pages, exported, shared)
         ctx.send_to_rank(msg.ranks[0], ready)
         return formation
 
@@ -127,6 +128,7 @@ class Reshaper:
         full = LayerRange(0, engine.cfg.num_hidden_layers)
         driver = InstanceDriver(ctx.rank, (ctx.rank,), [full], [PoolSpec(full, engine.kv.num_pages)], engine,
                                 ctx.messenger, ctx.sched_config)
+        driver.adopt_blocks(msg.blocks, pool=0)
         for er in msg.requests:
             driver.adopt(er, pool=0)
         driver.audit()

@@ -4,7 +4,10 @@
               exchange batch of the drop is in flight;
     MOVING    every request is placed on one member, its KV allocated in that member's
               base pool region and moved there in one batch (the extension region empties);
-              a request no member can hold is recomputed after the split;
+              a request no member can hold is recomputed after the split. A cached block
+              the requests share is copied once to each member that keeps one of them (a
+              layer's page stays where it is for the member that runs the layer), and is
+              shared there again; blocks no request refers to are given back;
     SPLIT     each member has its order (``SplitGroup``): give the extension back, pull the
               dropped weights from the peers that kept them, serve its requests as a
               replica (``Reshaper``). The rank loop drops this protocol.
@@ -22,8 +25,8 @@ from orchestrator.core.block_manager import BlockManager
 from orchestrator.cluster.event_log import EventKind
 from orchestrator.cluster.instance import InstanceDriver
 from orchestrator.cluster.rank_context import RankContext
-from orchestrator.cluster.messages import (BatchId, ExchangeBatch, ExchangeDone, ExportedRequest, KvMove, MovePurpose,
-                                           ReshapeEvent, SplitGroup)
+from orchestrator.cluster.messages import (BatchId, ExchangeBatch, ExchangeDone, ExportedBlock, ExportedRequest, KvMove,
+                                           MovePurpose, ReshapeEvent, SplitGroup)
 from orchestrator.core.request import Request
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class Split:
     started: float = field(default_factory=time.monotonic)
     recomputed: int = 0
     """Requests with KV that no member could hold: they are recomputed after the split."""
+    copies: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    """(block hash, member) -> the block's page of each layer in that member's base region."""
 
     @property
     def batch_id(self) -> BatchId:
@@ -67,6 +72,7 @@ class Split:
             self._send_moves()
 
     def _plan(self, driver: InstanceDriver) -> None:
+        driver.blocks.drop_unreferenced()  # cached KV no request uses is not carried home
         load = [0] * len(driver.ranks)
         for req in sorted(driver.requests.values(), key=lambda r: r.arrival_time):
             target = self._place(req, driver, load)
@@ -80,7 +86,10 @@ class Split:
             blocks.free(req)  # pages reserved for a chunk that never ran (lookahead left it)
             return min(range(g), key=lambda m: load[m])
         members = [] if self.ctx.faults.restore_no_room else range(g)
-        for m in sorted(members, key=lambda m: -blocks.allocators[m].num_free_below(driver.base_pages[m])):
+        # The most room first (the load spreads); among equals, the member that already gets
+        # copies of the blocks it shares.
+        for m in sorted(members, key=lambda m: (-blocks.allocators[m].num_free_below(driver.base_pages[m]),
+                                                -sum((b.hash, m) in self.copies for b in req.prefix_blocks))):
             moves = self._plan_moves(req, m, driver, blocks)
             if moves is not None:
                 self.moves += moves
@@ -91,20 +100,31 @@ class Split:
         return min(range(g), key=lambda m: load[m])
 
     def _plan_moves(self, req: Request, m: int, driver: InstanceDriver, blocks: BlockManager) -> list[KvMove] | None:
-        base = driver.base_pages[m]
-        moves, allocated = [], []
-        for layer, pages in enumerate(req.block_table):
+        """The moves that bring ``req``'s KV into member ``m``'s base region (its shared blocks
+        once per member), or None if it has no room."""
+        base, ranks = driver.base_pages[m], driver.ranks
+        moves, allocated, copies = [], [], {}
+
+        def place(layer: int, pages: list[int], request_id: str, block: int | None) -> list[int]:
             owner = blocks.pool_of_layer(layer)
             if owner == m and all(p < base for p in pages):
-                continue
-            try:
-                dst = blocks.allocate_in(m, len(pages), below=base)
-            except OutOfPages:
-                for mm, d in allocated:
-                    blocks.release(mm, d)
-                return None
-            allocated.append((m, dst))
-            moves.append(KvMove(req.request_id, layer, driver.ranks[owner], pages, driver.ranks[m], dst))
+                return pages
+            dst = blocks.allocate_in(m, len(pages), below=base)
+            allocated.extend(dst)
+            moves.append(KvMove(request_id, layer, ranks[owner], pages, ranks[m], dst, block=block))
+            return dst
+
+        try:
+            for b in req.prefix_blocks:
+                if (b.hash, m) not in self.copies:
+                    copies[b.hash, m] = [place(layer, [p], "", b.hash)[0] for layer, p in enumerate(b.pages)]
+            for layer in range(len(req.block_table)):
+                if blocks.own_pages(req, layer):
+                    place(layer, blocks.own_pages(req, layer), req.request_id, None)
+        except OutOfPages:
+            blocks.release(m, allocated)
+            return None
+        self.copies.update(copies)
         return moves
 
     def _send_moves(self) -> None:
@@ -127,25 +147,50 @@ class Split:
 
     def _split(self) -> None:
         driver = self.driver
+        blocks = driver.blocks
         for mv in self.moves:
-            driver.blocks.release(driver.ranks.index(mv.src_rank), mv.src_pages)
-            driver.requests[mv.request_id].block_table[mv.layer] = mv.dst_pages
+            if mv.block is None:
+                blocks.release(driver.ranks.index(mv.src_rank), mv.src_pages)
+                req = driver.requests[mv.request_id]
+                req.block_table[mv.layer][len(req.prefix_blocks):] = mv.dst_pages
+        self._release_block_pages()
         self.ctx.to_controller(ReshapeEvent(EventKind.RESTORE_MOVES, driver.ranks, {
-            "slices": len(self.moves), "recomputed": self.recomputed, "seconds": time.monotonic() - self.started}))
+            "slices": len(self.moves), "recomputed": self.recomputed, "seconds": time.monotonic() - self.started,
+            "block_pages": sum(mv.block is not None for mv in self.moves)}))
         self._check_extensions_empty()
         # This driver retires with the split: its last tokens and counts reach the controller
         # first (a request whose last step just returned would otherwise lose that token).
         self.ctx.to_controller(driver.report())
+        for req in driver.requests.values():  # each lists its member's copies of the blocks it shares
+            m = self.assignment[req.request_id]
+            for layer, row in enumerate(req.block_table):
+                row[:len(req.prefix_blocks)] = [self.copies[b.hash, m][layer] for b in req.prefix_blocks]
         per_member: list[list[ExportedRequest]] = [[] for _ in driver.ranks]
         for er in driver.export_requests(home=-1):
             m = self.assignment[er.request_id]
             er.home = driver.ranks[m]
             per_member[m].append(er)
+        per_block: list[list[ExportedBlock]] = [[] for _ in driver.ranks]
+        for (h, m), pages in self.copies.items():
+            b = blocks.cache.blocks[h]
+            per_block[m].append(ExportedBlock(h, b.parent, b.tokens, tuple(pages)))
         self.state = SplitState.SPLIT
         # The peers first: this rank's own split blocks in the weight exchange with them.
         order = sorted(range(len(driver.ranks)), key=lambda m: driver.ranks[m] == self.ctx.rank)
         for m in order:
-            self.ctx.send_to_rank(driver.ranks[m], SplitGroup(driver.ranks, self.epoch, per_member[m]))
+            self.ctx.send_to_rank(driver.ranks[m], SplitGroup(driver.ranks, self.epoch, per_member[m], per_block[m]))
+
+    def _release_block_pages(self) -> None:
+        """Free the group's cached-block pages that no member keeps in place (each once)."""
+        blocks = self.driver.blocks
+        if blocks.cache is None:
+            return
+        for b in blocks.cache.blocks.values():
+            for layer, page in enumerate(b.pages):
+                owner = blocks.pool_of_layer(layer)
+                kept = self.copies.get((b.hash, owner))
+                if kept is None or kept[layer] != page:
+                    blocks.release(owner, [page])
 
     def _check_extensions_empty(self) -> None:
         driver = self.driver

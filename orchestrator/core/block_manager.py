@@ -140,18 +140,32 @@ class BlockManager:
             for layer in spec.layers:
                 if layer < len(req.block_table):
                     alloc.free(req.block_table[layer][shared:])
+        self.forget(req)
+
+    def forget(self, req: Request) -> None:
+        """Drop ``req``'s references to cached blocks and its block table; the caller has
+        freed its own pages (or is about to requeue it without them)."""
         for block in req.prefix_blocks:
             self.cache.release(block)
         req.block_table = []
         req.prefix_blocks = []
         req.prefix_closed = False
 
+    @staticmethod
+    def own_pages(req: Request, layer: int) -> list[int]:
+        """``req``'s pages of ``layer`` that are its alone (after the cached blocks it shares)."""
+        return req.block_table[layer][len(req.prefix_blocks):]
+
     # Prefix caching ---------------------------------------------------------------------
     def match(self, req: Request) -> int | None:
         """Start a request that holds no KV with the longest cached prefix of its tokens (at
         most all but its last token); the tokens served from the cache, or None when there
-        was nothing to look up (no cache, or the request holds KV already)."""
+        was nothing to look up (no cache, the request holds KV already, or it asks for its
+        prompt's log-probabilities, which need every prompt position computed: vLLM skips
+        the cache for those too)."""
         if self.cache is None or req.block_table or req.num_computed_tokens or req.swapped:
+            return None
+        if req.sampling.prompt_logprobs is not None:
             return None
         blocks = self.cache.lookup(req.all_token_ids, req.num_tokens - 1)
         for block in blocks:
@@ -160,6 +174,12 @@ class BlockManager:
         req.prefix_blocks = list(blocks)
         req.num_computed_tokens = len(blocks) * self.page_size
         return req.num_computed_tokens
+
+    def unmatch(self, req: Request) -> None:
+        """Undo ``match`` for a request that could not be scheduled after all (no room for
+        the rest of it): it waits holding no pages, and looks up again next time."""
+        self.forget(req)
+        req.num_computed_tokens = 0
 
     def cache_computed(self, req: Request) -> None:
         """Cache the request's blocks that are full and computed, in order (after a step)."""
@@ -174,6 +194,40 @@ class BlockManager:
                 req.prefix_closed = True
                 return
             req.prefix_blocks.append(block)
+
+    # Handing cached blocks between instances (a drop, a restore) ------------------------
+    def shared_blocks(self) -> list[CachedBlock]:
+        """The cached blocks requests refer to now (they go with those requests)."""
+        return [b for b in self.cache.blocks.values() if b.refs] if self.cache is not None else []
+
+    def drop_unreferenced(self) -> int:
+        """Give back every cached block no request refers to (an instance about to be
+        reshaped keeps only the KV its requests use); the pages freed."""
+        freed = 0
+        while self.cache is not None and self.cache.lru:
+            self._release_pages(self.cache.evict())
+            freed += self.num_layers
+        return freed
+
+    def link_prefix(self, req: Request, hashes: list[int]) -> None:
+        """Make ``req`` refer to the cached blocks ``hashes`` (its leading blocks, already
+        registered here) and list their pages at the head of its block table."""
+        if not hashes:
+            return
+        if self.cache is None:
+            raise RuntimeError(f"{req.request_id} shares cached blocks but this instance has no prefix cache")
+        req.prefix_blocks = [self.cache.blocks[h] for h in hashes]
+        for block in req.prefix_blocks:
+            self.cache.acquire(block)
+        self.refresh_prefix(req)
+
+    @staticmethod
+    def refresh_prefix(req: Request) -> None:
+        """List the current pages of ``req``'s cached blocks at the head of its block table
+        (after a move changed where a block's pages are)."""
+        n = len(req.prefix_blocks)
+        for layer, row in enumerate(req.block_table):
+            row[:n] = [b.pages[layer] for b in req.prefix_blocks]
 
     def _release_pages(self, block: CachedBlock) -> None:
         for alloc, spec in zip(self.allocators, self.specs):

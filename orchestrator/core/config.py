@@ -52,7 +52,7 @@ class EngineConfig:
     """Token budget of one step."""
     max_num_seqs: int = SchedulerConfig.max_num_seqs
     """Most requests running at once."""
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = SchedulerConfig.enable_prefix_caching
     """Share the KV of full pages between requests with the same prefix (``prefix_cache.py``)."""
 
     def __post_init__(self) -> None:

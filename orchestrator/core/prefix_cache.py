@@ -33,6 +33,9 @@ class CachedBlock:
     pages: tuple[int, ...]
     """Page id of each layer, in layer order."""
     refs: int = 0
+    in_place: bool = True
+    """False while a drop or a restore moves some of its pages to the pool that now runs
+    their layer: it is then neither served to new requests nor evictable."""
 
 
 class PrefixCache:
@@ -43,10 +46,6 @@ class PrefixCache:
         self.blocks: dict[int, CachedBlock] = {}
         self.lru: OrderedDict[int, None] = OrderedDict()
         """Hashes of blocks no request refers to, least recently used first."""
-        self.queries = 0
-        """Prompt tokens looked up (for the hit rate)."""
-        self.hits = 0
-        """Of those, tokens served from the cache."""
 
     def lookup(self, token_ids: list[int], max_tokens: int) -> list[CachedBlock]:
         """The longest run of cached blocks that starts ``token_ids``, covering at most
@@ -55,12 +54,10 @@ class PrefixCache:
         for i in range(max_tokens // self.page_size):
             tokens = tuple(token_ids[i * self.page_size:(i + 1) * self.page_size])
             block = self.blocks.get(block_hash(parent, tokens))
-            if block is None or block.tokens != tokens or block.parent != parent:
+            if block is None or block.tokens != tokens or block.parent != parent or not block.in_place:
                 break
             found.append(block)
             parent = block.hash
-        self.queries += max_tokens
-        self.hits += len(found) * self.page_size
         return found
 
     def acquire(self, block: CachedBlock) -> None:
@@ -74,7 +71,7 @@ class PrefixCache:
         if block.refs <= 0:
             raise RuntimeError(f"block {block.hash:#x} released more often than acquired")
         block.refs -= 1
-        if block.refs == 0:
+        if block.refs == 0 and block.in_place:
             self.lru[block.hash] = None
 
     def insert(self, parent: int, tokens: tuple[int, ...], pages: tuple[int, ...]) -> CachedBlock | None:
@@ -86,6 +83,28 @@ class PrefixCache:
         block = self.blocks[h] = CachedBlock(h, parent, tokens, pages, refs=1)
         return block
 
+    def register(self, block: CachedBlock) -> None:
+        """Take in a block handed over from another instance (a drop or a restore), with no
+        references yet; one that is not ``in_place`` waits for ``placed``."""
+        if block.hash in self.blocks:
+            raise RuntimeError(f"block {block.hash:#x} is cached already")
+        self.blocks[block.hash] = block
+        if block.refs == 0 and block.in_place:
+            self.lru[block.hash] = None
+
+    def placed(self, block: CachedBlock) -> None:
+        """Every page of ``block`` is in its layer's pool now: it may be served (and evicted)."""
+        block.in_place = True
+        if block.refs == 0:
+            self.lru[block.hash] = None
+
+    def forget(self, block: CachedBlock) -> None:
+        """Drop a block that no request refers to (its move failed); the caller frees its pages."""
+        if block.refs:
+            raise RuntimeError(f"block {block.hash:#x} is still referred to {block.refs} times")
+        self.lru.pop(block.hash, None)
+        del self.blocks[block.hash]
+
     def evict(self) -> CachedBlock:
         """Forget the least recently used unreferenced block; the caller frees its pages."""
         h, _ = self.lru.popitem(last=False)
@@ -93,7 +112,3 @@ class PrefixCache:
 
     def evictable(self) -> list[CachedBlock]:
         return [self.blocks[h] for h in self.lru]
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.queries if self.queries else 0.0

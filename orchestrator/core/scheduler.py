@@ -39,8 +39,9 @@ class SchedulerConfig:
     """What preemption does with a request's KV: ``recompute`` (drop it) or ``swap`` (to host
     memory and back; needs the instance's KV on one rank)."""
     swap_space_bytes: int = 4 << 30
-    enable_prefix_caching: bool = False
-    """Share full KV pages between requests with a common prefix (``prefix_cache.py``)."""
+    enable_prefix_caching: bool = True
+    """Share full KV pages between requests with a common prefix (``prefix_cache.py``); on by
+    default, as in vLLM's v1 engine. The one definition of the default."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -169,14 +170,16 @@ class Scheduler:
                and len(out.chunks) < limit and not out.preempted):
             req = self.waiting[0]
             hit = self.blocks.match(req)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.blocks.allocate(req, n):
+                if hit is not None:
+                    self.blocks.unmatch(req)  # a waiting request holds no pages, shared ones included
+                break  # FCFS: the head of the queue waits for pages, nobody overtakes it
             if hit is not None:
                 self.counts["prefix_cache_queries"] += req.num_tokens  # tokens looked up, as vLLM counts
                 self.counts["prefix_cache_hits"] += hit
                 if req.first_scheduled_time is None:
                     req.num_cached_tokens = hit
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.blocks.allocate(req, n):
-                break  # FCFS: the head of the queue waits for pages, nobody overtakes it
             if req.swapped:  # pages for its computed tokens too: bring their KV back first
                 self.swapper.swap_in(req)
                 req.swapped = False
@@ -208,13 +211,13 @@ class Scheduler:
         return True
 
     def requeue(self, req: Request) -> None:
-        """Queue a request whose KV pages the caller has already freed (a move that failed),
+        """Queue a request whose own KV pages the caller has already freed (a move that failed),
         to be recomputed from its tokens: a preemption, counted as one."""
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
-        req.block_table = []
+        self.blocks.forget(req)  # the cached blocks it shared lose a reference (and stay cached)
         req.num_computed_tokens = 0
         self._queue_preempted(req)
 

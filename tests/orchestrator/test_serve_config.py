@@ -86,14 +86,13 @@ def test_nested_settings_reach_their_configs():
     (["--policy", "kunserve", "--migration-cooldown-s", "2"], "--policy kunserve never migrates"),
     (["--swap-space", "1GiB"], "--policy vllm does not swap"),
     (["--triton-grpc-port", "9001"], r"\(grpc_port\) were given without --triton"),
-    (["--policy", "kunserve", "--enable-prefix-caching"], "not yet with --policy kunserve: a drop's KV exchange"),
 ])
 def test_bad_nested_settings_are_refused_with_the_reason(argv, words):
     with pytest.raises(ValueError, match=words):
         parse(*argv)
 
 
-@pytest.mark.parametrize("policy", ["vllm", "swap", "oracle", "llumnix"])
-def test_prefix_caching_is_offered_where_no_drop_moves_kv(policy):
-    assert parse("--policy", policy, "--enable-prefix-caching").enable_prefix_caching
-    assert not parse("--policy", policy).enable_prefix_caching
+@pytest.mark.parametrize("policy", ["kunserve", "vllm", "swap", "oracle", "llumnix"])
+def test_prefix_caching_is_on_by_default_for_every_policy(policy):
+    assert parse("--policy", policy).enable_prefix_caching
+    assert not parse("--policy", policy, "--no-enable-prefix-caching").enable_prefix_caching

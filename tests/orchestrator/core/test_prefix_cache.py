@@ -110,3 +110,12 @@ def test_an_audit_finds_a_page_both_cached_and_owned():
     thief.block_table = [[next(iter(bm.cache.blocks.values())).pages[0]]]
     with pytest.raises(RuntimeError, match="owned twice|leaked or double-booked"):
         bm.audit([thief])
+
+
+def test_a_request_asking_for_prompt_logprobs_computes_its_whole_prompt():
+    """Its prompt's log-probabilities need every position computed (vLLM skips the cache too)."""
+    bm = BlockManager.single(32, PS, 2, prefix_caching=True)
+    computed(bm, request(list(range(9))))
+    plain, scored = request(list(range(9))), request(list(range(9)))
+    scored.sampling = SamplingParams(max_tokens=4, prompt_logprobs=1)
+    assert bm.match(plain) == 8 and bm.match(scored) is None and scored.num_computed_tokens == 0
