@@ -16,6 +16,7 @@ OS scheduler; on CUDA at most one rank per visible GPU (each rank takes one).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -127,6 +128,21 @@ CPU = BenchPreset(
     start_timeout_s=180.0,
 )
 
+CPU_CHAT = dataclasses.replace(
+    CPU,
+    name="cpu-chat",
+    description="The cpu preset's cluster on a multi-turn chat stream that shares prefixes: "
+                "perf/traces/data/chat_bursty.jsonl (python -m perf.traces.write_chat), 23 sessions over one "
+                "system prompt, 3 turns each, each turn's prompt the previous one's plus a block, a 4x burst "
+                "of new sessions in seconds 20-35; Mooncake blocks scaled to 26 tokens (prompts of "
+                "128-180 tokens), outputs 2x. Prefix caching is on for every policy (the default).",
+    trace="perf/traces/data/chat_bursty.jsonl",
+    window_s=None,
+    upscale=1.0,
+    input_scale=0.05,
+    output_scale=2.0,
+)
+
 GPU = BenchPreset(
     name="gpu",
     description="UNTESTED here (no multi-GPU host): 8 CUDA ranks, one per GPU, each serving an "
@@ -147,7 +163,7 @@ GPU = BenchPreset(
     start_timeout_s=600.0,
 )
 
-PRESETS: dict[str, BenchPreset] = {p.name: p for p in (CPU, GPU)}
+PRESETS: dict[str, BenchPreset] = {p.name: p for p in (CPU, CPU_CHAT, GPU)}
 
 
 def _positive(name: str, value: float | None) -> list[str]:

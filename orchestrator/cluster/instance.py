@@ -112,6 +112,7 @@ class InstanceDriver:
                 req.num_preemptions, req.num_migrations,
                 queue_time_s=req.first_scheduled_time - req.arrival_time if first else None,
                 num_cached_tokens=req.num_cached_tokens if first and self.blocks.cache is not None else None,
+                instance=self.instance if first else None,
                 logprobs=output_lps if req.sampling.logprobs is not None else None,
                 prompt_logprobs=prompt_lps if req.sampling.prompt_logprobs is not None and prompt_lps else None))
             self.sent[req.request_id] += len(new)

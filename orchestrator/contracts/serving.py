@@ -50,6 +50,9 @@ class TokenEvent:
     num_cached_tokens: int | None = None
     """On the first event with tokens, with prefix caching on: prompt tokens whose KV came
     from the cache (OpenAI's ``usage.prompt_tokens_details.cached_tokens``)."""
+    instance: int | None = None
+    """On the first event with tokens: the instance (its leader rank) that computed the
+    prompt, for the request log."""
     logprobs: list[TokenLogprob] | None = None
     """When the request asked for them: one per token of ``token_ids``."""
     prompt_logprobs: list[TokenLogprob] | None = None

@@ -144,8 +144,10 @@ class BlockManager:
 
     def forget(self, req: Request) -> None:
         """Drop ``req``'s references to cached blocks and its block table; the caller has
-        freed its own pages (or is about to requeue it without them)."""
-        for block in req.prefix_blocks:
+        freed its own pages (or is about to requeue it without them). The last block is
+        released first, so it is evicted first: a prefix loses its tail before its head, and
+        what stays is still reachable from the root (vLLM frees in this order too)."""
+        for block in reversed(req.prefix_blocks):
             self.cache.release(block)
         req.block_table = []
         req.prefix_blocks = []

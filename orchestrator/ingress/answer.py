@@ -90,6 +90,8 @@ class Answer:
         self.stats.on_tokens(self.timing, len(event.token_ids), queue_time_s=event.queue_time_s)
         if event.num_cached_tokens is not None:
             self.timing.cached_tokens = event.num_cached_tokens
+        if event.instance is not None:
+            self.timing.instance = event.instance
         if event.finished or event.error is not None:
             self.done = True  # an error ends the request in the cluster too: nothing to abort
             self.finish_reason = "error" if event.error is not None else event.finish_reason

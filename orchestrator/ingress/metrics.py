@@ -89,6 +89,8 @@ class RequestTiming:
     """Seconds it waited in its instance's queue, once the cluster reported it."""
     cached_tokens: int | None = None
     """Prompt tokens served from the prefix cache, once the cluster reported it (caching on)."""
+    instance: int | None = None
+    """The instance (leader rank) that computed the prompt, once the cluster reported it."""
 
 
 @dataclass

@@ -11,7 +11,9 @@ Written when the ingress is done with a request, however it ended::
 same host and Triton's trace timestamps use, so a request's time in the ingress can be set
 against what its client saw (``perf/triton_bench.py`` does). ``time`` is the wall-clock end.
 ``finish_reason`` is the cluster's (``stop``, ``length``), ``abort`` when the client went
-away first, or ``error`` when the request failed in the cluster.
+away first, or ``error`` when the request failed in the cluster. Once the cluster reported
+them: ``cached_tokens`` (prompt tokens served from the prefix cache, caching on) and
+``instance`` (the leader rank of the instance that computed the prompt).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class RequestLog:
                   "output_tokens": timing.num_output_tokens, "finish_reason": finish_reason}
         if timing.cached_tokens is not None:
             record["cached_tokens"] = timing.cached_tokens
+        if timing.instance is not None:
+            record["instance"] = timing.instance
         self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:

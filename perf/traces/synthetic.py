@@ -1,11 +1,18 @@
-"""Synthetic traces: Gamma-renewal arrivals with optional burst windows, lognormal lengths.
+"""Synthetic traces: Gamma-renewal arrivals with optional burst windows, lognormal lengths,
+and multi-turn chat sessions that share prefixes (``multi_turn_chat``).
 
 Everything is deterministic from ``seed``. Arrivals and token lengths come from separate
 random streams, so changing a length distribution leaves the arrival times unchanged.
+
+    python -m perf.traces.write_chat --out perf/traces/data/chat_bursty.jsonl
+
+writes a multi-turn chat trace in the Mooncake format (``hash_ids`` per 512-token block),
+which ``perf.bench`` replays like any other trace.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -121,3 +128,48 @@ def _segments(duration_s: float, bursts: Sequence[BurstWindow]) -> list[tuple[fl
     if t < duration_s:
         segments.append((t, duration_s, 1.0))
     return segments
+
+
+def multi_turn_chat(duration_s: float, session_rate: float, seed: int, turns: int = 3, system_blocks: int = 4,
+                    turn_blocks: int = 1, think_s: float = 5.0, output_len: LengthSpec = LengthDist(48, 40),
+                    cv: float = 1.0, bursts: Sequence[BurstWindow] = (), block_tokens: int = 512,
+                    name: str | None = None) -> Trace:
+    """Chat sessions over one system prompt, as a Mooncake-style trace (``block_hashes``).
+
+    Sessions start as a Gamma renewal process at ``session_rate`` per second (with the
+    ``bursts``); every prompt begins with the same ``system_blocks`` blocks, and turn t+1's
+    prompt is turn t's blocks plus ``turn_blocks`` new ones (the answer and the next user
+    message, as a block of its own: the trace cannot know the model's answer, so only the
+    earlier prompts are shared, as in Mooncake's traces). Open loop, like every trace here:
+    turn t+1 is due an exponential think time (mean ``think_s``) after turn t is due, not
+    after its answer.
+    """
+    for arg, value in (("duration_s", duration_s), ("session_rate", session_rate), ("think_s", think_s)):
+        if not value > 0:
+            raise ValueError(f"{arg} must be > 0, got {value}")
+    if turns < 1 or system_blocks < 0 or turn_blocks < 1:
+        raise ValueError("multi_turn_chat needs turns >= 1, system_blocks >= 0 and turn_blocks >= 1")
+    out_dist, lengths, think = _dist(output_len), random.Random(f"{seed}/lengths"), random.Random(f"{seed}/think")
+    next_id, requests = system_blocks, []
+    for start in _arrivals(duration_s, session_rate, cv, random.Random(f"{seed}/arrivals"), bursts):
+        hashes, t = tuple(range(system_blocks)), start
+        for _ in range(turns):
+            hashes += tuple(range(next_id, next_id + turn_blocks))
+            next_id += turn_blocks
+            requests.append(TraceRequest(t, len(hashes) * block_tokens, out_dist.sample(lengths),
+                                         block_hashes=hashes))
+            t += think.expovariate(1.0 / think_s)
+    return Trace(requests, name=name or f"chat(sessions/s={session_rate},turns={turns},seed={seed})")
+
+
+def write_mooncake(trace: Trace, path) -> None:
+    """``trace`` as Mooncake JSONL: timestamp (ms), input_length, output_length, hash_ids."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in trace:
+            f.write(json.dumps({"timestamp": round(r.arrival_s * 1000), "input_length": r.input_len,
+                                "output_length": r.output_len, "hash_ids": list(r.block_hashes)}) + "\n")
+
+
+CHAT_BURSTS = (BurstWindow(20.0, 35.0, 4.0),)
+"""The chat trace's burst: four times the session rate for 15 s of its 60."""
+

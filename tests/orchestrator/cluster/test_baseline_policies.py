@@ -36,7 +36,7 @@ def test_burst_tokens_match_and_the_mechanism_acted(wide, policy, caching):
     """With prefix caching too: recompute preemption and swap of requests whose pages may
     be shared give the same tokens, and no page is left in use."""
     store, expected = wide
-    extra = ("--enable-prefix-caching",) if caching else ()
+    extra = () if caching else ("--no-enable-prefix-caching",)
     with ServingCluster(2, store, "--policy", policy, "--dispatch", "round_robin", *extra,
                         device_memory="112MiB") as c:
         plan = c.plan()
@@ -78,7 +78,7 @@ def test_llumnix_migrates_running_requests_and_keeps_their_tokens(wide, caching)
                       for p, n in zip(prompts, SKEWED_MAX)]
             return await asyncio.gather(*(complete(s, url, b) for b in bodies))
 
-    extra = ("--enable-prefix-caching",) if caching else ()
+    extra = () if caching else ("--no-enable-prefix-caching",)
     with ServingCluster(2, store, "--policy", "llumnix", "--dispatch", "round_robin", *extra,
                         device_memory="112MiB") as c:
         assert (c.plan()["policy"], c.plan()["reshape_policy"]) == ("llumnix", "never")

@@ -119,3 +119,15 @@ def test_a_request_asking_for_prompt_logprobs_computes_its_whole_prompt():
     plain, scored = request(list(range(9))), request(list(range(9)))
     scored.sampling = SamplingParams(max_tokens=4, prompt_logprobs=1)
     assert bm.match(plain) == 8 and bm.match(scored) is None and scored.num_computed_tokens == 0
+
+
+def test_a_freed_prefix_loses_its_tail_first():
+    """The last block of a freed request is evicted first, so what stays cached is still a
+    prefix reachable from the root (evicting the head first would strand the rest)."""
+    bm = BlockManager.single(32, PS, 2, prefix_caching=True)
+    req = computed(bm, request(list(range(13))))
+    first, second, third = req.prefix_blocks
+    bm.free(req)
+    assert [b.hash for b in bm.cache.evictable()] == [third.hash, second.hash, first.hash]
+    bm.cache.evict()
+    assert bm.match(request(list(range(13)))) == 2 * PS
