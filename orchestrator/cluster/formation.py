@@ -350,8 +350,9 @@ class Formation:
             self._block_landed(self.moving_blocks.pop(h))
         self.waiting_on_blocks += b.requests
         self._release_ready()
-        self.batch_log.append(BatchTiming(sum(len(m.src_pages) for m in b.moves) * self.ctx.engine.kv.page_bytes,
-                                          b.member_seconds))
+        if b.moves:  # a batch of requests whose pages are all in shared blocks moves nothing of its own
+            self.batch_log.append(BatchTiming(sum(len(m.src_pages) for m in b.moves) * self.ctx.engine.kv.page_bytes,
+                                              b.member_seconds))
         self.slices += len(b.moves)
         del self.pending[b.batch]
 

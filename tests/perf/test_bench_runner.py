@@ -54,7 +54,9 @@ def tokenizer_of(store: Path):
 
 
 def test_presets_cover_every_setting():
-    assert set(PRESETS) == {"cpu", "gpu"}
+    assert set(PRESETS) == {"cpu", "cpu-chat", "gpu"}
+    chat = PRESETS["cpu-chat"]
+    assert chat.trace_path().exists() and (chat.ranks, chat.device_memory) == (CPU.ranks, CPU.device_memory)
     assert (CPU.ranks, CPU.store, CPU.device_memory, CPU.device) == (4, "stores/smollm2", "560MiB", "cpu")
     assert CPU.policies == ("kunserve", "vllm", "swap", "llumnix", "oracle")
     assert CPU.trace.endswith("AzureLLMInferenceTrace_code.csv") and CPU.max_input and CPU.max_output
