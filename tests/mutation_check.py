@@ -34,6 +34,8 @@ DROP = "tests/orchestrator/cluster/test_drop_restore.py"
 CYCLES = DROP + "::test_tokens_identical_across_drop_restore_cycles"
 PREFILL = DROP + "::test_requests_in_prefill_at_the_drop_continue_identically"
 E2E = "tests/orchestrator/cluster/test_cluster_e2e.py::test_greedy_outputs_match_single_process_engine"
+SHARED = "tests/orchestrator/cluster/test_shared_blocks_reshape.py"
+SERVED = "tests/orchestrator/cluster/test_prefix_caching_served.py::test_cached_prefixes_are_hit_across_a_drop_and_a_restore"
 
 
 @dataclass(frozen=True)
@@ -99,14 +101,24 @@ MUTATIONS = [
              ("tests/engines/test_attention_dtypes.py",)),
     Mutation("logprobs-lost-in-export", "a request handed to another leader leaves its unreported log-probabilities behind",
              "orchestrator/cluster/instance.py",
-             (("                               req.num_migrations + migrated, logprobs=req.logprobs)",
-               "                               req.num_migrations + migrated)  # MUTATION"),),
+             (("                               req.num_migrations + migrated, logprobs=req.logprobs, prefix_hashes=shared,",
+               "                               req.num_migrations + migrated, prefix_hashes=shared,  # MUTATION"),),
              ("tests/orchestrator/cluster/test_logprobs_across_drop.py",)),
     Mutation("shared-page-freed", "a request's cached (shared) pages go back to the free list when it ends",
              "orchestrator/core/block_manager.py",
              (("                    alloc.free(req.block_table[layer][shared:])",
                "                    alloc.free(req.block_table[layer])  # MUTATION"),),
              ("tests/orchestrator/core/test_prefix_cache.py", "tests/orchestrator/core/test_prefix_caching_engine.py")),
+    Mutation("shared-block-moved-per-request", "a drop's exchange moves the shared blocks' pages with every request that shares them",
+             "orchestrator/cluster/formation.py",
+             (("                pages = blocks.own_pages(s.req, layer)  # the shared blocks move once, on their own",
+               "                pages = s.req.block_table[layer]  # MUTATION"),),
+             (SHARED, SERVED)),
+    Mutation("restore-copies-per-request", "a restore copies a shared block once per request instead of once per member",
+             "orchestrator/cluster/split.py",
+             (("                if (b.hash, m) not in self.copies:",
+               "                if True:  # MUTATION"),),
+             (SHARED,)),
 ]
 
 

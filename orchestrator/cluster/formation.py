@@ -32,8 +32,9 @@ from orchestrator.core.block_manager import BlockManager, PoolSpec
 from orchestrator.cluster.event_log import EventKind
 from orchestrator.cluster.instance import InstanceDriver
 from orchestrator.cluster.rank_context import RankContext
-from orchestrator.cluster.messages import (BatchId, ExchangeAbort, ExchangeBatch, ExchangeDone, ExportedBlock,
-                                           GroupFormed, KvMove, MemberReady, MovePurpose, ReshapeEvent)
+from orchestrator.cluster.block_exchange import BlockExchange
+from orchestrator.cluster.messages import (BatchId, ExchangeAbort, ExchangeBatch, ExchangeDone, GroupFormed, KvMove,
+                                           MemberReady, MovePurpose, ReshapeEvent)
 from orchestrator.core.prefix_cache import CachedBlock
 from orchestrator.core.request import Request
 
@@ -65,17 +66,6 @@ class BatchTiming:
     bytes: int
     seconds: float
     """The slowest member's time from receiving the batch to its last transfer landing."""
-
-
-@dataclass
-class _MovingBlock:
-    """A shared cached block some of whose pages are not yet in their layer's owner."""
-
-    block: CachedBlock
-    holders: list[int]
-    """Per layer, the stage whose pool holds the block's page now."""
-    reserved: list[tuple[int, int]] = field(default_factory=list)
-    """(stage, page) reserved in the owners for its moves in flight."""
 
 
 @dataclass
@@ -111,14 +101,10 @@ class Formation:
     recomputed: int = 0
     """Stale requests that fell back to recomputation (owners' pools full, a batch timed out)."""
     batch_log: list[BatchTiming] = field(default_factory=list)
-    moving_blocks: dict[int, _MovingBlock] = field(default_factory=dict)
-    """Shared cached blocks by hash, until all their pages are at the owners."""
-    failed_blocks: dict[int, _MovingBlock] = field(default_factory=dict)
-    """Blocks whose move failed: forgotten once the requests sharing them are recomputed."""
+    shared: BlockExchange | None = None
+    """The cached blocks the requests share, until each is at the layers' owners."""
     waiting_on_blocks: list[StaleRequest] = field(default_factory=list)
     """Requests whose own pages have landed, waiting for a block they share."""
-    block_pages_moved: int = 0
-    """Pages of shared cached blocks moved (once each, however many requests share them)."""
 
     @property
     def exchanging(self) -> bool:
@@ -136,7 +122,8 @@ class Formation:
         driver = InstanceDriver(self.ranks[0], self.ranks, self.ranges, pools, ctx.engine, ctx.messenger,
                                 ctx.sched_config, ctx.cost_model)
         driver.base_pages = [self.ready[r].base_pages for r in self.ranks]
-        self._adopt_blocks(driver)
+        self.shared = BlockExchange(self.ranks, driver.blocks)
+        self.shared.adopt([self.ready[r].blocks for r in self.ranks])
         ids = []
         for stage, rank in enumerate(self.ranks):
             for er in self.ready[rank].requests:
@@ -153,94 +140,30 @@ class Formation:
         self.state = FormationState.EXCHANGING
         self.exchange_started = time.monotonic()
         logger.info("group %s formed: %d requests adopted, %d stale with KV to exchange, %d shared blocks to move",
-                    self.ranks, len(ids), len(self.stale), len(self.moving_blocks))
+                    self.ranks, len(ids), len(self.stale), len(self.shared.moving))
         self._launch_blocks()
-
-    def _adopt_blocks(self, driver: InstanceDriver) -> None:
-        """Cache every member's shared blocks once; a block cached by several members takes
-        each layer's page from the member that runs the layer, where one has it."""
-        blocks = driver.blocks
-        copies: dict[int, dict[int, ExportedBlock]] = {}
-        for stage, rank in enumerate(self.ranks):
-            for b in self.ready[rank].blocks:
-                copies.setdefault(b.hash, {})[stage] = b
-                blocks.take(stage, list(b.pages))
-        for h, by_stage in copies.items():
-            first = next(iter(by_stage.values()))
-            pages, holders = [], []
-            for layer in range(blocks.num_layers):
-                owner = blocks.pool_of_layer(layer)
-                src = owner if owner in by_stage else min(by_stage)
-                pages.append(by_stage[src].pages[layer])
-                holders.append(src)
-                for stage, b in by_stage.items():
-                    if stage != src:  # a duplicate: this layer's page is taken from another member
-                        blocks.release(stage, [b.pages[layer]])
-            in_place = all(holders[layer] == blocks.pool_of_layer(layer) for layer in range(blocks.num_layers))
-            block = CachedBlock(h, first.parent, first.tokens, tuple(pages), in_place=in_place)
-            blocks.cache.register(block)
-            if not in_place:
-                self.moving_blocks[h] = _MovingBlock(block, holders)
 
     def _launch_blocks(self) -> None:
         """The first batch: the pages of shared blocks that are not at their layer's owner."""
-        if not self.moving_blocks:
-            return
-        moves = []
-        for mb in list(self.moving_blocks.values()):
-            try:
-                moves += self._plan_block(mb)
-            except OutOfPages as exc:
-                logger.warning("cannot move cached block %#x (%s): recomputing the requests sharing it",
-                               mb.block.hash, exc)
-                self._fail_block(mb)
-        self._post(moves, [])
+        moves, no_room = self.shared.plan()
+        for h in no_room:
+            logger.warning("cannot move cached block %#x (no room): recomputing the requests sharing it", h)
+            self._fail_block(h)
+        if moves:
+            self._post(moves, [])
 
-    def _plan_block(self, mb: _MovingBlock) -> list[KvMove]:
-        blocks, moves = self.driver.blocks, []
-        try:
-            for layer, holder in enumerate(mb.holders):
-                owner = blocks.pool_of_layer(layer)
-                if holder == owner:
-                    continue
-                dst = blocks.allocate_in(owner, 1)
-                mb.reserved.append((owner, dst[0]))
-                moves.append(KvMove("", layer, self.ranks[holder], [mb.block.pages[layer]], self.ranks[owner], dst,
-                                    block=mb.block.hash))
-        except OutOfPages:
-            self._release_reserved(mb)
-            raise
-        return moves
-
-    def _release_reserved(self, mb: _MovingBlock) -> None:
-        for stage, page in mb.reserved:
-            self.driver.blocks.release(stage, [page])
-        mb.reserved = []
-
-    def _fail_block(self, mb: _MovingBlock) -> None:
+    def _fail_block(self, h: int) -> None:
         """Give up on a block: the requests sharing it are recomputed (now, or when their own
         batch returns); it is forgotten when none refers to it any more."""
-        del self.moving_blocks[mb.block.hash]
-        self.failed_blocks[mb.block.hash] = mb
-        for s in [s for s in self.stale if _shares(s.req, mb.block)]:
+        block = self.shared.fail(h)
+        for s in [s for s in self.stale if _shares(s.req, block)]:
             self.stale.remove(s)
             self._recompute(s, [])
-        for s in [s for s in self.waiting_on_blocks if _shares(s.req, mb.block)]:
+        for s in [s for s in self.waiting_on_blocks if _shares(s.req, block)]:
             self.waiting_on_blocks.remove(s)
             self.driver.recompute(s.req)  # its own pages are at the owners already
             self.recomputed += 1
-        self._reap_failed_blocks()
-
-    def _reap_failed_blocks(self) -> None:
-        blocks = self.driver.blocks
-        for h, mb in list(self.failed_blocks.items()):
-            if mb.block.refs:
-                continue
-            blocks.cache.forget(mb.block)
-            for layer, holder in enumerate(mb.holders):
-                blocks.release(holder, [mb.block.pages[layer]])
-            self._release_reserved(mb)
-            del self.failed_blocks[h]
+        self.shared.reap()
 
     def poll(self) -> bool:
         """Launch the next batch when few are in flight; handle timeouts. True when done."""
@@ -257,8 +180,8 @@ class Formation:
         return self.state == FormationState.DONE
 
     def _done(self) -> None:
-        assert not self.waiting_on_blocks and not self.moving_blocks, "exchange done with blocks still moving"
-        self._reap_failed_blocks()
+        assert not self.waiting_on_blocks and self.shared.done, "exchange done with blocks still moving"
+        self.shared.reap()
         self.state = FormationState.DONE
         now = time.monotonic()
         seconds = now - self.exchange_started
@@ -267,7 +190,7 @@ class Formation:
         self.ctx.to_controller(ReshapeEvent(EventKind.EXCHANGE, self.ranks, {
             "bytes": self.bytes_moved, "seconds": seconds, "batches": self.next_batch,
             "slices": self.slices, "recomputed": self.recomputed, "since_drop_order_s": now - self.started,
-            "block_pages": self.block_pages_moved,
+            "block_pages": self.shared.pages_moved,
             "batch_bytes": [t.bytes for t in self.batch_log], "batch_seconds": [t.seconds for t in self.batch_log]}))
         self.driver.audit()
 
@@ -277,7 +200,7 @@ class Formation:
     def _launch(self, batch: list[StaleRequest]) -> None:
         moves, kept = [], []
         for s in batch:
-            if any(b.hash in self.failed_blocks for b in s.req.prefix_blocks):
+            if any(self.shared.is_failed(b) for b in s.req.prefix_blocks):
                 self._recompute(s, [])
                 continue
             try:
@@ -336,18 +259,17 @@ class Formation:
 
     def _finish(self, b: _PendingBatch) -> None:
         driver = self.driver
-        landed: set[int] = set()
         for m in b.moves:
-            driver.blocks.release(self.ranks.index(m.src_rank), m.src_pages)
             if m.block is not None:
-                self._block_page_landed(m)
-                landed.add(m.block)
                 continue
+            driver.blocks.release(self.ranks.index(m.src_rank), m.src_pages)
             req = driver.requests.get(m.request_id)
             if req is not None:
                 req.block_table[m.layer][len(req.prefix_blocks):] = m.dst_pages
-        for h in landed:
-            self._block_landed(self.moving_blocks.pop(h))
+        for block in self.shared.landed([m for m in b.moves if m.block is not None]):
+            for req in driver.requests.values():  # the sharers list the block's new pages
+                if _shares(req, block):
+                    driver.blocks.refresh_prefix(req)
         self.waiting_on_blocks += b.requests
         self._release_ready()
         if b.moves:  # a batch of requests whose pages are all in shared blocks moves nothing of its own
@@ -356,36 +278,19 @@ class Formation:
         self.slices += len(b.moves)
         del self.pending[b.batch]
 
-    def _block_page_landed(self, m: KvMove) -> None:
-        mb = self.moving_blocks[m.block]
-        owner = self.ranks.index(m.dst_rank)
-        pages = list(mb.block.pages)
-        pages[m.layer] = m.dst_pages[0]
-        mb.block.pages = tuple(pages)
-        mb.holders[m.layer] = owner
-        mb.reserved.remove((owner, m.dst_pages[0]))
-        self.block_pages_moved += 1
-
-    def _block_landed(self, mb: _MovingBlock) -> None:
-        """All of a block's pages are at their owners: requests list them, new ones may hit."""
-        self.driver.blocks.cache.placed(mb.block)
-        for req in self.driver.requests.values():
-            if _shares(req, mb.block):
-                self.driver.blocks.refresh_prefix(req)
-
     def _release_ready(self) -> None:
         """Resume the requests whose own pages and shared blocks are all in place; recompute
         those that share a block whose move failed."""
         waiting, self.waiting_on_blocks = self.waiting_on_blocks, []
         for s in waiting:
-            if any(b.hash in self.failed_blocks for b in s.req.prefix_blocks):
+            if any(self.shared.is_failed(b) for b in s.req.prefix_blocks):
                 self.driver.recompute(s.req)  # its own pages are at the owners: freed from there
                 self.recomputed += 1
             elif all(b.in_place for b in s.req.prefix_blocks):
                 self.driver.release_held(s.req)
             else:
                 self.waiting_on_blocks.append(s)
-        self._reap_failed_blocks()
+        self.shared.reap()
 
     def _abort(self, b: _PendingBatch) -> None:
         logger.error("group %s: exchange batch %d timed out; recomputing its %d requests",
@@ -397,7 +302,7 @@ class Formation:
             self._recompute(s, dst)
         del self.pending[b.batch]
         for h in {m.block for m in b.moves if m.block is not None}:
-            self._fail_block(self.moving_blocks[h])
+            self._fail_block(h)
 
     def _recompute(self, s: StaleRequest, planned: list[tuple[int, list[int]]]) -> None:
         """Fallback: recompute the request. A stale request's pages are all in its home pool,
@@ -406,7 +311,7 @@ class Formation:
         own = [p for layer in range(len(s.req.block_table)) for p in self.driver.blocks.own_pages(s.req, layer)]
         self.driver.recompute(s.req, [(s.home, own), *planned])
         self.recomputed += 1
-        self._reap_failed_blocks()
+        self.shared.reap()
 
 
 def _shares(req: Request, block: CachedBlock) -> bool:

@@ -147,7 +147,7 @@ def test_the_drop_moves_each_shared_page_once_and_keeps_it_shared():
     assert ctx.driver.held  # A and B wait for P2, though their own pages have landed
     assert {r.request_id for r in ctx.driver.requests.values() if r.seq_id in ctx.driver.held} == {"A", "B"}
     land(f, ctx, skip=set(batches) - {0})
-    assert f.poll() and not ctx.driver.held and f.recomputed == 0 and f.block_pages_moved == 2
+    assert f.poll() and not ctx.driver.held and f.recomputed == 0 and f.shared.pages_moved == 2
     b = ctx.driver.requests["B"]
     assert a.prefix_blocks[0] is b.prefix_blocks[0] is ctx.driver.requests["C"].prefix_blocks[0]
     assert a.prefix_blocks[1] is b.prefix_blocks[1] and a.prefix_blocks[1].refs == 2
