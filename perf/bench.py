@@ -288,6 +288,9 @@ class PolicyRun:
     events: list[ClusterEvent] = field(default_factory=list)
     counters: dict = field(default_factory=dict)
     sample_failures: int = 0
+    cached_tokens: int | None = None
+    """Prompt tokens served from the prefix cache (the request log's ``cached_tokens``)."""
+    prompt_tokens: int = 0
     log_file: str | None = None
     lingering: str | None = None
     """Set when the cluster would not go away after the run (later runs must not start)."""
@@ -297,7 +300,8 @@ class PolicyRun:
         return {"status": "ok" if self.ok else "failed", "error": self.error, "startup_s": self.startup_s,
                 "replay_s": self.replay_s, "stop_s": self.stop_s, "makespan_s": self.makespan_s,
                 "request_errors": sum(r.error is not None for r in self.records),
-                "counters": self.counters, "sample_failures": self.sample_failures, "log": self.log_file}
+                "counters": self.counters, "sample_failures": self.sample_failures, "log": self.log_file,
+                "cached_tokens": self.cached_tokens, "prompt_tokens": self.prompt_tokens}
 
 
 class ClusterLingers(RuntimeError):
@@ -383,10 +387,12 @@ def _reason(exc: BaseException, output: str) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def start_cluster(p: BenchPreset, policy: str) -> TritonCluster:
-    """A cluster object for ``policy`` with the preset's settings (not started)."""
+def start_cluster(p: BenchPreset, policy: str, request_log: Path | None = None) -> TritonCluster:
+    """A cluster object for ``policy`` with the preset's settings (not started); its request
+    log (``serve --request-log``) goes to ``request_log`` when given."""
+    log_args = ("--request-log", str(request_log)) if request_log is not None else ()
     return TritonCluster(p.ranks, p.store_path(), "--policy", policy, "--device", p.device, *p.serve_args,
-                         device_memory=p.device_memory, model_names=MODEL)
+                         *log_args, device_memory=p.device_memory, model_names=MODEL)
 
 
 def _replay_policy(p: BenchPreset, run: PolicyRun, specs: list[RequestSpec], cluster: TritonCluster) -> None:
@@ -411,7 +417,10 @@ def _replay_policy(p: BenchPreset, run: PolicyRun, specs: list[RequestSpec], clu
 def run_policy(p: BenchPreset, policy: str, specs: list[RequestSpec], out: Path) -> PolicyRun:
     """Start the cluster under ``policy``, replay ``specs``, stop it; failures end up in the result."""
     run = PolicyRun(policy)
-    cluster = start_cluster(p, policy)
+    request_log = out / "logs" / f"{policy}-requests.jsonl"
+    request_log.parent.mkdir(parents=True, exist_ok=True)
+    request_log.unlink(missing_ok=True)
+    cluster = start_cluster(p, policy, request_log)
     t = time.perf_counter()
     try:
         cluster.start(timeout=p.start_timeout_s)
@@ -424,7 +433,19 @@ def run_policy(p: BenchPreset, policy: str, specs: list[RequestSpec], out: Path)
         log(f"[{policy}] FAILED: {run.error}")
     finally:
         _stop_and_keep_log(run, cluster, out)
+    if request_log.exists():
+        run.cached_tokens, run.prompt_tokens = cached_prompt_tokens(request_log)
     return run
+
+
+def cached_prompt_tokens(request_log: Path) -> tuple[int | None, int]:
+    """(prompt tokens served from the prefix cache when each request was first scheduled,
+    prompt tokens) over a run's request log; None for the first without caching."""
+    from orchestrator.ingress.request_log import read_request_log
+
+    records = read_request_log(request_log)
+    cached = [r["cached_tokens"] for r in records if "cached_tokens" in r]
+    return (sum(cached) if cached else None), sum(r["prompt_tokens"] for r in records)
 
 
 def _stop_and_keep_log(run: PolicyRun, cluster: TritonCluster, out: Path) -> None:
@@ -460,21 +481,25 @@ def _settings_lines(p: BenchPreset, specs: list[RequestSpec]) -> list[str]:
         "- failed requests count as infinite TTFT and E2E in the percentiles and the P99 ratios "
         "(`failed` in the table when a percentile falls on them); TPOT is over successful requests",
     ] + ([f"- prefix sharing: the trace's hash ids allow {ideal:.1%} of the prompt tokens to be prefix-cache "
-          f"hits (the ideal the Prefix hits column is held against)"]
+          f"hits (the ideal the Prefix hits column is held against: the prompt tokens each request found "
+          f"cached when first scheduled, from the request log; Lookups hit is vLLM's counter ratio, where a "
+          f"preempted request looks up again)"]
          if (ideal := ideal_hit_rate(specs, _block_tokens(p))) is not None else [])
 
 
 def _runs_table(runs: list[PolicyRun]) -> list[str]:
     fmt = (lambda v: "-" if v is None else f"{v:.1f}")
-    lines = ["| Policy | Status | Start (s) | Replay (s) | Stop (s) | Request errors | Drops | Restores | Prefix hits |",
-             "|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| Policy | Status | Start (s) | Replay (s) | Stop (s) | Request errors | Drops | Restores "
+             "| Prefix hits | Lookups hit |",
+             "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         status = "ok" if r.ok else f"failed: {r.error}"
-        queries = r.counters.get("prefix_cache_queries")  # present only with --enable-prefix-caching
-        hits = "-" if not queries else f"{r.counters.get('prefix_cache_hits', 0) / queries:.1%}"
+        queries = r.counters.get("prefix_cache_queries")  # present only with prefix caching on
+        lookups = "-" if not queries else f"{r.counters.get('prefix_cache_hits', 0) / queries:.1%}"
+        hits = "-" if r.cached_tokens is None or not r.prompt_tokens else f"{r.cached_tokens / r.prompt_tokens:.1%}"
         lines.append(f"| {r.policy} | {status} | {fmt(r.startup_s)} | {fmt(r.replay_s)} | {fmt(r.stop_s)} | "
                      f"{sum(x.error is not None for x in r.records)} | {int(r.counters.get('drops', 0))} | "
-                     f"{int(r.counters.get('restores', 0))} | {hits} |")
+                     f"{int(r.counters.get('restores', 0))} | {hits} | {lookups} |")
     return lines
 
 
