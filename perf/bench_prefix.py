@@ -12,17 +12,18 @@ a fresh cluster (``--policy vllm``, replicas only).
 
 Reported per configuration: TTFT P50/P99 (client-side, streamed), the prompt tokens the
 cluster prefilled (prompt tokens less the cached ones it reported in
-``usage.prompt_tokens_details``), and the hit rate against two ideals, both in whole pages
-and short of each prompt's last token:
+``usage.prompt_tokens_details``), and the hit rate against two ideals. Both count, for each
+prompt, the tokens it shares with the KV of an earlier request (its prompt and its answer
+but the last token, which no engine feeds back), in whole pages and short of the prompt's
+last token, as if no cache ever evicted or waited:
 
-- ``ideal``: the tokens of each prompt that some earlier request's tokens already held
-  (one cache for the cluster that never evicts and never waits: what the stream allows);
-- ``reachable``: the same, counting only the earlier requests on the instance that served
-  this one (the request log's ``instance``) whose prompt was computed when it arrived (its
-  first token had come) and, once they had ended, their answers but the last token (which
-  is never fed back). It is what a cache that never evicts could hit with the placement
-  and timing the run had, so ``hit rate / reachable`` measures the cache alone, and
-  ``reachable / ideal`` what dispatch and overlapping requests leave on the table.
+- ``ideal``: over every earlier request (one cache for the whole cluster): what the
+  stream allows;
+- ``placed``: over the earlier requests on the instance that served this one (the request
+  log's ``instance``): what the run's placement allows. ``hit / placed`` is the cache's own
+  share (it loses the rest to eviction, or to requests that overlap, since a prefix is
+  shared only once it is computed); ``placed / ideal`` is what dispatch leaves, each
+  instance computing what another holds.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ class Turn:
     request_id: str = ""
 
 
-CONFIGS = (("caching off, least_loaded", ("--no-enable-prefix-caching",), "least_loaded"),
-           ("caching on, least_loaded", (), "least_loaded"),
-           ("caching on, prefix_aware", (), "prefix_aware"))
+CONFIGS = {"off": ("caching off, least_loaded", ("--no-enable-prefix-caching",), "least_loaded"),
+           "on": ("caching on, least_loaded", (), "least_loaded"),
+           "prefix_aware": ("caching on, prefix_aware", (), "prefix_aware")}
 
 
 def token_text(rng: random.Random, n: int, vocab: int) -> list[int]:
@@ -108,41 +109,23 @@ async def complete(session: aiohttp.ClientSession, url: str, turn: Turn, max_tok
                 turn.cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
 
 
-def ideal_hits(turns: list[Turn], page: int) -> int:
-    """Tokens each prompt shares with an earlier request's tokens, in whole pages, short of its last."""
-    total, seen = 0, []
-    for t in sorted(turns, key=lambda x: (x.turn, x.session)):  # a turn's predecessors come before it
-        best = 0
-        for prev in seen:
-            n = 0
-            while n < min(len(prev), len(t.prompt)) and prev[n] == t.prompt[n]:
-                n += 1
-            best = max(best, n)
-        total += min(best, len(t.prompt) - 1) // page * page
-        seen.append(t.prompt + t.output)
-    return total
+def _shared(held: list[int], prompt: list[int]) -> int:
+    n = 0
+    while n < min(len(held), len(prompt)) and held[n] == prompt[n]:
+        n += 1
+    return n
 
 
-def reachable_hits(turns: list[Turn], log: list[dict], page: int) -> int:
-    """Tokens each prompt shares with what its own instance had computed when it arrived:
-    the prompts of the earlier requests there that had their first token, and the answers
-    (but the last token) of those that had ended; whole pages, short of the prompt's last."""
-    by_id = {r["id"]: r for r in log}
+def ideal_hits(turns: list[Turn], page: int, log: list[dict] | None = None) -> int:
+    """Tokens each prompt shares with an earlier request's KV (its prompt and answer but the
+    last token), in whole pages, short of the prompt's last token; with ``log`` (the request
+    log), only earlier requests on the same instance count."""
+    where = {r["id"]: r.get("instance") for r in log} if log is not None else {}
+    order = sorted(turns, key=lambda x: (x.turn, x.session))  # a turn's predecessors come before it
     total = 0
-    for t in turns:
-        me = by_id[t.request_id]
-        best = 0
-        for prev in turns:
-            rec = by_id[prev.request_id]
-            if prev is t or rec.get("instance") != me.get("instance") or rec["first_token"] is None:
-                continue
-            if rec["first_token"] > me["arrival"]:
-                continue
-            held = prev.prompt + prev.output[:-1] if rec["end"] <= me["arrival"] else prev.prompt
-            n = 0
-            while n < min(len(held), len(t.prompt)) and held[n] == t.prompt[n]:
-                n += 1
-            best = max(best, n)
+    for k, t in enumerate(order):
+        earlier = [p for p in order[:k] if log is None or where[p.request_id] == where[t.request_id]]
+        best = max((_shared(p.prompt + p.output[:-1], t.prompt) for p in earlier), default=0)
         total += min(best, len(t.prompt) - 1) // page * page
     return total
 
@@ -172,11 +155,11 @@ def summarize(name: str, turns: list[Turn], log: list[dict], page: int) -> dict:
     prompt = sum(len(t.prompt) for t in turns)
     cached = sum(t.cached for t in turns)
     ideal = ideal_hits(turns, page)
-    reachable = reachable_hits(turns, log, page)
+    placed = ideal_hits(turns, page, log)
     return {"config": name, "requests": len(turns), "ttft_p50_ms": statistics.median(ttft),
             "ttft_p99_ms": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], "prompt_tokens": prompt,
             "prefilled_tokens": prompt - cached, "hit_rate": cached / prompt, "ideal_hit_rate": ideal / prompt,
-            "reachable_hit_rate": reachable / prompt}
+            "placed_hit_rate": placed / prompt}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,13 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, default=4, help="replicas (one rank each)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--device-memory", default="1GiB", help="per rank: enough that nothing is evicted")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"which to run, in order, the first the baseline of the ratios (of {', '.join(CONFIGS)})")
     for f in Workload.__dataclass_fields__.values():
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = p.parse_args(argv)
     w = Workload(**{k: getattr(args, k) for k in Workload.__dataclass_fields__})
+    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        p.error(f"--configs: unknown {', '.join(unknown)} (known: {', '.join(CONFIGS)})")
     args.out.mkdir(parents=True, exist_ok=True)
     rows, raw = [], {}
-    for name, extra, dispatch in CONFIGS:
+    for name, extra, dispatch in (CONFIGS[c] for c in args.configs.split(",")):
         turns, log = replay(args.store, args.ranks, w, extra, dispatch, args.page_size, args.device_memory,
                             args.out / f"requests-{len(rows)}.jsonl")
         rows.append(summarize(name, turns, log, args.page_size))
@@ -200,14 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {rows[-1]}", flush=True)
     base = rows[0]
     lines = [f"{w}, {args.ranks} replicas, page {args.page_size}, store {args.store.name}", "",
-             "| config | TTFT P50 (ms) | TTFT P99 (ms) | prefilled tokens | hit rate | reachable | ideal "
-             "| hit / reachable | P50 vs off | P99 vs off |",
-             "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| config | TTFT P50 (ms) | TTFT P99 (ms) | prefilled tokens | hit rate | placed | ideal "
+             "| hit / placed | hit / ideal | P50 vs off | P99 vs off |",
+             "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        of_reachable = f"{r['hit_rate'] / r['reachable_hit_rate']:.1%}" if r["hit_rate"] else "-"
+        of_placed = f"{r['hit_rate'] / r['placed_hit_rate']:.1%}" if r["hit_rate"] else "-"
+        of_ideal = f"{r['hit_rate'] / r['ideal_hit_rate']:.1%}" if r["hit_rate"] else "-"
         lines.append(f"| {r['config']} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['prefilled_tokens']} "
-                     f"| {r['hit_rate']:.1%} | {r['reachable_hit_rate']:.1%} | {r['ideal_hit_rate']:.1%} "
-                     f"| {of_reachable} | {r['ttft_p50_ms'] / base['ttft_p50_ms']:.2f}x "
+                     f"| {r['hit_rate']:.1%} | {r['placed_hit_rate']:.1%} | {r['ideal_hit_rate']:.1%} "
+                     f"| {of_placed} | {of_ideal} | {r['ttft_p50_ms'] / base['ttft_p50_ms']:.2f}x "
                      f"| {r['ttft_p99_ms'] / base['ttft_p99_ms']:.2f}x |")
     text = "\n".join(lines)
     print(text)
