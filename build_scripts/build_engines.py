@@ -15,6 +15,7 @@ from build_scripts.sources import open_source
 from build_scripts.writer import write_store
 from engines.config import DTYPES
 from engines.errors import EngineError
+from engines.store import split_name
 
 
 def parse_splits(text: str) -> list[int]:
@@ -25,6 +26,16 @@ def parse_splits(text: str) -> list[int]:
     if not splits or splits[0] < 1:
         raise argparse.ArgumentTypeError(f"--splits needs pipeline sizes >= 1, got {text!r}")
     return splits
+
+
+def parse_tp(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tp takes comma-separated integers, got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"--tp needs tensor-parallel sizes >= 1, got {text!r}")
+    return sizes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "package), a .gguf file, or a Hugging Face model directory")
     p.add_argument("--splits", type=parse_splits, default=[1, 2, 4],
                    help="comma-separated pipeline sizes to build (default: 1,2,4)")
+    p.add_argument("--tp", type=parse_tp, default=[1],
+                   help="comma-separated tensor-parallel sizes to build each split for (default: 1); "
+                        "tp t > 1 writes OUT/tp{t}pp{g}/rank{r}.safetensors, r = pp_rank * t + tp_rank")
     p.add_argument("--out", type=Path, required=True, help="store directory to create or update")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype the weights are stored in (default: float32, fastest on CPU)")
@@ -52,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = open_source(args.source, dtype=args.dtype, seed=args.seed)
         try:
-            write_store(source, args.out, args.splits, progress=not args.no_progress)
+            write_store(source, args.out, args.splits, progress=not args.no_progress, tp_sizes=args.tp)
         finally:
             source.close()
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"engine store written to {args.out} (splits: {', '.join(f'pp{g}' for g in args.splits)})")
+    shapes = [split_name(g, t) for t in args.tp for g in args.splits]
+    print(f"engine store written to {args.out} (splits: {', '.join(shapes)})")
     return 0
 
 

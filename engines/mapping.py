@@ -52,7 +52,8 @@ class LayerRange:
 class Mapping:
     """The TensorRT-LLM ``mapping`` of one split: world, tensor and pipeline sizes.
 
-    Only tensor parallelism of 1 is built here; the field is kept for layout compatibility.
+    Ranks are numbered as TensorRT-LLM numbers them, tensor-parallel rank innermost:
+    ``rank = pp_rank * tp_size + tp_rank``.
     """
 
     pp_size: int
@@ -74,6 +75,12 @@ class Mapping:
         start = sum(counts[:pp_rank])
         return LayerRange(start, start + counts[pp_rank])
 
+    def pp_rank(self, rank: int) -> int:
+        return rank // self.tp_size
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp_size
+
     def to_json(self) -> dict[str, Any]:
         return {
             "world_size": self.world_size, "tp_size": self.tp_size, "pp_size": self.pp_size,
@@ -88,8 +95,8 @@ class Mapping:
                           tp_size=int(data.get("tp_size", 1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"mapping is malformed: {exc}") from exc
-        if mapping.tp_size != 1:
-            raise StoreError(f"tp_size {mapping.tp_size} is not supported (only 1)")
+        if mapping.tp_size < 1:
+            raise StoreError(f"mapping tp_size must be >= 1, got {mapping.tp_size}")
         recorded = data.get("pp_partition")
         if recorded is not None and list(recorded) != mapping.partition:
             raise StoreError(

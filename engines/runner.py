@@ -7,6 +7,8 @@ it takes token ids only if ``a == 0`` (embedding), returns hidden states unless
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -25,13 +27,17 @@ class StageRunner:
     """Runs the layers ``layer_range`` of ``weights`` over the KV pages of ``kv``."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, layer_range: LayerRange,
-                 kv: KVPool) -> None:
+                 kv: KVPool, all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        """``cfg`` is what this rank computes: for a tensor-parallel rank, its shard
+        (``tensor_parallel.shard_config``), with ``all_reduce`` summing a tensor in place
+        over the TP set (after the attention output and the down projection)."""
         if layer_range.end > cfg.num_hidden_layers:
             raise ValueError(f"layer range {layer_range} exceeds {cfg.num_hidden_layers} layers")
         self.cfg = cfg
         self.weights = weights
         self.layer_range = layer_range
         self.kv = kv
+        self.all_reduce = all_reduce
         self.is_first = layer_range.start == 0
         self.is_last = layer_range.end == cfg.num_hidden_layers
         self.device = kv.data.device
@@ -84,8 +90,15 @@ class StageRunner:
         v = v.view(t, cfg.num_key_value_heads, cfg.head_size)
         self.kv.write(meta.write_slots[local], k, v)
         attn = self._attention(q, k, v, local, meta)
-        x = torch.addmm(x, attn, w.o_w.t())  # residual add inside the GEMM
-        return gated_mlp(rms_norm(x, w.ln2, cfg.norm_epsilon), w.fc_w, w.gate_w, w.down_w, residual=x)
+        if self.all_reduce is None:
+            x = torch.addmm(x, attn, w.o_w.t())  # residual add inside the GEMM
+            return gated_mlp(rms_norm(x, w.ln2, cfg.norm_epsilon), w.fc_w, w.gate_w, w.down_w, residual=x)
+        part = torch.mm(attn, w.o_w.t())  # row-parallel: this rank's heads' share of the output
+        self.all_reduce(part)
+        x = x + part
+        part = gated_mlp(rms_norm(x, w.ln2, cfg.norm_epsilon), w.fc_w, w.gate_w, w.down_w, residual=None)
+        self.all_reduce(part)
+        return x + part
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: int,
                    meta: StepMeta) -> torch.Tensor:

@@ -15,15 +15,16 @@ from tests.mpi_util import mpirun_available  # noqa: F401 (the fixture behind re
 torch.set_num_threads(int(os.environ.get("KUNSERVE_TEST_THREADS", "1")))
 
 
-def build_tiny_store(root: Path, spec, splits=(1, 2, 3, 4)) -> tuple[Path, Path]:
-    """Write a tiny HF model dir for ``spec`` and build a store from it; return (hf_dir, store)."""
+def build_tiny_store(root: Path, spec, splits=(1, 2, 3, 4), tp_sizes=(1,)) -> tuple[Path, Path]:
+    """Write a tiny HF model dir for ``spec`` and build a store from it (each split for each
+    tensor-parallel size); return (hf_dir, store)."""
     from build_scripts.sources.hf_dir import open_hf_dir
     from build_scripts.sources.tiny import write_tiny_hf_dir
     from build_scripts.writer import write_store
 
     hf_dir = write_tiny_hf_dir(root / "hf", spec)
     store = root / "store"
-    write_store(open_hf_dir(hf_dir), store, list(splits), progress=False)
+    write_store(open_hf_dir(hf_dir), store, list(splits), progress=False, tp_sizes=list(tp_sizes))
     return hf_dir, store
 
 

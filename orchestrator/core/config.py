@@ -40,6 +40,9 @@ class EngineConfig:
     """The engine store (built by ``python -m build_scripts.build_engines``)."""
     pp_size: int = 1
     """Run the pp-g split's stages chained in this process (tests use it; serving uses 1)."""
+    tp_size: int = 1
+    """Run each stage as this many tensor-parallel ranks in this process, a thread each,
+    summed by an in-process all-reduce (the store needs the tp{t}pp{g} split)."""
     device: str = "auto"
     """``auto``, ``cpu`` or ``cuda[:N]``."""
     dtype: str | None = None
@@ -58,6 +61,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.pp_size < 1:
             raise ValueError("pp_size must be >= 1")
+        if self.tp_size < 1:
+            raise ValueError("tp_size must be >= 1")
         if self.page_size < 1:
             raise ValueError("page_size must be >= 1")
         if self.kv_cache_memory <= 0:

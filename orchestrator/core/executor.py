@@ -1,7 +1,9 @@
-"""In-process executors: one stage runner, or the stages of a split chained in one process."""
+"""In-process executors: one stage runner, or the stages of a split chained in one process,
+each stage optionally a set of tensor-parallel ranks run by threads."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
@@ -10,6 +12,7 @@ from engines.kv_cache import KVPool
 from engines.runner import StageRunner
 from engines.step import StepInput, StepOutput
 from engines.store import EngineStore
+from engines.tensor_parallel import ThreadGroup
 
 
 class PipelineExecutor:
@@ -17,22 +20,58 @@ class PipelineExecutor:
 
     With one stage this is a plain replica. With several, each stage gets its own weights
     (loaded from its rank file, as a separate rank would) and the block-table rows of its
-    layers; the stages share one KV pool because they share one process.
+    layers; the stages share one KV pool because they share one process. With tensor
+    parallelism, a stage is ``tp_size`` runners over their shards, each with its own KV
+    pool (``kv[tp_rank]``, its KV heads) and the same pages, run at once by threads that
+    meet in an all-reduce (``ThreadGroup``); every rank ends with the same activations.
     """
 
-    def __init__(self, store: EngineStore, pp_size: int, kv: KVPool,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        self.runners: list[StageRunner] = []
-        for rank in range(pp_size):
-            weights, layers = store.load_rank(pp_size, rank, device=device, dtype=dtype)
-            self.runners.append(StageRunner(store.config, weights, layers, kv))
+    def __init__(self, store: EngineStore, pp_size: int, kv: KVPool | list[KVPool],
+                 device: torch.device, dtype: torch.dtype, tp_size: int = 1) -> None:
+        pools = kv if isinstance(kv, list) else [kv]
+        if len(pools) != tp_size:
+            raise ValueError(f"{len(pools)} KV pools for {tp_size} tensor-parallel ranks")
+        self.stages: list[list[StageRunner]] = []
+        self.groups: list[ThreadGroup] = []
+        for pp_rank in range(pp_size):
+            group = ThreadGroup(tp_size) if tp_size > 1 else None
+            stage = []
+            for tp_rank in range(tp_size):
+                weights, layers = store.load_rank(pp_size, pp_rank * tp_size + tp_rank, device=device, dtype=dtype,
+                                                  tp_size=tp_size)
+                stage.append(StageRunner(weights.cfg, weights, layers, pools[tp_rank],
+                                         group.member(tp_rank) if group else None))
+            self.stages.append(stage)
+            if group is not None:
+                self.groups.append(group)
+        self._threads = ThreadPoolExecutor(tp_size, thread_name_prefix="tp") if tp_size > 1 else None
+
+    @property
+    def runners(self) -> list[StageRunner]:
+        """Each stage's first (tp rank 0) runner."""
+        return [stage[0] for stage in self.stages]
 
     def execute(self, step: StepInput) -> StepOutput:
         out = StepOutput()
         hidden = None
-        for runner in self.runners:
+        for stage, runner in zip(self.stages, self.runners):
             lr = runner.layer_range
             chunks = [replace(c, block_table=c.block_table[lr.start:lr.end]) for c in step.chunks]
-            out = runner.execute(StepInput(chunks=chunks, hidden=hidden))
+            stage_input = StepInput(chunks=chunks, hidden=hidden)
+            out = runner.execute(stage_input) if len(stage) == 1 else self._tensor_parallel(stage, stage_input)
             hidden = out.hidden
         return out
+
+    def _tensor_parallel(self, stage: list[StageRunner], step: StepInput) -> StepOutput:
+        """Every TP rank of ``stage`` on the step at once; rank 0's output (all are equal)."""
+        futures = [self._threads.submit(self._run_rank, r, step) for r in stage]
+        outs = [f.result() for f in futures]
+        return outs[0]
+
+    def _run_rank(self, runner: StageRunner, step: StepInput) -> StepOutput:
+        try:
+            return runner.execute(step)
+        except BaseException:
+            for group in self.groups:  # the other ranks wait in an all-reduce: release them
+                group.abort()
+            raise

@@ -14,6 +14,7 @@ from engines.errors import RequestError
 from engines.kv_cache import KVPool
 from engines.sampling import SamplingParams
 from engines.store import EngineStore
+from engines.tensor_parallel import shard_config
 from engines.tokenizer import Tokenizer
 from orchestrator.core.block_manager import BlockManager
 from orchestrator.core.config import EngineConfig
@@ -55,13 +56,17 @@ class LLMEngine:
         self.tokenizer = Tokenizer(self.store.tokenizer_dir)
         device = config.torch_device()
         dtype = config.torch_dtype(self.model.torch_dtype)
-        page_bytes = KVPool.page_nbytes(self.model, config.page_size, dtype)
+        if config.tp_size > 1 and preemption_mode == "swap":
+            raise ValueError("swap preemption needs the KV on one rank; it cannot run with tp_size > 1")
+        shard = shard_config(self.model, config.tp_size)  # what each TP rank holds of the KV
+        page_bytes = KVPool.page_nbytes(shard, config.page_size, dtype)
         num_pages = config.kv_cache_memory // page_bytes
         if num_pages < self.model.num_hidden_layers:
             raise ValueError(f"kv_cache_memory of {config.kv_cache_memory} bytes holds {num_pages} "
                              f"pages, fewer than one per layer ({self.model.num_hidden_layers})")
-        self.kv = KVPool(self.model, num_pages, config.page_size, dtype, device)
-        self.executor = PipelineExecutor(self.store, config.pp_size, self.kv, device, dtype)
+        pools = [KVPool(shard, num_pages, config.page_size, dtype, device) for _ in range(config.tp_size)]
+        self.kv = pools[0]
+        self.executor = PipelineExecutor(self.store, config.pp_size, pools, device, dtype, config.tp_size)
         self.swap_space = HostSwapSpace(self.kv, swap_space_bytes) if preemption_mode == "swap" else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),
@@ -69,8 +74,8 @@ class LLMEngine:
                                 config.enable_prefix_caching),
             eos_token_ids=self.model.eos_token_ids, swapper=self.swap_space)
         self._ids = itertools.count()
-        logger.info("engine ready: %s, pp=%d, %s %s, %d KV pages of %d tokens",
-                    self.store.path, config.pp_size, device, dtype, num_pages, config.page_size)
+        logger.info("engine ready: %s, tp=%d pp=%d, %s %s, %d KV pages of %d tokens",
+                    self.store.path, config.tp_size, config.pp_size, device, dtype, num_pages, config.page_size)
 
     @property
     def max_model_len(self) -> int:
