@@ -3,6 +3,7 @@ each stage optionally a set of tensor-parallel ranks run by threads."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -27,24 +28,31 @@ class PipelineExecutor:
     """
 
     def __init__(self, store: EngineStore, pp_size: int, kv: KVPool | list[KVPool],
-                 device: torch.device, dtype: torch.dtype, tp_size: int = 1) -> None:
+                 device: torch.device, dtype: torch.dtype, tp_size: int = 1, tp_rank: int | None = None,
+                 all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        """``tp_rank``: run only that TP rank of each stage, summing with ``all_reduce`` (a
+        transport's, ``Transport.all_reduce_group``): one process of an SPMD job whose other
+        processes run the other TP ranks on the same requests, scheduled alike."""
         pools = kv if isinstance(kv, list) else [kv]
-        if len(pools) != tp_size:
-            raise ValueError(f"{len(pools)} KV pools for {tp_size} tensor-parallel ranks")
+        tp_ranks = range(tp_size) if tp_rank is None else [tp_rank]
+        if len(pools) != len(tp_ranks):
+            raise ValueError(f"{len(pools)} KV pools for {len(tp_ranks)} tensor-parallel ranks")
+        if tp_rank is not None and tp_size > 1 and all_reduce is None:
+            raise ValueError("one TP rank of several needs the all-reduce that joins it to the others")
         self.stages: list[list[StageRunner]] = []
         self.groups: list[ThreadGroup] = []
         for pp_rank in range(pp_size):
-            group = ThreadGroup(tp_size) if tp_size > 1 else None
+            group = ThreadGroup(tp_size) if tp_size > 1 and tp_rank is None else None
             stage = []
-            for tp_rank in range(tp_size):
-                weights, layers = store.load_rank(pp_size, pp_rank * tp_size + tp_rank, device=device, dtype=dtype,
+            for pool, r in zip(pools, tp_ranks):
+                weights, layers = store.load_rank(pp_size, pp_rank * tp_size + r, device=device, dtype=dtype,
                                                   tp_size=tp_size)
-                stage.append(StageRunner(weights.cfg, weights, layers, pools[tp_rank],
-                                         group.member(tp_rank) if group else None))
+                reducer = group.member(r) if group else (all_reduce if tp_size > 1 else None)
+                stage.append(StageRunner(weights.cfg, weights, layers, pool, reducer))
             self.stages.append(stage)
             if group is not None:
                 self.groups.append(group)
-        self._threads = ThreadPoolExecutor(tp_size, thread_name_prefix="tp") if tp_size > 1 else None
+        self._threads = ThreadPoolExecutor(tp_size, thread_name_prefix="tp") if self.groups else None
 
     @property
     def runners(self) -> list[StageRunner]:

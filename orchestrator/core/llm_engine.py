@@ -44,9 +44,12 @@ class LLMEngine:
     """Loads a store's split, sizes the KV pool, and runs requests to completion."""
 
     def __init__(self, config: EngineConfig, preemption_mode: str = "recompute",
-                 swap_space_bytes: int = DEFAULT_SWAP_SPACE) -> None:
+                 swap_space_bytes: int = DEFAULT_SWAP_SPACE, tp_rank: int | None = None,
+                 all_reduce=None) -> None:
         """``preemption_mode``: ``recompute`` drops a preempted request's KV; ``swap`` keeps
-        it in ``swap_space_bytes`` of host memory (``self.swap_space``) until it returns."""
+        it in ``swap_space_bytes`` of host memory (``self.swap_space``) until it returns.
+        ``tp_rank``/``all_reduce``: this process runs only that TP rank of ``config.tp_size``
+        (an SPMD job: every process adds the same requests and schedules them alike)."""
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"unknown preemption_mode {preemption_mode!r}; "
                              f"expected one of {', '.join(PREEMPTION_MODES)}")
@@ -64,9 +67,11 @@ class LLMEngine:
         if num_pages < self.model.num_hidden_layers:
             raise ValueError(f"kv_cache_memory of {config.kv_cache_memory} bytes holds {num_pages} "
                              f"pages, fewer than one per layer ({self.model.num_hidden_layers})")
-        pools = [KVPool(shard, num_pages, config.page_size, dtype, device) for _ in range(config.tp_size)]
+        local = 1 if tp_rank is not None else config.tp_size
+        pools = [KVPool(shard, num_pages, config.page_size, dtype, device) for _ in range(local)]
         self.kv = pools[0]
-        self.executor = PipelineExecutor(self.store, config.pp_size, pools, device, dtype, config.tp_size)
+        self.executor = PipelineExecutor(self.store, config.pp_size, pools, device, dtype, config.tp_size,
+                                         tp_rank=tp_rank, all_reduce=all_reduce)
         self.swap_space = HostSwapSpace(self.kv, swap_space_bytes) if preemption_mode == "swap" else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs),

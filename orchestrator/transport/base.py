@@ -58,6 +58,13 @@ class Transport(ABC):
         scratch = torch.empty((len(index), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
         return OnArrival(self.irecv(scratch, src, tag), lambda: tensor.index_copy_(0, index, scratch))
 
+    def all_reduce_group(self, ranks: Sequence[int]) -> Callable[[torch.Tensor], None]:
+        """An in-place sum over ``ranks`` (this rank among them): a tensor-parallel set's
+        all-reduce. Blocking; every member ends with the same values. Making one is
+        collective: the MPI transport needs the members, the torch.distributed ones every
+        rank, each making the groups in the same order."""
+        raise NotImplementedError(f"the {self.name} transport has no all-reduce")
+
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         self.isend(tensor, dst, tag).wait()
 

@@ -22,7 +22,7 @@ anyway.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -128,6 +128,8 @@ class MpiTransport(Transport):
         self.max_chunk_bytes = max_chunk_bytes
         # TAG_UB is only guaranteed on COMM_WORLD.
         self._tag_ub = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
+        self._groups: list[MPI.Comm] = []
+        """Sub-communicators of the all-reduce groups (``all_reduce_group``), freed by ``close``."""
         self.cma = CmaRows(self.comm, enabled=cma)
         """Rows between ranks of one host: pulled by the receiver (see ``transport/cma.py``)."""
 
@@ -196,8 +198,31 @@ class MpiTransport(Transport):
         per_message = self.max_chunk_bytes // row_bytes
         return [_indexed_rows(index[i:i + per_message], row_bytes) for i in range(0, index.size, per_message)]
 
+    def all_reduce_group(self, ranks: Sequence[int]) -> Callable[[torch.Tensor], None]:
+        """Reduce to the group's first rank, then broadcast (not ``Allreduce``, whose
+        algorithms may add in a different order on each rank): every member ends with the
+        same bits. Summed in float32 on the host (MPI has no bfloat16); CUDA tensors are
+        staged through host memory."""
+        members = sorted(ranks)
+        if self.rank not in members:
+            raise ValueError(f"rank {self.rank} is not in the all-reduce group {members}")
+        sub = self.comm.Create_group(self.comm.group.Incl(members))  # collective over the members only
+        self._groups.append(sub)
+        root = sub.Get_rank() == 0
+
+        def all_reduce(t: torch.Tensor) -> None:
+            host = t.detach().to("cpu", torch.float32, copy=True).contiguous()
+            buf = host.numpy()
+            sub.Reduce(MPI.IN_PLACE if root else buf, buf if root else None, op=MPI.SUM, root=0)
+            sub.Bcast(buf, root=0)
+            t.copy_(host)
+        return all_reduce
+
     def close(self) -> None:
         """Free the duplicated communicators (collective; no transfer may be pending)."""
+        for sub in self._groups:
+            sub.Free()
+        self._groups = []
         self.cma.close()
         if self.comm != MPI.COMM_NULL:
             self.comm.Free()

@@ -60,7 +60,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -189,6 +189,22 @@ class DistTransport(Transport):
         """Seconds the warm-up of every pair's channels took on this rank."""
         logger.info("%s transport: %d channels (tags %s), %d pairs warmed up in %.3f s", self.name, len(tags),
                     list(tags), self.size * (self.size - 1) // 2, self.warm_up_s)
+
+    def all_reduce_group(self, ranks: Sequence[int]) -> Callable[[torch.Tensor], None]:
+        """``dist.all_reduce`` over a process group of ``ranks`` (a ring on NCCL: every member
+        ends with the same values). ``new_group`` is collective over every rank, members or
+        not, in the same order."""
+        members = sorted(ranks)
+        group = dist.new_group(members, backend=self.backend)
+        if self.rank not in members:
+            raise ValueError(f"rank {self.rank} is not in the all-reduce group {members}")
+
+        def all_reduce(t: torch.Tensor) -> None:
+            if t.device != self.device or not t.is_contiguous():
+                raise ValueError(f"all_reduce: the {self.name} transport needs a contiguous tensor on {self.device}, "
+                                 f"got {'a strided' if not t.is_contiguous() else 'one'} on {t.device}")
+            dist.all_reduce(t, group=group)
+        return all_reduce
 
     @property
     def tags(self) -> tuple[int, ...]:

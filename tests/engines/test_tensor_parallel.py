@@ -143,3 +143,23 @@ def test_build_engines_refuses_a_tp_the_model_cannot_take(tmp_path):
     from build_scripts.build_engines import main
     assert main(["--source", "tiny", "--tp", "3", "--splits", "1", "--out", str(tmp_path / "s"), "--no-progress"]) == 2
     assert not (tmp_path / "s" / "tp3pp1").exists()
+
+
+@pytest.mark.parametrize("name,tp,pp,transport", [("llama-gqa", 2, 1, "mpi"), ("llama-gqa", 2, 2, "gloo"),
+                                                  ("qwen2-6h", 3, 1, "mpi")])
+def test_tp_ranks_in_separate_processes_sum_through_the_transport(stores, tmp_path, name, tp, pp, transport,
+                                                                  mpirun_available):
+    """One TP rank per MPI process, the all-reduce over MPI (reduce then broadcast) or over
+    torch.distributed (the nccl transport's code, on gloo): the single-process engine's
+    tokens and, step by step, its logits."""
+    from tests.engines import tp_mpi_job
+    from tests.mpi_util import run_mpi_module
+    out = tmp_path / "tp.pt"
+    res = run_mpi_module(tp, "tests.engines.tp_mpi_job", str(stores[name]), transport, str(pp), str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(out)
+    want_tokens, want_logits = tp_mpi_job.run(LLMEngine(tp_mpi_job.config(stores[name], 1, 1)))
+    assert got["tokens"] == want_tokens
+    assert len(got["logits"]) == len(want_logits)
+    for a, b in zip(got["logits"], want_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
