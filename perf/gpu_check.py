@@ -39,7 +39,8 @@ import torch
 from perf.hf_reference import greedy_with_logits
 from perf.mpi_launch import REPO_ROOT
 
-GPU_TESTS = ("tests/engines/test_cuda_numerics.py", "tests/engines/test_vmm.py", "tests/engines/test_rank_engine_remap.py",
+GPU_TESTS = ("tests/engines/test_cuda_numerics.py", "tests/engines/test_tensor_parallel.py",
+             "tests/engines/test_vmm.py", "tests/engines/test_rank_engine_remap.py",
              "tests/orchestrator/core/test_swap.py", "tests/orchestrator/cluster/test_drop_restore_gpu.py",
              "tests/orchestrator/transport")
 DECODE_TOKENS = 24

@@ -52,3 +52,19 @@ def test_cuda_bf16_decodes_close_to_fp32(tmp_path, pp_size):
     same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), 15)
     # bf16 keeps 8 bits of mantissa: compare the distributions, not the last digits.
     assert torch.nn.functional.cosine_similarity(ref[:same + 1], got[:same + 1]).min() > 0.99
+
+
+@pytest.mark.parametrize("tp,pp_size", [(2, 1), (2, 2)])
+def test_cuda_tensor_parallel_fp32_matches_one_rank(tmp_path, tp, pp_size):
+    """TP ranks on one GPU, a thread each (the in-process all-reduce), against tp = 1 there."""
+    _, store = build_tiny_store(tmp_path, TinySpec(seed=7), splits=(1, pp_size), tp_sizes=(1, tp))
+    ids = None
+    results = []
+    for t, pp in ((tp, pp_size), (1, 1)):
+        engine = LLMEngine(EngineConfig(engine_dir=store, device="cuda", dtype="float32", tp_size=t, pp_size=pp,
+                                        max_num_batched_tokens=6, page_size=4, enable_prefix_caching=False))
+        ids = ids or engine.tokenizer.encode("Tensor parallel ranks on one device, summed by an all-reduce.")
+        results.append(run_with_logits(engine, ids, 12))
+    (ours, our_logits), (want, want_logits) = results
+    assert ours == want
+    torch.testing.assert_close(our_logits, want_logits, rtol=1e-4, atol=1e-4)

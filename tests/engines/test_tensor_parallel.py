@@ -163,3 +163,20 @@ def test_tp_ranks_in_separate_processes_sum_through_the_transport(stores, tmp_pa
     assert len(got["logits"]) == len(want_logits)
     for a, b in zip(got["logits"], want_logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL refuses two ranks on one)")
+def test_tp2_over_nccl_on_two_gpus(stores, tmp_path, mpirun_available):
+    """The NCCL all-reduce: TP2 on two GPUs, fp32, against the single-process engine on the CPU."""
+    from tests.engines import tp_mpi_job
+    from tests.mpi_util import run_mpi_module
+    out = tmp_path / "tp.pt"
+    res = run_mpi_module(2, "tests.engines.tp_mpi_job", str(stores["llama-gqa"]), "nccl", "1", str(out), "cuda",
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(out)
+    want_tokens, want_logits = tp_mpi_job.run(LLMEngine(tp_mpi_job.config(stores["llama-gqa"], 1, 1)))
+    assert got["tokens"] == want_tokens
+    for a, b in zip(got["logits"], want_logits):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

@@ -1,5 +1,5 @@
 """One TP rank per MPI process: ``mpirun -n T python -m tests.engines.tp_mpi_job STORE
-TRANSPORT PP OUT``. Every rank runs its shard of each of the PP stages over the same
+TRANSPORT PP OUT [cuda]`` (with ``cuda``, rank r runs on GPU r, in fp32). Every rank runs its shard of each of the PP stages over the same
 requests (scheduled alike), summing through the transport's all-reduce; rank 0 saves the
 greedy tokens and every step's logits to OUT (``torch.save``)."""
 
@@ -38,8 +38,8 @@ def run(engine: LLMEngine) -> tuple[list[list[int]], list[torch.Tensor]]:
     return [r.output_token_ids for r in reqs], logits
 
 
-def config(store: str, tp: int, pp: int) -> EngineConfig:
-    return EngineConfig(engine_dir=store, device="cpu", tp_size=tp, pp_size=pp, page_size=4,
+def config(store: str, tp: int, pp: int, device: str = "cpu") -> EngineConfig:
+    return EngineConfig(engine_dir=store, device=device, dtype="float32", tp_size=tp, pp_size=pp, page_size=4,
                         max_num_batched_tokens=16, enable_prefix_caching=False)
 
 
@@ -49,11 +49,12 @@ def main() -> int:
     torch.set_num_threads(1)
     transport = make_transport(kind, comm)
     all_reduce = transport.all_reduce_group(range(comm.size))
-    engine = LLMEngine(config(store, comm.size, pp), tp_rank=comm.rank, all_reduce=all_reduce)
+    device = f"cuda:{comm.rank}" if sys.argv[5:] == ["cuda"] else "cpu"
+    engine = LLMEngine(config(store, comm.size, pp, device), tp_rank=comm.rank, all_reduce=all_reduce)
     assert engine.executor.runners[0].cfg.num_attention_heads * comm.size == engine.model.num_attention_heads
     tokens, logits = run(engine)
     if comm.rank == 0:
-        torch.save({"tokens": tokens, "logits": logits}, out)
+        torch.save({"tokens": tokens, "logits": [x.cpu() for x in logits]}, out)
     transport.close()
     return 0
 
