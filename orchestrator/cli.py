@@ -33,6 +33,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per KV page (default: 16)")
     p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
                    help="token budget of one step (default: 512)")
+    p.add_argument("--tp", type=int, default=EngineConfig.tp_size,
+                   help="tensor-parallel ranks, run as threads in this process over the store's tp{t}pp1 split "
+                        "(build_engines --tp; default: 1)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=EngineConfig.enable_prefix_caching,
                    help="share the KV of full pages between prompts with a common prefix (default: on)")
@@ -125,7 +128,8 @@ def run_generate(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineConfig(
         engine_dir=args.engine_dir, device=args.device, dtype=args.dtype,
         kv_cache_memory=args.kv_cache_memory, page_size=args.page_size,
-        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching))
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
+        tp_size=args.tp))
     prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}])
                if args.chat else r["prompt"] for r in rows]
     reqs = []

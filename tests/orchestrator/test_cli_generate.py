@@ -129,3 +129,17 @@ def test_help_explains(args):
     res = subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "usage:" in res.stdout
+
+
+def test_generate_with_tensor_parallelism_gives_the_same_tokens(tmp_path, capsys):
+    """``--tp 2`` runs the store's tp2pp1 split as two threads; a store without it is refused."""
+    from build_scripts.sources.tiny import TinySpec
+    from tests.conftest import build_tiny_store
+
+    _, store = build_tiny_store(tmp_path, TinySpec(), splits=(1,), tp_sizes=(1, 2))
+    args = ["--engine-dir", str(store), "--prompt", "Tensor parallel", "--max-tokens", "8", "--json"]
+    one, two = generate_here(capsys, *args), generate_here(capsys, *args, "--tp", "2")
+    assert one.returncode == two.returncode == 0, (one.stderr, two.stderr)
+    assert json.loads(two.stdout)["token_ids"] == json.loads(one.stdout)["token_ids"]
+    bad = generate_here(capsys, *args, "--tp", "4")
+    assert bad.returncode == 2 and "has no tp4pp1 split" in bad.stderr, bad.stderr
