@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from engines.kv_cache import KVPool
 from engines.mapping import LayerRange
 from engines.runner import StageRunner
 from engines.store import EngineStore
+from engines.tensor_parallel import TpShard
 from engines.vmm import Arena, VmmError, make_driver
 from engines.vmm.host import resident_bytes
 from engines.weights import LayerWeights, release_freed_memory
@@ -80,13 +82,20 @@ class RankEngine:
 
     def __init__(self, store: EngineStore, device: torch.device, dtype: torch.dtype | None,
                  device_memory: int, page_size: int, workspace_fraction: float = 0.05,
-                 kv_pages: int | None = None, kv_extension: str = "auto") -> None:
+                 kv_pages: int | None = None, kv_extension: str = "auto", tp: TpShard = TpShard(1, 0),
+                 all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         """``kv_pages`` overrides the budget's pool (the oracle): a lazy pool whose pages take
-        memory only once written. ``kv_extension``: see the module's docstring."""
+        memory only once written. ``kv_extension``: see the module's docstring. ``tp``: the
+        rank's place in a tensor-parallel set, whose shard (of the store's tp splits) it
+        holds and whose KV heads its pool keeps; ``all_reduce`` sums over the set."""
         self.store = store
-        self.cfg = store.config
+        self.tp = tp
         self.baseline_resident = resident_bytes() if device.type == "cpu" else 0
-        self.weights, _ = store.load_rank(1, 0, device=device, dtype=dtype)
+        self.weights, _ = store.load_rank(1, tp.rank, device=device, dtype=dtype, tp_size=tp.size)
+        self.cfg = self.weights.cfg
+        """What this rank computes: the model, or its TP shard of it."""
+        self.splits = store.tp_splits(tp.size)
+        """The pipeline sizes this rank can take a stage of (with its TP size)."""
         self.arena = self._make_arena(device, kv_extension, lazy=kv_pages is not None)
         if self.arena is not None:
             self._adopt_weights()
@@ -108,14 +117,16 @@ class RankEngine:
         self.last_drop: DropMeasure | None = None
         # Every role of every split the store holds, prepared up front.
         self.runners: dict[tuple[int, int], StageRunner] = {}
-        for g in store.splits:
-            mapping = store.mapping(g)
+        for g in self.splits:
+            mapping = store.mapping(g, tp.size)
             for stage in range(g):
                 r = mapping.layer_range(stage)
-                self.runners[(r.start, r.end)] = StageRunner(self.cfg, self.weights, r, self.kv)
-        logger.info("rank engine: %.1f MiB weights, %d KV pages (%.1f MiB), roles for splits %s, "
+                self.runners[(r.start, r.end)] = StageRunner(self.cfg, self.weights, r, self.kv,
+                                                             all_reduce if tp.size > 1 else None)
+        logger.info("rank engine: %.1f MiB weights, %d KV pages (%.1f MiB), roles for splits %s%s, "
                     "KV extension by %s", self.plan.weight_bytes / 2**20, self.plan.kv_pages,
-                    self.plan.kv_bytes / 2**20, store.splits,
+                    self.plan.kv_bytes / 2**20, self.splits,
+                    f", tp rank {tp.rank} of {tp.size}" if tp.size > 1 else "",
                     f"remapping ({self.arena.driver.name} virtual memory)" if self.arena else "committing pages")
 
     @staticmethod
@@ -209,8 +220,8 @@ class RankEngine:
         return total
 
     def _min_kept_bytes(self) -> int:
-        sizes = [self.stage_weight_bytes(self.store.mapping(g).layer_range(s))
-                 for g in self.store.splits for s in range(g)]
+        sizes = [self.stage_weight_bytes(self.store.mapping(g, self.tp.size).layer_range(s))
+                 for g in self.splits for s in range(g)]
         return min(sizes)
 
     def drop_to(self, layers: LayerRange) -> int:

@@ -17,6 +17,8 @@ from engines.errors import EngineError
 from engines.store import EngineStore
 from engines.tokenizer import Tokenizer
 from engines.weights import LayerWeights
+from engines.tensor_parallel import TpShard
+from orchestrator.cluster import tp_set
 from orchestrator.cluster.controller import Controller
 from orchestrator.cluster.faults import Faults
 from engines.rank_engine import RankEngine
@@ -31,6 +33,7 @@ from orchestrator.policy.migration import MIGRATION
 from orchestrator.policy.reshape import make_reshape_policy
 from orchestrator.serve import ServeConfig, config_from_args, default_device_memory, rank_device
 from orchestrator.transport import make_transport
+from orchestrator.transport.mpi import all_reduce_over
 from orchestrator.triton.server import TritonError
 
 logger = logging.getLogger(__name__)
@@ -49,12 +52,27 @@ def _agree(comm: MPI.Comm, error: str | None) -> None:
         raise StartupError(err if rank == 0 or err.startswith("rank") else f"rank {rank}: {err}")
 
 
-def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology, CostModel | None, Faults]:
-    device = rank_device(cfg.device, comm)  # first: collective, before anything a rank alone may fail
+def _tp_comms(world: MPI.Comm, tp: int) -> tuple[MPI.Comm | None, MPI.Comm]:
+    """(the TP set's communicator or None, the cluster's: the sets' leaders, COMM_NULL on a
+    follower). Collective over ``world``; with a world that ``tp`` does not divide, no split
+    (``_build`` names the problem)."""
+    if tp <= 1 or world.Get_size() % tp:
+        return None, world
+    tp_comm = world.Split(world.Get_rank() // tp, world.Get_rank())
+    cluster = world.Split(0 if tp_comm.Get_rank() == 0 else MPI.UNDEFINED, world.Get_rank())
+    return tp_comm, cluster
+
+
+def _build(world: MPI.Comm, cfg: ServeConfig, tp_comm: MPI.Comm | None) -> tuple[RankEngine, Topology,
+                                                                               CostModel | None, Faults]:
+    device = rank_device(cfg.device, world)  # first: collective, before anything a rank alone may fail
     faults = Faults.from_env()
     store = EngineStore(cfg.engine_dir)
-    world = comm.Get_size()
-    topology = Topology.parse(cfg.groups, world)
+    if world.Get_size() % cfg.tp:
+        raise ValueError(f"--tp {cfg.tp} needs a multiple of {cfg.tp} ranks; the job has {world.Get_size()}")
+    if cfg.tp > 1:
+        store.mapping(1, cfg.tp)  # the split every TP instance needs must exist
+    topology = Topology.parse(cfg.groups, world.Get_size() // cfg.tp)
     for size in sorted(topology.group_sizes()):
         store.mapping(size)  # the split each group needs must exist
     memory = cfg.device_memory or default_device_memory(device)
@@ -66,29 +84,38 @@ def _build(comm: MPI.Comm, cfg: ServeConfig) -> tuple[RankEngine, Topology, Cost
             raise ValueError("--policy oracle needs a CPU pool (pages resident only when used)")
         ctx = store.config.max_position_embeddings
         kv_pages = cfg.max_num_seqs * -(-ctx // cfg.page_size) * store.config.num_hidden_layers
+    tp = TpShard(cfg.tp, tp_comm.Get_rank() if tp_comm is not None else 0)
     engine = RankEngine(store, device, dtype, memory, cfg.page_size, kv_pages=kv_pages,
-                        kv_extension=cfg.kv_extension)
+                        kv_extension=cfg.kv_extension, tp=tp,
+                        all_reduce=all_reduce_over(tp_comm) if tp_comm is not None else None)
     return engine, topology, cost, faults
 
 
-def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
-    rank = comm.Get_rank()
+def start_rank(world: MPI.Comm, args: argparse.Namespace) -> int:
+    rank = world.Get_rank()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     if args.log_level.upper() != "DEBUG":  # one line per request (and per metrics scrape) is noise
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     engine = topology = loop = ingress = cost = triton = faults = None
+    leading = False
+    tp_comm, comm = _tp_comms(world, getattr(args, "tp", 1) or 1)
     try:
         err = None
         try:
             cfg = config_from_args(args)
-            engine, topology, cost, faults = _build(comm, cfg)
+            engine, topology, cost, faults = _build(world, cfg, tp_comm)
         except (EngineError, ValueError, OSError) as exc:
             err = str(exc)
         except (torch.OutOfMemoryError, MemoryError) as exc:  # told to every rank, not a lone death
             err = f"out of memory while loading the weights and KV pool ({exc}); lower --device-memory " \
                   f"or serve a smaller model or dtype"
-        _agree(comm, err)
+        _agree(world, err)
+        if comm == MPI.COMM_NULL:  # a TP follower: it mirrors its leader's steps until the leader stops
+            return tp_set.follow(engine, tp_comm)
+        if tp_comm is not None:
+            tp_set.lead(engine, tp_comm)
+            leading = True  # from here on, the followers wait for this rank's steps
         kv_pages = comm.allgather(engine.plan.kv_pages)
         policy = get_policy(cfg.policy)
         sched = SchedulerConfig(cfg.max_num_batched_tokens, cfg.max_num_seqs,
@@ -115,12 +142,18 @@ def start_rank(comm: MPI.Comm, args: argparse.Namespace) -> int:
         for part in (triton, ingress):
             if part is not None:
                 part.stop()
+        if leading:
+            tp_set.release(tp_comm)
         return 2
     if loop.controller is not None:
         loop.controller.set_ready(True)
         logger.info("serving %s on http://%s:%d with %d ranks as %s", loop.controller.model_name,
                     cfg.host, ingress.port, comm.Get_size(), topology)
-    return _serve(comm, loop, [p for p in (triton, ingress) if p is not None])
+    try:
+        return _serve(comm, loop, [p for p in (triton, ingress) if p is not None])
+    finally:
+        if tp_comm is not None:
+            tp_set.release(tp_comm)
 
 
 def _start_triton(cfg: ServeConfig, ingress, controller: Controller):

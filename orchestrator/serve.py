@@ -48,6 +48,10 @@ class ServeConfig:
     """The engine store (``python -m build_scripts.build_engines``)."""
     groups: str | None = None
     """Initial pipelined groups, e.g. ``0-1,2-3``; ranks not named serve as replicas."""
+    tp: int = 1
+    """Tensor-parallel ranks per instance: ranks 0..N-1 form the first instance, N..2N-1 the
+    next (the store needs its tp{N}pp1 split: build_engines --tp N). With N > 1, for now,
+    every instance is a replica and only --policy vllm or oracle run."""
     policy: str = field(default="vllm", metadata=cli(choices=lambda: list(POLICIES)))
     """The memory-overload policy (see the list above)."""
     dispatch: str = field(default="least_loaded", metadata=cli(choices=dispatch_policies))
@@ -127,6 +131,13 @@ class ServeConfig:
             raise ValueError("--policy swap needs each instance's KV on one rank: it cannot start with --groups")
         if self.max_queued_requests < 1:
             raise ValueError("--max-queued-requests must be >= 1")
+        if self.tp < 1:
+            raise ValueError(f"--tp must be >= 1, got {self.tp}")
+        if self.tp > 1 and (policy.reshape != "never" or policy.migration is not None or policy.preemption == "swap"):
+            raise ValueError(f"--tp {self.tp}: not yet with --policy {self.policy}; its drops, swaps or migrations "
+                             "move KV between instances, which TP instances cannot do yet (use vllm or oracle)")
+        if self.tp > 1 and self.groups:
+            raise ValueError(f"--tp {self.tp}: not yet with --groups; TP instances start as replicas")
         # Options that only one policy reads are refused under the others, not ignored.
         if self.monitor != MonitorConfig() and policy.reshape != "kunserve":
             raise ValueError(f"--monitor-* options tune the kunserve policy's load monitor; --policy {self.policy} "

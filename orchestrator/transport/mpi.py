@@ -208,15 +208,7 @@ class MpiTransport(Transport):
             raise ValueError(f"rank {self.rank} is not in the all-reduce group {members}")
         sub = self.comm.Create_group(self.comm.group.Incl(members))  # collective over the members only
         self._groups.append(sub)
-        root = sub.Get_rank() == 0
-
-        def all_reduce(t: torch.Tensor) -> None:
-            host = t.detach().to("cpu", torch.float32, copy=True).contiguous()
-            buf = host.numpy()
-            sub.Reduce(MPI.IN_PLACE if root else buf, buf if root else None, op=MPI.SUM, root=0)
-            sub.Bcast(buf, root=0)
-            t.copy_(host)
-        return all_reduce
+        return all_reduce_over(sub)
 
     def close(self) -> None:
         """Free the duplicated communicators (collective; no transfer may be pending)."""
@@ -247,6 +239,20 @@ class MpiTransport(Transport):
             raise ValueError(f"rank {peer} is not in this communicator of size {self.size}")
         if not 0 <= tag <= self._tag_ub:
             raise ValueError(f"tag {tag} is outside MPI's range [0, {self._tag_ub}]")
+
+
+def all_reduce_over(comm: MPI.Comm) -> Callable[[torch.Tensor], None]:
+    """An in-place sum over every rank of ``comm``: a reduce to its rank 0, then a broadcast,
+    so every rank holds the same bits; in float32 on the host (MPI has no bfloat16)."""
+    root = comm.Get_rank() == 0
+
+    def all_reduce(t: torch.Tensor) -> None:
+        host = t.detach().to("cpu", torch.float32, copy=True).contiguous()
+        buf = host.numpy()
+        comm.Reduce(MPI.IN_PLACE if root else buf, buf if root else None, op=MPI.SUM, root=0)
+        comm.Bcast(buf, root=0)
+        t.copy_(host)
+    return all_reduce
 
 
 def _rows_index(tensor: torch.Tensor, rows: Sequence[int], op: str) -> np.ndarray:

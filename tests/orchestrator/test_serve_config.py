@@ -96,3 +96,16 @@ def test_bad_nested_settings_are_refused_with_the_reason(argv, words):
 def test_prefix_caching_is_on_by_default_for_every_policy(policy):
     assert parse("--policy", policy).enable_prefix_caching
     assert not parse("--policy", policy, "--no-enable-prefix-caching").enable_prefix_caching
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--tp", "2", "--policy", "kunserve"], "--tp 2: not yet with --policy kunserve"),
+    (["--tp", "2", "--policy", "swap"], "--tp 2: not yet with --policy swap"),
+    (["--tp", "2", "--policy", "llumnix"], "--tp 2: not yet with --policy llumnix"),
+    (["--tp", "2", "--groups", "0-1"], "--tp 2: not yet with --groups"),
+    (["--tp", "0"], "--tp must be >= 1"),
+])
+def test_tensor_parallel_serving_refuses_what_it_cannot_do_yet(argv, words):
+    with pytest.raises(ValueError, match=words):
+        parse(*argv)
+    assert parse("--tp", "2").tp == 2 and parse("--tp", "2", "--policy", "oracle").tp == 2
