@@ -18,24 +18,22 @@ from engines.errors import EngineError
 from engines.store import split_name
 
 
-def parse_splits(text: str) -> list[int]:
-    try:
-        splits = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--splits takes comma-separated integers, got {text!r}") from None
-    if not splits or splits[0] < 1:
-        raise argparse.ArgumentTypeError(f"--splits needs pipeline sizes >= 1, got {text!r}")
-    return splits
-
-
-def parse_tp(text: str) -> list[int]:
+def _parse_sizes(text: str, flag: str, what: str) -> list[int]:
     try:
         sizes = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--tp takes comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {text!r}") from None
     if not sizes or sizes[0] < 1:
-        raise argparse.ArgumentTypeError(f"--tp needs tensor-parallel sizes >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{flag} needs {what} sizes >= 1, got {text!r}")
     return sizes
+
+
+def parse_splits(text: str) -> list[int]:
+    return _parse_sizes(text, "--splits", "pipeline")
+
+
+def parse_tp(text: str) -> list[int]:
+    return _parse_sizes(text, "--tp", "tensor-parallel")
 
 
 def build_parser() -> argparse.ArgumentParser:

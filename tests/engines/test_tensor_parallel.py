@@ -15,7 +15,6 @@ import torch
 
 from build_scripts.sources.tiny import TinySpec
 from engines.errors import StoreError
-from engines.sampling import SamplingParams
 from engines.store import EngineStore
 from engines.tensor_parallel import TpShard, check_tp, shard_config
 from orchestrator.core.config import EngineConfig
@@ -70,38 +69,17 @@ def test_logits_match_the_single_process_engine_and_transformers(stores, name, t
     torch.testing.assert_close(our_logits, hf_logits, rtol=1e-4, atol=1e-4)
 
 
-def _record_steps(e: LLMEngine) -> list[tuple[list[int], torch.Tensor]]:
-    seen, execute = [], e.executor.execute
-
-    def recording(step):
-        out = execute(step)
-        if out.logits is not None:
-            seen.append((list(out.sampled_seq_ids), out.logits.clone()))
-        return out
-    e.executor.execute = recording
-    return seen
-
-
 @pytest.mark.parametrize("name,tp,pp", [("llama-gqa", 2, 2), ("qwen2-6h", 3, 1)])
 def test_mixed_steps_give_the_same_logits_step_by_step(stores, name, tp, pp):
-    """Requests of different lengths under a small token budget: steps mix chunked prefills
-    with decodes; the same schedule on both engines gives the same logits at every step."""
-    store = stores[name]
-    runs = []
-    for e in (engine(store, tp, pp, 16), engine(store, 1, 1, 16)):
-        steps = _record_steps(e)
-        prompts = ["a short one", "a prompt of middling length, padded a bit more", PROMPT, "tiny"]
-        reqs = [e.make_request(p, SamplingParams(max_tokens=8 + 3 * i, ignore_eos=True))
-                for i, p in enumerate(prompts)]
-        for r in reqs:
-            e.add_request(r)
-        while e.scheduler.has_work():
-            e.step()
-        runs.append(([r.output_token_ids for r in reqs], steps))
-    (tp_tokens, tp_steps), (tokens, steps) = runs
+    """Requests of different lengths under a small token budget (``tp_mpi_job.run``): steps
+    mix chunked prefills with decodes; the same schedule on both engines gives the same
+    logits at every step."""
+    from tests.engines import tp_mpi_job
+    tp_tokens, tp_steps = tp_mpi_job.run(engine(stores[name], tp, pp, 16))
+    tokens, steps = tp_mpi_job.run(engine(stores[name], 1, 1, 16))
     assert tp_tokens == tokens
-    assert len(tp_steps) == len(steps) and any(len(ids) > 1 for ids, _ in steps)
-    for (ids_a, a), (ids_b, b) in zip(tp_steps, steps):
+    assert len(tp_steps) == len(steps) and any(s.shape[0] > 1 for s in steps)  # several sampled at once
+    for a, b in zip(tp_steps, steps):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
