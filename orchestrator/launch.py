@@ -19,6 +19,7 @@ from engines.tokenizer import Tokenizer
 from engines.weights import LayerWeights
 from engines.tensor_parallel import TpShard
 from orchestrator.cluster import tp_set
+from orchestrator.cluster.tp_set import SoleRank, TpLeader
 from orchestrator.cluster.controller import Controller
 from orchestrator.cluster.faults import Faults
 from engines.rank_engine import RankEngine
@@ -52,17 +53,6 @@ def _agree(comm: MPI.Comm, error: str | None) -> None:
         raise StartupError(err if rank == 0 or err.startswith("rank") else f"rank {rank}: {err}")
 
 
-def _tp_comms(world: MPI.Comm, tp: int) -> tuple[MPI.Comm | None, MPI.Comm]:
-    """(the TP set's communicator or None, the cluster's: the sets' leaders, COMM_NULL on a
-    follower). Collective over ``world``; with a world that ``tp`` does not divide, no split
-    (``_build`` names the problem)."""
-    if tp <= 1 or world.Get_size() % tp:
-        return None, world
-    tp_comm = world.Split(world.Get_rank() // tp, world.Get_rank())
-    cluster = world.Split(0 if tp_comm.Get_rank() == 0 else MPI.UNDEFINED, world.Get_rank())
-    return tp_comm, cluster
-
-
 def _build(world: MPI.Comm, cfg: ServeConfig, tp_comm: MPI.Comm | None) -> tuple[RankEngine, Topology,
                                                                                CostModel | None, Faults]:
     device = rank_device(cfg.device, world)  # first: collective, before anything a rank alone may fail
@@ -70,11 +60,10 @@ def _build(world: MPI.Comm, cfg: ServeConfig, tp_comm: MPI.Comm | None) -> tuple
     store = EngineStore(cfg.engine_dir)
     if world.Get_size() % cfg.tp:
         raise ValueError(f"--tp {cfg.tp} needs a multiple of {cfg.tp} ranks; the job has {world.Get_size()}")
-    if cfg.tp > 1:
-        store.mapping(1, cfg.tp)  # the split every TP instance needs must exist
-    topology = Topology.parse(cfg.groups, world.Get_size() // cfg.tp)
+    store.mapping(1, cfg.tp)  # the split every instance needs must exist
+    topology = Topology.parse(cfg.groups, world.Get_size(), cfg.tp)
     for size in sorted(topology.group_sizes()):
-        store.mapping(size)  # the split each group needs must exist
+        store.mapping(size, cfg.tp)  # the split each group needs must exist
     memory = cfg.device_memory or default_device_memory(device)
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else (None if device.type == "cpu" else torch.bfloat16)
     cost = CostModel.load(cfg.cost_model) if cfg.cost_model else None
@@ -99,7 +88,7 @@ def start_rank(world: MPI.Comm, args: argparse.Namespace) -> int:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     engine = topology = loop = ingress = cost = triton = faults = None
     leading = False
-    tp_comm, comm = _tp_comms(world, getattr(args, "tp", 1) or 1)
+    tp_comm, comm = tp_set.shadow_comms(world, getattr(args, "tp", 1) or 1)
     try:
         err = None
         try:
@@ -111,18 +100,18 @@ def start_rank(world: MPI.Comm, args: argparse.Namespace) -> int:
             err = f"out of memory while loading the weights and KV pool ({exc}); lower --device-memory " \
                   f"or serve a smaller model or dtype"
         _agree(world, err)
-        if comm == MPI.COMM_NULL:  # a TP follower: it mirrors its leader's steps until the leader stops
-            return tp_set.follow(engine, tp_comm)
-        if tp_comm is not None:
-            tp_set.lead(engine, tp_comm)
-            leading = True  # from here on, the followers wait for this rank's steps
+        _agree(world, _same_pools(engine, tp_comm))
+        if tp_comm is not None and tp_comm.Get_rank() > 0:  # a follower: it mirrors its leader until it stops
+            return tp_set.follow(engine, tp_comm, comm, make_transport(cfg.transport, comm))
+        devices = TpLeader(engine, tp_comm) if tp_comm is not None else SoleRank(engine, rank)
+        leading = tp_comm is not None  # from here on, the followers wait for this rank's orders
         kv_pages = comm.allgather(engine.plan.kv_pages)
         policy = get_policy(cfg.policy)
         sched = SchedulerConfig(cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                 preemption_mode=policy.preemption, swap_space_bytes=cfg.swap_space,
                                 enable_prefix_caching=cfg.enable_prefix_caching)
         loop = RankLoop(comm, engine, topology, kv_pages, sched, make_transport(cfg.transport, comm),
-                        engine.plan.device_memory, cost, faults)
+                        engine.plan.device_memory, cost, faults, devices)
         err = None
         if rank == 0:
             try:
@@ -143,7 +132,7 @@ def start_rank(world: MPI.Comm, args: argparse.Namespace) -> int:
             if part is not None:
                 part.stop()
         if leading:
-            tp_set.release(tp_comm)
+            devices.release()
         return 2
     if loop.controller is not None:
         loop.controller.set_ready(True)
@@ -152,8 +141,17 @@ def start_rank(world: MPI.Comm, args: argparse.Namespace) -> int:
     try:
         return _serve(comm, loop, [p for p in (triton, ingress) if p is not None])
     finally:
-        if tp_comm is not None:
-            tp_set.release(tp_comm)
+        devices.release()
+
+
+def _same_pools(engine: RankEngine, tp_comm: MPI.Comm | None) -> str | None:
+    """Page ids are shared by a TP set, so its ranks' pools must be the same size."""
+    if tp_comm is None:
+        return None
+    pages = tp_comm.allgather(engine.plan.kv_pages)
+    if len(set(pages)) > 1:
+        return f"the TP set's KV pools differ ({pages} pages): give every rank the same --device-memory"
+    return None
 
 
 def _start_triton(cfg: ServeConfig, ingress, controller: Controller):
@@ -171,16 +169,16 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
     from orchestrator.ingress.server import IngressServer
 
     store = engine.store
-    cfg_m = store.config
+    cfg_m = engine.cfg  # what one device holds: the model, or its TP shard
     mem = ModelMemory(num_layers=cfg_m.num_hidden_layers,
                       kv_bytes_per_token=cfg_m.kv_bytes_per_token_per_layer(engine.weights.dtype) * cfg_m.num_hidden_layers,
                       layer_weight_bytes=LayerWeights.buffer_numel(cfg_m) * engine.weights.dtype.itemsize,
-                      kv_pool_bytes=engine.plan.kv_bytes, splits=tuple(store.splits))
+                      kv_pool_bytes=engine.plan.kv_bytes, splits=tuple(engine.splits))
     bundle = get_policy(cfg.policy)
     controller = Controller(
         loop.topology, cfg.model_name or store.path.resolve().name, Tokenizer(store.tokenizer_dir),
         store.config.max_position_embeddings, cfg.max_queued_requests, make_dispatch_policy(cfg.dispatch, cfg.page_size),
-        send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=store.splits,
+        send_to_leader=loop.to_leader, start_regroup=loop.start_regroup, splits=engine.splits,
         num_layers=store.config.num_hidden_layers, reshape_policy=make_reshape_policy(bundle.reshape, mem, cfg.monitor),
         migration_policy=MIGRATION.make(bundle.migration, cfg.migration) if bundle.migration else None,
         policy_name=bundle.name)

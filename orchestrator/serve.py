@@ -47,11 +47,13 @@ class ServeConfig:
     engine_dir: Path = field(metadata=cli(metavar="DIR"))
     """The engine store (``python -m build_scripts.build_engines``)."""
     groups: str | None = None
-    """Initial pipelined groups, e.g. ``0-1,2-3``; ranks not named serve as replicas."""
+    """Initial pipelined groups of MPI ranks, e.g. ``0-1,2-3``; ranks not named serve as
+    replicas. With --tp N a group is whole TP sets (``--tp 2 --groups 0-3``: one TP2 x PP2
+    instance on ranks 0-3)."""
     tp: int = 1
-    """Tensor-parallel ranks per instance: ranks 0..N-1 form the first instance, N..2N-1 the
-    next (the store needs its tp{N}pp1 split: build_engines --tp N). With N > 1, for now,
-    every instance is a replica and only --policy vllm or oracle run."""
+    """Tensor-parallel ranks per stage: ranks 0..N-1 form the first TP set, N..2N-1 the
+    next, each a replica unless --groups pipelines several (the store needs its tp{N}
+    splits: build_engines --tp N). --policy swap and llumnix need instances of one rank."""
     policy: str = field(default="vllm", metadata=cli(choices=lambda: list(POLICIES)))
     """The memory-overload policy (see the list above)."""
     dispatch: str = field(default="least_loaded", metadata=cli(choices=dispatch_policies))
@@ -133,11 +135,9 @@ class ServeConfig:
             raise ValueError("--max-queued-requests must be >= 1")
         if self.tp < 1:
             raise ValueError(f"--tp must be >= 1, got {self.tp}")
-        if self.tp > 1 and (policy.reshape != "never" or policy.migration is not None or policy.preemption == "swap"):
-            raise ValueError(f"--tp {self.tp}: not yet with --policy {self.policy}; its drops, swaps or migrations "
-                             "move KV between instances, which TP instances cannot do yet (use vllm or oracle)")
-        if self.tp > 1 and self.groups:
-            raise ValueError(f"--tp {self.tp}: not yet with --groups; TP instances start as replicas")
+        if self.tp > 1 and (policy.migration is not None or policy.preemption == "swap"):
+            raise ValueError(f"--tp {self.tp}: --policy {self.policy} swaps or migrates KV of one rank per instance; "
+                             "TP instances run --policy kunserve, vllm or oracle")
         # Options that only one policy reads are refused under the others, not ignored.
         if self.monitor != MonitorConfig() and policy.reshape != "kunserve":
             raise ValueError(f"--monitor-* options tune the kunserve policy's load monitor; --policy {self.policy} "

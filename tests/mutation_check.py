@@ -123,6 +123,14 @@ MUTATIONS = [
              (("                if (b.hash, m) not in self.copies:",
                "                if True:  # MUTATION"),),
              (SHARED,)),
+    Mutation("tp-follower-kv-not-moved", "a TP follower leaves its heads' KV where it was in an exchange",
+             "orchestrator/cluster/tp_set.py",
+             (("                mover.post_all()", "                mover.finish(order.batch)  # MUTATION"),),
+             ("tests/orchestrator/cluster/test_tp_drop_restore.py",)),
+    Mutation("tp-follower-keeps-weights", "a TP follower keeps every layer when its leader drops",
+             "orchestrator/cluster/tp_set.py",
+             (("                engine.drop_to(order.layers)\n", "                pass  # MUTATION\n"),),
+             ("tests/orchestrator/cluster/test_tp_drop_restore.py",)),
 ]
 
 

@@ -169,16 +169,23 @@ class Controller:
             ranks = [self._rank_state(info) for _, info in sorted(self._ranks.items())]
             stats = dict(self._stats)
         instances = [InstanceState(r[0], list(r), stats[r[0]].waiting if r[0] in stats else 0,
-                                   stats[r[0]].running if r[0] in stats else 0)
+                                   stats[r[0]].running if r[0] in stats else 0, *self._shape(r))
                      for r in self.topology.instances]
         events, counters = self.log.snapshot()
         return ClusterState(ranks, instances, self.requests.queued(), events, counters)
+
+    def _shape(self, ranks: tuple[int, ...]) -> tuple[str, list[int]]:
+        """An instance's ``tp{T}xpp{P}`` and its devices' world ranks."""
+        infos = [self._ranks.get(r) for r in ranks]
+        tp = infos[0].tp_size if infos[0] is not None else 1
+        world = [w for i, r in zip(infos, ranks) for w in (i.world_ranks if i is not None else (r,))]
+        return f"tp{tp}xpp{len(ranks)}", world
 
     def _rank_state(self, info: RankInfo) -> RankState:
         used = sum(p.used for stats in self._stats.values() for p in stats.pools if p.rank == info.rank)
         return RankState(info.rank, info.role, info.instance, info.stage, info.group_size, info.layer_range,
                          info.weight_bytes, info.kv_pages, used, info.device_memory, info.resident_growth,
-                         info.kv_bytes, info.workspace_bytes)
+                         info.kv_bytes, info.workspace_bytes, info.tp_size, list(info.world_ranks or (info.rank,)))
 
     # Main-loop side ------------------------------------------------------------------------
     def set_ready(self, ready: bool, reason: str = "") -> None:

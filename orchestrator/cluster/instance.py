@@ -59,6 +59,8 @@ class InstanceDriver:
         self.token_budget = sched_config.max_num_batched_tokens
         self.ranks = ranks
         self.ranges = ranges
+        self.shape = f"tp{engine.tp.size}xpp{len(ranks)}"
+        """Its devices: ``tp.size`` tensor-parallel ranks in each of its stages."""
         self.sender = sender
         self.runner = engine.runner(ranges[0])
         if len(ranks) > 1:  # a group of g stages runs g micro-batches, each as large as a replica's
@@ -113,6 +115,7 @@ class InstanceDriver:
                 queue_time_s=req.first_scheduled_time - req.arrival_time if first else None,
                 num_cached_tokens=req.num_cached_tokens if first and self.blocks.cache is not None else None,
                 instance=self.instance if first else None,
+                instance_shape=self.shape if first else None,
                 logprobs=output_lps if req.sampling.logprobs is not None else None,
                 prompt_logprobs=prompt_lps if req.sampling.prompt_logprobs is not None and prompt_lps else None))
             self.sent[req.request_id] += len(new)

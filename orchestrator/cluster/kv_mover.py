@@ -6,6 +6,10 @@ A batch is posted in turns of whole layers, a bounded number of bytes per turn o
 rank loop, so pipeline steps run in between; within a turn, the pages going from one rank
 to another travel as one message, layer after layer, straight from pool memory into pool
 memory (``Transport.isend_rows``/``irecv_rows``).
+
+A rank that leads a tensor-parallel set tells its followers (``MoveMirror``) when a batch
+starts, before posting any of it, and when its part has landed or was given up: each
+follower moves its own KV heads of the same pages with its peers (``post_all``, ``finish``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -37,6 +42,14 @@ def _by_layer(moves: list[KvMove]) -> list[tuple[int, list[KvMove]]]:
     return sorted(out.items())
 
 
+class MoveMirror(Protocol):
+    """Told of this rank's batches (a TP set's leader: its followers move their shards alike)."""
+
+    def moves_started(self, msg: ExchangeBatch) -> None: ...
+
+    def moves_finished(self, batch: BatchId) -> None: ...
+
+
 @dataclass
 class _Batch:
     id: BatchId
@@ -49,10 +62,11 @@ class _Batch:
 class KvMover:
     """Performs this rank's part of exchange batches."""
 
-    def __init__(self, rank: int, kv: KVPool, transport: Transport) -> None:
+    def __init__(self, rank: int, kv: KVPool, transport: Transport, mirror: MoveMirror | None = None) -> None:
         self.rank = rank
         self.kv = kv
         self.transport = transport
+        self.mirror = mirror
         self._batches: list[_Batch] = []
 
     @property
@@ -65,6 +79,8 @@ class KvMover:
         The turns are cut from the whole batch's move list, which every member has, so the
         members of a pair agree on which layers each message carries.
         """
+        if self.mirror is not None:
+            self.mirror.moves_started(msg)
         turns: list[list[KvMove]] = []
         turn_bytes = BYTES_PER_TURN
         for layer, moves in _by_layer(msg.moves):
@@ -88,14 +104,35 @@ class KvMover:
             b.handles = [h for h in b.handles if not self._land(h)]
             if not b.turns and not b.handles:
                 self._batches.remove(b)
+                if self.mirror is not None:
+                    self.mirror.moves_finished(b.id)
                 done.append(ExchangeDone(self.rank, b.id, b.bytes_moved, time.monotonic() - b.started))
         return done
 
     def abort(self, batch: BatchId) -> None:
+        self.finish(batch)
+        if self.mirror is not None:
+            self.mirror.moves_finished(batch)
+
+    def post_all(self) -> None:
+        """Post every turn of every queued batch now, in order (a TP follower, which runs
+        no loop of its own between its leader's orders)."""
+        for b in self._batches:
+            while b.turns:
+                b.bytes_moved += self._post_turn(b.turns.popleft(), b.handles)
+
+    def finish(self, batch: BatchId) -> int:
+        """Block until this rank's posted transfers of ``batch`` have landed, then forget it
+        (a posted transfer cannot be taken back safely, so an aborted one lands too, unused;
+        turns not yet posted are dropped, as the peers of an abort drop theirs). Returns the
+        bytes it received."""
+        received = 0
         for b in [b for b in self._batches if b.id == batch]:
             for h in b.handles:
-                h.wait()  # a posted transfer cannot be taken back safely; let it land (unused)
+                h.wait()
             self._batches.remove(b)
+            received += b.bytes_moved
+        return received
 
     def _post_turn(self, moves: list[KvMove], handles: list) -> int:
         """Post one turn's moves, one transfer per peer; returns the bytes this rank receives.

@@ -67,6 +67,9 @@ class RankInfo:
     can_grow_kv: bool = True
     """Whether a drop can turn this rank's weights into KV (not a CUDA pool without the
     virtual-memory driver)."""
+    tp_size: int = 1
+    world_ranks: tuple[int, ...] = ()
+    """The MPI world ranks of the devices behind this rank (its TP set; itself at tp = 1)."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # types only: the loop imports these modules, not the other w
     from engines.rank_engine import RankEngine
     from orchestrator.cluster.faults import Faults
     from orchestrator.cluster.instance import InstanceDriver, StageWorker
+    from orchestrator.cluster.tp_set import SoleRank
     from orchestrator.core.scheduler import SchedulerConfig
     from orchestrator.kunserve.cost_model import CostModel
     from orchestrator.transport import Transport
@@ -49,6 +50,9 @@ class RankContext(Protocol):
 
     rank: int
     engine: RankEngine
+    devices: SoleRank
+    """The devices behind this rank (a TP set's leader and followers): the one way to drop
+    and restore weights, so that every device of the set does it."""
     transport: Transport
     messenger: Sender
     sched_config: SchedulerConfig

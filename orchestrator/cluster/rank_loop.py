@@ -35,6 +35,7 @@ from orchestrator.cluster.messages import (TAG_CONTROL, TAG_HIDDEN, TAG_RESULT, 
                                            RankInfo, Regroup, RegroupDone, ReshapeEvent, Restored, RestoreGroup,
                                            Shutdown, SplitGroup, StageResult, StageStep, StartMigration)
 from orchestrator.cluster.reshaper import Reshaper
+from orchestrator.cluster.tp_set import SoleRank
 from engines.rank_engine import RankEngine
 from orchestrator.contracts import Topology
 from orchestrator.kunserve.cost_model import CostModel
@@ -93,13 +94,16 @@ class RankLoop:
 
     def __init__(self, comm: MPI.Comm, engine: RankEngine, topology: Topology, kv_pages: list[int],
                  sched_config: SchedulerConfig, transport: Transport, device_memory: int,
-                 cost_model: CostModel | None = None, faults: Faults | None = None) -> None:
+                 cost_model: CostModel | None = None, faults: Faults | None = None,
+                 devices: SoleRank | None = None) -> None:
         self.comm = comm
         self.faults = faults or Faults()
         """Fallback paths taken on purpose (tests only; see ``faults``)."""
         self.rank = comm.Get_rank()
         self.world = comm.Get_size()
         self.engine = engine
+        self.devices = devices or SoleRank(engine, self.rank)
+        """The devices behind this rank: itself, or a TP set it leads."""
         self.kv_pages = kv_pages
         self.sched_config = sched_config
         self.device_memory = device_memory
@@ -110,7 +114,7 @@ class RankLoop:
         self._driver: InstanceDriver | None = None
         self.worker: StageWorker | None = None
         self.stop_reason: str | None = None
-        self.mover = KvMover(self.rank, engine.kv, transport)
+        self.mover = KvMover(self.rank, engine.kv, transport, mirror=self.devices)
         self.migration_source = MigrationSource(self)
         self.migration_target = MigrationTarget(self)
         self.reshaper = Reshaper(self)
@@ -126,7 +130,7 @@ class RankLoop:
         self.topology = topology
         ranks = topology.instances[topology.instance_of(self.rank)]
         inst = ranks[0]  # an instance is known by its leader rank: stable across reshapes
-        mapping = self.engine.store.mapping(len(ranks))
+        mapping = self.engine.store.mapping(len(ranks), self.devices.size)
         ranges = [mapping.layer_range(s) for s in range(len(ranks))]
         stage = ranks.index(self.rank)
         role = Role(inst, stage, len(ranks), ranges[stage])
@@ -151,7 +155,8 @@ class RankLoop:
         r, plan = self.role, self.engine.plan
         return RankInfo(self.rank, self.engine.kv.num_pages, self.engine.weight_memory(), self.engine.kv.nbytes,
                         self.device_memory, self.engine.resident_growth(), plan.workspace_bytes, r.kind,
-                        r.instance, r.stage, r.size, (r.layers.start, r.layers.end), self.engine.can_grow_kv)
+                        r.instance, r.stage, r.size, (r.layers.start, r.layers.end), self.engine.can_grow_kv,
+                        self.devices.size, self.devices.world_ranks)
 
     # Delivery (local when the destination is this rank) --------------------------------------
     def to_leader(self, instance: int, msg: object) -> None:

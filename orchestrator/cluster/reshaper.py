@@ -25,7 +25,6 @@ from orchestrator.cluster.messages import (DropGroup, ExchangeDone, MemberReady,
                                            RestoreGroup, SplitGroup)
 from orchestrator.cluster.rank_context import RankContext, Role
 from orchestrator.cluster.split import Split
-from orchestrator.cluster.weight_pull import exchange_weights
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class Reshaper:
 
     # The member's part --------------------------------------------------------------------
     def _ranges(self, ranks: tuple[int, ...]) -> list[LayerRange]:
-        mapping = self.ctx.engine.store.mapping(len(ranks))
+        mapping = self.ctx.engine.store.mapping(len(ranks), self.ctx.devices.size)
         return [mapping.layer_range(s) for s in range(len(ranks))]
 
     def _drop(self, msg: DropGroup) -> Formation | None:
@@ -95,11 +94,13 @@ class Reshaper:
         shared = driver.export_blocks()  # the cached blocks they share; unreferenced ones are given back
         stage = msg.ranks.index(ctx.rank)
         ranges = self._ranges(msg.ranks)
-        pages = ctx.engine.drop_to(ranges[stage])
-        m = ctx.engine.last_drop
-        ctx.to_controller(ReshapeEvent(EventKind.WEIGHTS_DROPPED, msg.ranks, {
-            "rank": ctx.rank, "bytes": m.weights_freed, "remapped": m.remapped, "kv_pages_added": pages,
-            "seconds": m.seconds}))
+        pages = ctx.devices.drop_to(ranges[stage])
+        for d in ctx.devices.last_drop:  # one event per device: each TP rank measured its own
+            m = d.measure
+            ctx.to_controller(ReshapeEvent(EventKind.WEIGHTS_DROPPED, msg.ranks, {
+                "rank": ctx.rank, "world_rank": d.world_rank, "bytes": m.weights_freed, "remapped": m.remapped,
+                "kv_pages_added": pages, "seconds": m.seconds, "resident_fall": m.resident_fall,
+                "kv_added": m.kv_added, "resident_rise": m.resident_rise, "weight_bytes": d.weight_bytes}))
         role = Role(msg.ranks[0], stage, len(msg.ranks), ranges[stage])
         formation = None
         if stage == 0:  # the driver comes when every member is ready (Formation)
@@ -116,11 +117,7 @@ class Reshaper:
         """Give the KV extension back, pull my dropped weights from the peers, serve as a replica."""
         ctx, engine = self.ctx, self.ctx.engine
         stage = msg.ranks.index(ctx.rank)
-        # The KV extension's memory (empty now) receives the weights: no allocator, no page faults.
-        memory = engine.memory_for_restore()
-        nbytes, seconds = exchange_weights(engine.weights, msg.ranks, self._ranges(msg.ranks), stage, ctx.transport,
-                                           memory)
-        engine.restored(memory)
+        nbytes, seconds = ctx.devices.restore(msg.ranks, self._ranges(msg.ranks), stage, ctx.transport)
         logger.info("restored %.1f MiB of weights from peers in %.3f s (%.2f GiB/s)", nbytes / 2**20, seconds,
                     nbytes / max(seconds, 1e-9) / 2**30)
         ctx.to_controller(ReshapeEvent(EventKind.WEIGHTS_PULLED, msg.ranks, {"rank": ctx.rank, "bytes": nbytes,

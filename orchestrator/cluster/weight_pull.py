@@ -12,13 +12,28 @@ from __future__ import annotations
 import logging
 import time
 
+from typing import TYPE_CHECKING
+
 from engines.mapping import LayerRange
 from engines.weights import LayerWeights, ModelWeights
 from orchestrator.cluster.messages import TAG_WEIGHTS
 from engines.weight_memory import RegionMemory, WeightMemory
 from orchestrator.transport import Transport
 
+if TYPE_CHECKING:
+    from engines.rank_engine import RankEngine
+
 logger = logging.getLogger(__name__)
+
+
+def restore_weights(engine: RankEngine, ranks: tuple[int, ...], ranges: list[LayerRange], stage: int,
+                    transport: Transport) -> tuple[int, float]:
+    """A member's restore: the KV extension's memory (empty now) receives the weights it
+    dropped, pulled from its peers (no allocator, no page faults); returns (bytes, seconds)."""
+    memory = engine.memory_for_restore()
+    nbytes, seconds = exchange_weights(engine.weights, ranks, ranges, stage, transport, memory)
+    engine.restored(memory)
+    return nbytes, seconds
 
 
 def _owner(layer: int, ranges: list[LayerRange]) -> int:

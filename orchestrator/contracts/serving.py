@@ -53,6 +53,8 @@ class TokenEvent:
     instance: int | None = None
     """On the first event with tokens: the instance (its leader rank) that computed the
     prompt, for the request log."""
+    instance_shape: str | None = None
+    """With ``instance``: its ``tp{T}xpp{P}`` then."""
     logprobs: list[TokenLogprob] | None = None
     """When the request asked for them: one per token of ``token_ids``."""
     prompt_logprobs: list[TokenLogprob] | None = None
@@ -79,6 +81,9 @@ class RankState:
     kv_bytes: int = 0
     workspace_bytes: int = 0
     """Part of the device memory kept for activations and scratch."""
+    tp_size: int = 1
+    world_ranks: list[int] = field(default_factory=list)
+    """The MPI world ranks of the devices behind this rank: its TP set (itself at tp 1)."""
 
 
 @dataclass
@@ -89,6 +94,10 @@ class InstanceState:
     ranks: list[int]
     waiting: int
     running: int
+    shape: str = "tp1xpp1"
+    """``tp{T}xpp{P}``: T tensor-parallel devices in each of its P pipeline stages."""
+    world_ranks: list[int] = field(default_factory=list)
+    """The MPI world ranks of all its devices, stage by stage."""
 
 
 @dataclass

@@ -20,9 +20,15 @@ class Topology:
         return cls(tuple((r,) for r in range(world_size)))
 
     @classmethod
-    def parse(cls, text: str | None, world_size: int) -> "Topology":
+    def parse(cls, text: str | None, world_size: int, tp: int = 1) -> "Topology":
         """Parse ``"0-1,2,3"``: ranges are groups, single ranks replicas; ranks not named
-        become replicas. Groups must be contiguous ranges of ranks."""
+        become replicas. Groups must be contiguous ranges of ranks.
+
+        With ``tp`` > 1 the text names MPI world ranks, of which each ``tp`` in a row form one
+        cluster rank (a TP set: world ranks k*tp .. k*tp+tp-1 are set k); a group must be
+        whole sets, and the topology is over the sets."""
+        if tp > 1:
+            return cls._parse_tp(text, world_size, tp)
         if not text:
             return cls.replicas(world_size)
         groups: list[tuple[int, ...]] = []
@@ -43,6 +49,22 @@ class Topology:
             raise ValueError(f"--groups {text!r} names ranks outside 0-{world_size - 1}")
         groups += [(r,) for r in range(world_size) if r not in named]
         return cls(tuple(sorted(groups)))
+
+    @classmethod
+    def _parse_tp(cls, text: str | None, world_size: int, tp: int) -> "Topology":
+        named = [g for g in cls.parse(text, world_size).instances if text and len(g) > 1 or g[0] in cls._singles(text)]
+        groups = []
+        for g in named:
+            if g[0] % tp or len(g) % tp:
+                raise ValueError(f"--groups {text!r}: with --tp {tp} an instance is whole TP sets (world ranks "
+                                 f"{tp}k to {tp}k+{tp - 1} form set k); {g[0]}-{g[-1]} splits one")
+            groups.append(f"{g[0] // tp}-{(g[-1] + 1) // tp - 1}")
+        return cls.parse(",".join(groups), world_size // tp)
+
+    @staticmethod
+    def _singles(text: str | None) -> set[int]:
+        """The ranks ``text`` names alone (replicas), already checked by ``parse``."""
+        return {int(p) for p in (text or "").split(",") if p.strip() and "-" not in p}
 
     def instance_of(self, rank: int) -> int:
         for i, ranks in enumerate(self.instances):

@@ -92,6 +92,7 @@ class Answer:
             self.timing.cached_tokens = event.num_cached_tokens
         if event.instance is not None:
             self.timing.instance = event.instance
+            self.timing.instance_shape = event.instance_shape
         if event.finished or event.error is not None:
             self.done = True  # an error ends the request in the cluster too: nothing to abort
             self.finish_reason = "error" if event.error is not None else event.finish_reason

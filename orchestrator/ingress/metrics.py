@@ -91,6 +91,8 @@ class RequestTiming:
     """Prompt tokens served from the prefix cache, once the cluster reported it (caching on)."""
     instance: int | None = None
     """The instance (leader rank) that computed the prompt, once the cluster reported it."""
+    instance_shape: str | None = None
+    """That instance's ``tp{T}xpp{P}`` when it computed the prompt."""
 
 
 @dataclass
@@ -208,6 +210,9 @@ def _cluster_gauges(lines: list[str], state: ClusterState) -> None:
     ]
     for name, help_text, value in per_instance:
         _family(lines, name, "gauge", help_text, [({"instance": str(i.instance)}, value(i)) for i in instances])
+    _family(lines, "kunserve_instance_info", "gauge", "Each serving instance's shape (tp x pp) and devices.",
+            [({"instance": str(i.instance), "shape": i.shape, "world_ranks": ",".join(map(str, i.world_ranks))}, 1)
+             for i in instances])
     for name, (help_text, value) in sorted(_reshape_counters(state).items()):
         _family(lines, name, "counter", help_text, [({}, value)])
 

@@ -13,7 +13,8 @@ against what its client saw (``perf/triton_bench.py`` does). ``time`` is the wal
 ``finish_reason`` is the cluster's (``stop``, ``length``), ``abort`` when the client went
 away first, or ``error`` when the request failed in the cluster. Once the cluster reported
 them: ``cached_tokens`` (prompt tokens served from the prefix cache, caching on) and
-``instance`` (the leader rank of the instance that computed the prompt).
+``instance`` (the leader rank of the instance that computed the prompt) with its
+``instance_shape`` (``tp2xpp1``: two tensor-parallel devices, one stage).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class RequestLog:
             record["cached_tokens"] = timing.cached_tokens
         if timing.instance is not None:
             record["instance"] = timing.instance
+            record["instance_shape"] = timing.instance_shape
         self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:

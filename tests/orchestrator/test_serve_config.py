@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.contracts import Topology
+
 from orchestrator.core.config import EngineConfig
 from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.kunserve.load_monitor import MonitorConfig
@@ -99,13 +101,25 @@ def test_prefix_caching_is_on_by_default_for_every_policy(policy):
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--tp", "2", "--policy", "kunserve"], "--tp 2: not yet with --policy kunserve"),
-    (["--tp", "2", "--policy", "swap"], "--tp 2: not yet with --policy swap"),
-    (["--tp", "2", "--policy", "llumnix"], "--tp 2: not yet with --policy llumnix"),
-    (["--tp", "2", "--groups", "0-1"], "--tp 2: not yet with --groups"),
+    (["--tp", "2", "--policy", "swap"], "--tp 2: --policy swap swaps or migrates KV of one rank per instance"),
+    (["--tp", "2", "--policy", "llumnix"], "--tp 2: --policy llumnix swaps or migrates"),
     (["--tp", "0"], "--tp must be >= 1"),
 ])
-def test_tensor_parallel_serving_refuses_what_it_cannot_do_yet(argv, words):
+def test_tensor_parallel_serving_refuses_the_policies_of_one_rank_instances(argv, words):
     with pytest.raises(ValueError, match=words):
         parse(*argv)
-    assert parse("--tp", "2").tp == 2 and parse("--tp", "2", "--policy", "oracle").tp == 2
+    for policy in ("vllm", "oracle", "kunserve"):
+        assert parse("--tp", "2", "--policy", policy).tp == 2
+
+
+@pytest.mark.parametrize("text,world,tp,want", [
+    ("0-3,4-7", 8, 2, "0-1,2-3"), ("0-3", 8, 2, "0-1,2,3"), ("0-1", 4, 2, "0,1"), (None, 8, 2, "0,1,2,3"),
+    ("0-5", 6, 3, "0-1"), ("0-1", 4, 1, "0-1,2,3")])
+def test_groups_with_tp_name_world_ranks_and_become_groups_of_tp_sets(text, world, tp, want):
+    assert str(Topology.parse(text, world, tp)) == want
+
+
+@pytest.mark.parametrize("text", ["1-4", "0-2", "3"])
+def test_a_group_that_splits_a_tp_set_is_refused(text):
+    with pytest.raises(ValueError, match=r"with --tp 2 an instance is whole TP sets .* splits one"):
+        Topology.parse(text, 8, 2)
