@@ -24,6 +24,11 @@ $(BIN)/.installed: pyproject.toml Makefile
 $(STORE)/config.json: $(BIN)/.installed
 	$(BIN)/python -m build_scripts.build_engines --source smollm2 --splits 1,2,4 --out $(STORE)
 
+# The cpu-tp bench preset's model: Llama-shaped with random weights, its heads and MLP split in two.
+CPU_TP_SOURCE := tiny:hidden_size=1024,num_layers=12,num_heads=16,num_kv_heads=4,intermediate_size=3072,max_position_embeddings=4096
+stores/cpu-tp/config.json: $(BIN)/.installed
+	$(BIN)/python -m build_scripts.build_engines --source $(CPU_TP_SOURCE) --splits 1,2 --tp 2 --out stores/cpu-tp
+
 # The main job: the serving cluster on the demo store, in the foreground until Ctrl-C.
 demo: $(STORE)/config.json
 	$(MPIRUN) -n $(RANKS) $(BIN)/python -m orchestrator serve --engine-dir $(STORE) $(SERVE_ARGS)

@@ -49,6 +49,26 @@ class LayerRange:
 
 
 @dataclass(frozen=True)
+class Holding:
+    """Which weights a rank holds: a range of layers, and the tensors outside the layers."""
+
+    layers: LayerRange
+    embedding: bool
+    final_norm: bool
+    lm_head: bool
+    """An untied head (a tied one is the embedding)."""
+
+    @classmethod
+    def full(cls, num_layers: int, tied: bool) -> Holding:
+        return cls(LayerRange(0, num_layers), True, True, not tied)
+
+    def lacks(self, other: Holding) -> bool:
+        """Whether ``other`` holds something this does not."""
+        return (other.layers.start < self.layers.start or other.layers.end > self.layers.end
+                or any(getattr(other, n) and not getattr(self, n) for n in ("embedding", "final_norm", "lm_head")))
+
+
+@dataclass(frozen=True)
 class Mapping:
     """The TensorRT-LLM ``mapping`` of one split: world, tensor and pipeline sizes.
 

@@ -25,7 +25,7 @@ import torch
 
 from engines.errors import EngineError
 from engines.kv_cache import KVPool
-from engines.mapping import LayerRange
+from engines.mapping import Holding, LayerRange
 from engines.runner import StageRunner
 from engines.store import EngineStore
 from engines.tensor_parallel import TpShard
@@ -73,6 +73,14 @@ class DropMeasure:
     """From freeing the first weight to the new pages being usable."""
 
 
+@dataclass(frozen=True)
+class _Level:
+    """What a drop changed, to be undone by the restore after it."""
+
+    held: Holding
+    kv_pages: int
+
+
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -114,6 +122,8 @@ class RankEngine:
                          max_pages=self.plan.kv_pages + extra, lazy=kv_pages is not None, arena=self.arena)
         self.held = LayerRange(0, self.cfg.num_hidden_layers)
         """The layers whose weights are resident (all of them unless dropped)."""
+        self.levels: list[_Level] = []
+        """One per drop not yet restored, oldest first: a group that fuses again drops again."""
         self.last_drop: DropMeasure | None = None
         # Every role of every split the store holds, prepared up front.
         self.runners: dict[tuple[int, int], StageRunner] = {}
@@ -224,14 +234,21 @@ class RankEngine:
                  for g in self.splits for s in range(g)]
         return min(sizes)
 
-    def drop_to(self, layers: LayerRange) -> int:
-        """Keep only what stage ``layers`` needs; the freed bytes become KV pages at once.
+    def holding(self) -> Holding:
+        w = self.weights
+        tied = self.cfg.tie_word_embeddings
+        return Holding(self.held, w.embedding is not None, w.final_norm is not None,
+                       not tied and w.lm_head is not None)
 
-        Returns the number of pages the pool grew by.
+    def drop_to(self, layers: LayerRange) -> int:
+        """Keep only what stage ``layers`` needs (within what is held: a stage of a group that
+        fuses into a deeper one keeps a part of its layers); the freed bytes become KV pages
+        at once. Returns the number of pages the pool grew by.
         """
-        if self.held != LayerRange(0, self.cfg.num_hidden_layers):
-            raise EngineError(f"rank already dropped to layers {self.held}")
+        if layers.start < self.held.start or layers.end > self.held.end:
+            raise EngineError(f"cannot drop to layers {layers}: this rank holds only {self.held}")
         w, cfg = self.weights, self.cfg
+        self.levels.append(_Level(self.holding(), self.kv.num_pages))
         if not self.can_grow_kv:
             raise EngineError("this rank's KV pool cannot grow on CUDA without the virtual-memory driver "
                               "(cuda-bindings): refusing to drop weights that could not become KV")
@@ -291,10 +308,20 @@ class RankEngine:
         if self.cfg.tie_word_embeddings and w.lm_head is not None and w.embedding is not None:
             w.lm_head = w.embedding
 
+    def restore_target(self) -> Holding:
+        """What the last drop left behind: the weights a restore brings back."""
+        return self.levels[-1].held if self.levels else self.holding()
+
     def memory_for_restore(self) -> WeightMemory:
-        """Shrink the KV pool back to its plan (the pages above must be free) and hand the
-        memory it gives up to the weights about to be pulled back from the peers."""
-        kv, pages = self.kv, self.plan.kv_pages
+        """Shrink the KV pool back to its size before the last drop (the pages above must be
+        free) and hand the memory it gives up to the weights about to be pulled back from
+        the peers. A rank that never dropped (a stage of a group it started in) has all its
+        weights: nothing to give."""
+        if not self.levels:
+            return RegionMemory()
+        kv, pages = self.kv, self.levels[-1].kv_pages
+        if pages == kv.num_pages:
+            return RegionMemory()
         if kv.remapped:
             return ChunkMemory(self.arena, kv.detach_chunks(pages))
         if kv.reserved:
@@ -303,9 +330,11 @@ class RankEngine:
         return RegionMemory()
 
     def restored(self, memory: WeightMemory) -> None:
-        """All weights are resident again (loaded by the caller into ``memory``'s buffers)."""
+        """The weights before the last drop are resident again (loaded by the caller into
+        ``memory``'s buffers)."""
         memory.finish()
-        self.held = LayerRange(0, self.cfg.num_hidden_layers)
+        if self.levels:
+            self.held = self.levels.pop().held.layers
 
     def runner(self, layers: LayerRange) -> StageRunner:
         """The runner for a layer range of one of the store's splits."""

@@ -143,6 +143,22 @@ CPU_CHAT = dataclasses.replace(
     output_scale=2.0,
 )
 
+CPU_TP = dataclasses.replace(
+    CPU,
+    name="cpu-tp",
+    description="The cpu preset's stream on two TP2 instances over 4 CPU ranks: a Llama-shaped model "
+                "with random weights (hidden 1024, 12 layers, 16 heads, 4 KV heads, MLP 3072, fp32; `make "
+                "stores/cpu-tp/config.json`), 278 MiB of weights per rank (its half of every layer) in "
+                "300 MiB, so the weights take 93% of a rank's memory and each instance's KV holds about "
+                "590 tokens. kunserve fuses the two into one TP2 x PP2 group, freeing half of every "
+                "rank's layers (+12,000 tokens of KV). The weights being random, the texts mean nothing; "
+                "the timings do.",
+    store="stores/cpu-tp",
+    device_memory="300MiB",
+    serve_args=("--tp", "2", "--max-num-seqs", "16", "--max-queued-requests", "10000"),
+    policies=("kunserve", "vllm", "oracle"),
+)
+
 GPU = BenchPreset(
     name="gpu",
     description="UNTESTED here (no multi-GPU host): 8 CUDA ranks, one per GPU, each serving an "
@@ -163,7 +179,7 @@ GPU = BenchPreset(
     start_timeout_s=600.0,
 )
 
-PRESETS: dict[str, BenchPreset] = {p.name: p for p in (CPU, CPU_CHAT, GPU)}
+PRESETS: dict[str, BenchPreset] = {p.name: p for p in (CPU, CPU_CHAT, CPU_TP, GPU)}
 
 
 def _positive(name: str, value: float | None) -> list[str]:

@@ -36,10 +36,11 @@ class SourceModel:
 
 
 def open_source(spec: str, dtype: str = "float32", seed: int = 0) -> SourceModel:
-    """Open ``--source``: ``tiny``, ``smollm2``, ``FILE.gguf`` or a Hugging Face directory."""
-    if spec == "tiny":
-        from build_scripts.sources.tiny import open_tiny
-        return open_tiny(seed=seed, dtype=dtype)
+    """Open ``--source``: ``tiny`` (or ``tiny:hidden_size=1024,num_layers=12,...``, any
+    ``TinySpec`` fields), ``smollm2``, ``FILE.gguf`` or a Hugging Face directory."""
+    if spec == "tiny" or spec.startswith("tiny:"):
+        from build_scripts.sources.tiny import open_tiny, parse_tiny_spec
+        return open_tiny(seed=seed, dtype=dtype, spec=parse_tiny_spec(spec.partition(":")[2], seed))
     if spec == "smollm2":
         from build_scripts.sources.gguf_file import open_gguf, smollm2_gguf_path
         return open_gguf(smollm2_gguf_path(), dtype=dtype)
@@ -52,5 +53,5 @@ def open_source(spec: str, dtype: str = "float32", seed: int = 0) -> SourceModel
     if path.is_dir():
         from build_scripts.sources.hf_dir import open_hf_dir
         return open_hf_dir(path, dtype=dtype)
-    raise StoreError(f"unknown source {spec!r}: expected tiny, smollm2, a .gguf file "
+    raise StoreError(f"unknown source {spec!r}: expected tiny[:FIELD=N,...], smollm2, a .gguf file "
                      "or a Hugging Face model directory")

@@ -7,6 +7,8 @@ transformers as an independent reference.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 import tempfile
@@ -118,6 +120,24 @@ def _random_weights(spec: TinySpec, vocab: int, head_dim: int) -> dict[str, torc
     return w
 
 
+def parse_tiny_spec(text: str, seed: int = 0) -> TinySpec:
+    """``num_layers=12,hidden_size=1024,...``: a ``TinySpec`` with those fields (integers, or
+    ``arch=qwen2``); empty text is the default spec."""
+    from engines.errors import StoreError
+
+    names = {f.name for f in dataclasses.fields(TinySpec)} - {"rope_scaling", "seed"}
+    values: dict[str, object] = {"seed": seed}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        if key not in names:
+            raise StoreError(f"--source tiny: unknown field {key!r} (fields: {', '.join(sorted(names))})")
+        try:
+            values[key] = value if key == "arch" else float(value) if key == "rope_theta" else int(value)
+        except ValueError:
+            raise StoreError(f"--source tiny: {key}={value!r} is not a number") from None
+    return TinySpec(**values)
+
+
 def open_tiny(seed: int = 0, dtype: str = "float32", spec: TinySpec | None = None) -> SourceModel:
     """The ``tiny`` source: a temporary Hugging Face directory, converted like any other."""
     from build_scripts.sources.hf_dir import open_hf_dir
@@ -125,6 +145,7 @@ def open_tiny(seed: int = 0, dtype: str = "float32", spec: TinySpec | None = Non
     spec = spec or TinySpec(seed=seed)
     tmp = Path(tempfile.mkdtemp(prefix="kunserve-tiny-"))
     source = open_hf_dir(write_tiny_hf_dir(tmp, spec), dtype=dtype)
-    source.name = f"tiny:arch={spec.arch},layers={spec.num_layers},seed={spec.seed}"
+    source.name = (f"tiny:arch={spec.arch},num_layers={spec.num_layers},hidden_size={spec.hidden_size},"
+                   f"num_heads={spec.num_heads},num_kv_heads={spec.num_kv_heads},seed={spec.seed}")
     source.cleanup.append(lambda: shutil.rmtree(tmp, ignore_errors=True))
     return source

@@ -47,27 +47,34 @@ class BlockExchange:
     def done(self) -> bool:
         return not self.moving
 
-    def adopt(self, exported: list[list[ExportedBlock]]) -> None:
-        """Cache every member's blocks (``exported[stage]``) once, each layer's page taken
-        from the member that runs the layer where one has it; the duplicates are freed."""
+    def adopt(self, exported: list[tuple[list[ExportedBlock], list[int]]]) -> None:
+        """Cache every member's blocks once: ``exported[i]`` is member i's blocks and, per
+        layer, the stage whose pool holds their pages of that layer (a replica's: its own;
+        a group's: its stages'). Each layer's page is taken from the stage that runs the
+        layer where one has it; the duplicates are freed."""
         blocks = self.blocks
-        copies: dict[int, dict[int, ExportedBlock]] = {}
-        for stage, member_blocks in enumerate(exported):
+        copies: dict[int, list[tuple[ExportedBlock, list[int]]]] = {}
+        taken: dict[int, list[int]] = {}
+        for member_blocks, layout in exported:
             for b in member_blocks:
-                copies.setdefault(b.hash, {})[stage] = b
-                blocks.take(stage, list(b.pages))
-        for h, by_stage in copies.items():
+                copies.setdefault(b.hash, []).append((b, layout))
+                for layer, page in enumerate(b.pages):
+                    taken.setdefault(layout[layer], []).append(page)
+        for stage, pages in taken.items():  # one pass over each free list
+            blocks.take(stage, pages)
+        for h, held in copies.items():
             pages, holders = [], []
             for layer in range(blocks.num_layers):
                 owner = blocks.pool_of_layer(layer)
-                src = owner if owner in by_stage else min(by_stage)
-                pages.append(by_stage[src].pages[layer])
+                at = {layout[layer]: b.pages[layer] for b, layout in held}
+                src = owner if owner in at else min(at)
+                pages.append(at[src])
                 holders.append(src)
-                for stage, b in by_stage.items():
+                for stage, page in at.items():
                     if stage != src:
-                        blocks.release(stage, [b.pages[layer]])
+                        blocks.release(stage, [page])
             in_place = all(holders[layer] == blocks.pool_of_layer(layer) for layer in range(blocks.num_layers))
-            first = next(iter(by_stage.values()))
+            first = held[0][0]
             block = CachedBlock(h, first.parent, first.tokens, tuple(pages), in_place=in_place)
             blocks.cache.register(block)
             if not in_place:

@@ -131,10 +131,12 @@ class Controller:
         if not self._regrouped.wait(timeout=REGROUP_TIMEOUT_S):
             raise ReshapeTimeout(f"regrouping did not finish within {REGROUP_TIMEOUT_S:.0f} s")
 
-    def drop(self, ranks: list[int], wait_s: float = 60.0) -> None:
-        """Fuse the replicas on ``ranks`` (stage order) into one group; returns once it serves."""
+    def drop(self, ranks: list[int], wait_s: float = 60.0) -> tuple[int, ...]:
+        """Fuse the instances on ``ranks`` into one group (replicas in the order given);
+        returns its ranks in stage order once it serves."""
         reshape = self._begin_drop(tuple(int(r) for r in ranks))
         self.reshapes.wait(reshape.ranks, wait_s)
+        return reshape.ranks
 
     def _begin_drop(self, ranks: tuple[int, ...]) -> Reshape:
         with self._lock:
@@ -145,7 +147,8 @@ class Controller:
         return reshape
 
     def restore(self, ranks: list[int] | None = None, wait_s: float = 60.0) -> list[tuple[int, ...]]:
-        """Split one group (``ranks``) or every group back into replicas; returns those split."""
+        """Split one group (``ranks``) or every group back into the instances it was fused
+        from (replicas, for a group it started as); returns those split."""
         reshapes = self._begin_restore(None if ranks is None else tuple(int(r) for r in ranks))
         for r in reshapes:
             self.reshapes.wait(r.ranks, wait_s)
@@ -212,8 +215,8 @@ class Controller:
         """Send a recorded drop's or restore's orders to its ranks."""
         r = command.reshape
         if r.kind == ReshapeKind.DROP:
-            for rank in r.ranks:
-                self._send(rank, DropGroup(r.ranks, r.epoch))
+            for part in r.parts:  # each instance's leader; a group's tells its stages once drained
+                self._send(part[0], DropGroup(r.ranks, r.epoch, r.parts))
         else:
             self._send(r.ranks[0], RestoreGroup(r.epoch))
 

@@ -26,7 +26,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from engines.mapping import LayerRange
+from collections.abc import Callable
+
+from engines.mapping import Holding, LayerRange
 from engines.paging import OutOfPages
 from orchestrator.core.block_manager import BlockManager, PoolSpec
 from orchestrator.cluster.event_log import EventKind
@@ -54,11 +56,25 @@ class FormationState(enum.IntEnum):
 
 @dataclass(frozen=True)
 class StaleRequest:
-    """An adopted request whose KV is all in its home member's pool."""
+    """An adopted request whose KV is where its instance before the drop kept it."""
 
     req: Request
     home: int
-    """The stage index of the member it came from."""
+    """The stage index of the member it came from (the leader of its instance)."""
+    holders: tuple[int, ...]
+    """Per layer, the stage index whose pool holds its pages (all ``home`` for a replica)."""
+
+
+@dataclass(frozen=True)
+class GroupOrigin:
+    """What a group was fused from, for the restore that splits it again."""
+
+    parts: tuple[tuple[int, ...], ...]
+    """The instances, each its ranks in stage order."""
+    base_pages: tuple[int, ...]
+    """Per member (stage order), its pool's pages before the drop."""
+    held_before: tuple[Holding, ...]
+    held_now: tuple[Holding, ...]
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,10 @@ class Formation:
     ranks: tuple[int, ...]
     ranges: list[LayerRange]
     epoch: int
+    parts: tuple[tuple[int, ...], ...] = ()
+    """The instances fused (``DropGroup.parts``); empty: every member a replica."""
+    on_formed: Callable[[tuple[int, ...], GroupOrigin], None] | None = None
+    """Told what the group was fused from, once it serves."""
     state: FormationState = FormationState.WAITING_MEMBERS
     driver: InstanceDriver | None = None
     """The group's driver, made once every member is ready."""
@@ -121,17 +141,24 @@ class Formation:
         pools = [PoolSpec(r, self.ready[rank].kv_pages) for r, rank in zip(self.ranges, self.ranks)]
         driver = InstanceDriver(self.ranks[0], self.ranks, self.ranges, pools, ctx.engine, ctx.messenger,
                                 ctx.sched_config, ctx.cost_model)
-        driver.base_pages = [self.ready[r].base_pages for r in self.ranks]
+        layouts = [self._layout(stage, self.ready[rank]) for stage, rank in enumerate(self.ranks)]
         self.shared = BlockExchange(self.ranks, driver.blocks)
-        self.shared.adopt([self.ready[r].blocks for r in self.ranks])
+        self.shared.adopt([(self.ready[r].blocks, layouts[s]) for s, r in enumerate(self.ranks)])
         ids = []
         for stage, rank in enumerate(self.ranks):
             for er in self.ready[rank].requests:
                 has_kv = any(er.block_table)
-                req = driver.adopt(er, pool=stage, held=has_kv)
+                req = driver.adopt(er, pool=layouts[stage], held=has_kv)
                 if has_kv:
-                    self.stale.append(StaleRequest(req, stage))
+                    self.stale.append(StaleRequest(req, stage, tuple(layouts[stage])))
                 ids.append(er.request_id)
+        if self.on_formed is not None:
+            full = Holding.full(ctx.engine.cfg.num_hidden_layers, ctx.engine.cfg.tie_word_embeddings)
+            ready = [self.ready[r] for r in self.ranks]
+            self.on_formed(self.ranks, GroupOrigin(self.parts or tuple((r,) for r in self.ranks),
+                                                   tuple(m.base_pages for m in ready),
+                                                   tuple(m.held_before or full for m in ready),
+                                                   tuple(m.held_now or full for m in ready)))
         self.driver = driver
         ctx.take_role(ctx.role, driver=driver)
         self.stale = _interleave_homes(self.stale)
@@ -142,6 +169,12 @@ class Formation:
         logger.info("group %s formed: %d requests adopted, %d stale with KV to exchange, %d shared blocks to move",
                     self.ranks, len(ids), len(self.stale), len(self.shared.moving))
         self._launch_blocks()
+
+    def _layout(self, stage: int, ready: MemberReady) -> list[int]:
+        """Per layer, the stage whose pool holds the pages of what ``ready`` exported."""
+        if not ready.layout:
+            return [stage] * self.ctx.engine.cfg.num_hidden_layers
+        return [self.ranks.index(r) for r in ready.layout]
 
     def _launch_blocks(self) -> None:
         """The first batch: the pages of shared blocks that are not at their layer's owner."""
@@ -233,11 +266,12 @@ class Formation:
             for layer in range(len(s.req.block_table)):
                 owner = blocks.pool_of_layer(layer)
                 pages = blocks.own_pages(s.req, layer)  # the shared blocks move once, on their own
-                if owner == s.home or not pages:
+                if owner == s.holders[layer] or not pages:
                     continue
                 dst = blocks.allocate_in(owner, len(pages))
                 allocated.append((owner, dst))
-                moves.append(KvMove(s.req.request_id, layer, self.ranks[s.home], pages, self.ranks[owner], dst))
+                moves.append(KvMove(s.req.request_id, layer, self.ranks[s.holders[layer]], pages, self.ranks[owner],
+                                    dst))
         except OutOfPages:
             for owner, dst in allocated:
                 blocks.release(owner, dst)
@@ -305,11 +339,11 @@ class Formation:
             self._fail_block(h)
 
     def _recompute(self, s: StaleRequest, planned: list[tuple[int, list[int]]]) -> None:
-        """Fallback: recompute the request. A stale request's pages are all in its home pool,
-        not where its block table's layers now live, so they are named here; ``planned``
-        are the pages reserved for it in the owners' pools."""
-        own = [p for layer in range(len(s.req.block_table)) for p in self.driver.blocks.own_pages(s.req, layer)]
-        self.driver.recompute(s.req, [(s.home, own), *planned])
+        """Fallback: recompute the request. A stale request's pages are where its instance
+        kept them, not where its block table's layers now live, so they are named here;
+        ``planned`` are the pages reserved for it in the owners' pools."""
+        own = [(s.holders[layer], self.driver.blocks.own_pages(s.req, layer)) for layer in range(len(s.req.block_table))]
+        self.driver.recompute(s.req, [*own, *planned])
         self.recomputed += 1
         self.shared.reap()
 

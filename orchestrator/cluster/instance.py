@@ -158,22 +158,24 @@ class InstanceDriver:
         self.blocks.drop_unreferenced()
         return [ExportedBlock(b.hash, b.parent, b.tokens, b.pages) for b in self.blocks.shared_blocks()]
 
-    def adopt_blocks(self, blocks: list[ExportedBlock], pool: int) -> None:
-        """Cache blocks handed over with requests, their pages in stage ``pool``'s pool (taken
-        out of its free list); the requests that share them follow (``adopt``)."""
+    def adopt_blocks(self, blocks: list[ExportedBlock], pool: int | list[int]) -> None:
+        """Cache blocks handed over with requests, their pages in stage ``pool``'s pool, or
+        (a list) each layer's in that layer's pool (taken out of the free lists); the
+        requests that share them follow (``adopt``)."""
+        if blocks:
+            self._take([[b.pages[layer] for b in blocks] for layer in range(len(blocks[0].pages))], pool)
         for b in blocks:
-            self.blocks.take(pool, list(b.pages))
             self.blocks.cache.register(CachedBlock(b.hash, b.parent, b.tokens, tuple(b.pages)))
 
-    def adopt(self, er: ExportedRequest, pool: int | None = None, held: bool = False) -> Request:
+    def adopt(self, er: ExportedRequest, pool: int | list[int] | None = None, held: bool = False) -> Request:
         """Take over an exported request. Its own pages are taken out of the free list of
-        stage ``pool``'s pool first, or (``pool`` None) are already this instance's; the cached
-        blocks it shares must be registered here already. A ``held`` request waits,
-        unscheduled, until ``release_held`` (its KV is still moving)."""
+        stage ``pool``'s pool first (a list: each layer's out of that layer's pool), or
+        (``pool`` None) are already this instance's; the cached blocks it shares must be
+        registered here already. A ``held`` request waits, unscheduled, until
+        ``release_held`` (its KV is still moving)."""
         shared = len(er.prefix_hashes)
-        pages = [p for row in er.block_table for p in row[shared:]]
-        if pool is not None and pages:
-            self.blocks.take(pool, pages)
+        if pool is not None:
+            self._take([row[shared:] for row in er.block_table], pool)
         req = Request(er.request_id, er.prompt_token_ids, er.sampling, er.max_model_len,
                       arrival_time=er.arrival_time, output_token_ids=list(er.output_token_ids),
                       num_computed_tokens=er.num_computed_tokens, block_table=er.block_table,
@@ -187,6 +189,16 @@ class InstanceDriver:
         if held:
             self.held.add(req.seq_id)
         return req
+
+    def _take(self, rows: list[list[int]], pool: int | list[int]) -> None:
+        """Take the pages of ``rows`` (row i: layer i's) out of the free lists: all of stage
+        ``pool``'s pool, or (a list) each layer's of that layer's pool; one pass per pool."""
+        by_pool: dict[int, list[int]] = {}
+        for layer, row in enumerate(rows):
+            if row:
+                by_pool.setdefault(pool if isinstance(pool, int) else pool[layer], []).extend(row)
+        for i, pages in by_pool.items():
+            self.blocks.take(i, pages)
 
     def hand_over(self, req: Request, block_table: list[list[int]], home: int) -> ExportedRequest:
         """Give one request to another leader whose pool already holds its KV (a migration);

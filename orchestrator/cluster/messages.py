@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from engines.mapping import Holding
 from engines.sampling import SamplingParams, TokenLogprob
 from engines.step import SeqChunk, StepOutput
 from orchestrator.cluster.event_log import EventKind
@@ -197,10 +198,17 @@ class KvMove:
 
 @dataclass
 class DropGroup:
-    """Controller -> each member: fuse these replicas into one group (stage order)."""
+    """Controller -> each instance's leader (which tells its other stages once drained):
+    fuse these instances into one group, ``ranks`` in the new stage order."""
 
     ranks: tuple[int, ...]
     epoch: int
+    parts: tuple[tuple[int, ...], ...] = ()
+    """The instances fused, each its ranks in stage order (a replica is one rank); the
+    restore returns the group to them. Empty: each rank is a replica."""
+
+    def part_of(self, rank: int) -> tuple[int, ...]:
+        return next((p for p in self.parts if rank in p), (rank,))
 
 
 @dataclass
@@ -211,9 +219,16 @@ class MemberReady:
     epoch: int
     kv_pages: int
     base_pages: int
+    """Its pool's pages before this drop: a restore brings the KV back below them."""
     requests: list[ExportedRequest]
     blocks: list[ExportedBlock] = field(default_factory=list)
     """The cached blocks those requests share, once each (unreferenced ones were given back)."""
+    layout: tuple[int, ...] = ()
+    """Per layer, the rank whose pool holds those requests' and blocks' pages of that layer
+    (the stages of the instance this rank led); empty: all of them in this rank's pool."""
+    held_before: Holding | None = None
+    """The weights it held before this drop (a restore brings them back), and after it."""
+    held_now: Holding | None = None
 
 
 class MovePurpose(enum.Enum):
@@ -289,7 +304,8 @@ class ReshapeEvent:
 
 @dataclass
 class RestoreGroup:
-    """Controller -> group leader: split the group back into replicas."""
+    """Controller -> group leader: split the group back into the instances it was fused
+    from (replicas, for a group that started as one)."""
 
     epoch: int
 
@@ -304,6 +320,16 @@ class SplitGroup:
     requests: list[ExportedRequest]
     blocks: list[ExportedBlock] = field(default_factory=list)
     """The cached blocks those requests share, their pages in your base pool."""
+    part: tuple[int, ...] = ()
+    """The instance this member serves in again (its ranks in stage order); empty: itself,
+    a replica. Its leader gets the part's requests and blocks, their pages in the part's
+    base pools, each layer in the pool of the stage that runs it."""
+    part_pages: tuple[int, ...] = ()
+    """The pool pages of each stage of ``part`` once restored."""
+    held_now: tuple[Holding, ...] = ()
+    """What each member of ``ranks`` holds now, and what it gets back (empty: every member
+    gets the full model, as a replica started with)."""
+    held_target: tuple[Holding, ...] = ()
 
 
 @dataclass

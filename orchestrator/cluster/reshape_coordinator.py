@@ -12,6 +12,7 @@ import enum
 import threading
 from dataclasses import dataclass, field
 
+from engines.mapping import LayerRange, pp_partition
 from orchestrator.cluster.messages import GroupFormed, Restored
 from orchestrator.contracts import Refused, ReshapeTimeout, Topology
 
@@ -29,6 +30,8 @@ class Reshape:
     ranks: tuple[int, ...]
     """The group's ranks, in stage order."""
     epoch: int
+    parts: tuple[tuple[int, ...], ...] = ()
+    """The instances the group is fused from (a drop) or split into (a restore)."""
 
 
 @dataclass
@@ -49,6 +52,9 @@ class ReshapeCoordinator:
         self._by_rank: dict[int, Reshape] = {}
         self._restoring: dict[int, _Restoring] = {}
         """Leader rank -> a restore's progress."""
+        self._parts: dict[tuple[int, ...], tuple[tuple[int, ...], ...]] = {}
+        """Each group a drop formed -> the instances it was fused from (a group it started
+        as splits into replicas)."""
         self._epoch = 0
 
     @property
@@ -67,7 +73,8 @@ class ReshapeCoordinator:
 
     # Starting ------------------------------------------------------------------------------
     def begin_drop(self, ranks: tuple[int, ...], migrating: set[int], cannot_grow: set[int]) -> Reshape:
-        """Check and record a drop of the replicas on ``ranks``; ``Refused`` says why not."""
+        """Check and record a drop that fuses the instances on ``ranks`` (replicas in the
+        order given; groups' stages where their layers nest); ``Refused`` says why not."""
         with self._cond:
             world = sum(len(g) for g in self._topology.instances)
             unknown = [r for r in ranks if not 0 <= r < world]
@@ -79,8 +86,12 @@ class ReshapeCoordinator:
                 raise Refused("a drop or restore is already in progress")
             if busy := sorted(migrating & set(ranks)):
                 raise Refused(f"ranks {busy} are migrating a request; retry in a moment")
-            if grouped := [r for r in ranks if len(self._topology.ranks_of_rank(r)) > 1]:
-                raise Refused(f"ranks {grouped} are already in a group; restore it first")
+            try:
+                parts = self._topology.parts_of(ranks)
+            except ValueError as exc:
+                raise Refused(f"{exc}: a drop fuses whole instances") from None
+            if len(parts) < 2:
+                raise Refused(f"ranks {list(ranks)} are one instance already")
             if stuck := sorted(cannot_grow & set(ranks)):
                 raise Refused(f"ranks {stuck} cannot turn dropped weights into KV: their CUDA KV pool needs "
                               "the virtual-memory driver (pip install 'kunserve-orchestrator[cuda]', then "
@@ -88,7 +99,37 @@ class ReshapeCoordinator:
             if len(ranks) not in self._splits or len(ranks) > self._num_layers:
                 raise Refused(f"no {len(ranks)}-way split: the store has splits {self._splits} for a "
                               f"{self._num_layers}-layer model")
-            return self._record(ReshapeKind.DROP, ranks)
+            order = self._stage_order(ranks, parts)
+            return self._record(ReshapeKind.DROP, order, parts)
+
+    def _ranges(self, g: int) -> list[LayerRange]:
+        counts = pp_partition(self._num_layers, g)
+        return [LayerRange(sum(counts[:s]), sum(counts[:s + 1])) for s in range(g)]
+
+    def _stage_order(self, ranks: tuple[int, ...], parts: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+        """The new group's ranks in stage order: each stage's layers must lie within those
+        the rank runs now, so that it only drops weights (its KV of those layers stays).
+        A matching of stages to ranks, the tightest fit first, then the order given."""
+        runs = {r: rng for p in parts for r, rng in zip(p, self._ranges(len(p)))}
+        stages = self._ranges(len(ranks))
+        fits = [sorted((r for r in ranks if runs[r].start <= st.start and st.end <= runs[r].end),
+                       key=lambda r: (len(runs[r]), ranks.index(r))) for st in stages]
+        taken: dict[int, int] = {}  # rank -> stage
+
+        def assign(stage: int, seen: set[int]) -> bool:  # a free rank first, else an augmenting path
+            for r in sorted(fits[stage], key=lambda r: r in taken):
+                if r not in seen:
+                    seen.add(r)
+                    if r not in taken or assign(taken[r], seen):
+                        taken[r] = stage
+                        return True
+            return False
+
+        if not all(assign(st, set()) for st in range(len(stages))):
+            raise Refused(f"the instances {[list(p) for p in parts]} cannot fuse into a {len(ranks)}-stage group: "
+                          f"its stages' layers {[str(st) for st in stages]} do not nest in the layers their "
+                          f"ranks run ({', '.join(f'{r}: {runs[r]}' for r in ranks)})")
+        return tuple(sorted(taken, key=taken.get))
 
     def begin_restore(self, ranks: tuple[int, ...] | None) -> list[Reshape]:
         """Check and record the restore of the group on ``ranks``, or (None) of every group."""
@@ -102,14 +143,14 @@ class ReshapeCoordinator:
                 raise Refused("nothing is dropped: every rank serves as a replica")
             if self._by_rank:
                 raise Refused("a drop or restore is already in progress")
-            out = [self._record(ReshapeKind.RESTORE, g) for g in groups]
+            out = [self._record(ReshapeKind.RESTORE, g, self._parts.get(g, ())) for g in groups]
             for r in out:
                 self._restoring[r.ranks[0]] = _Restoring(r)
             return out
 
-    def _record(self, kind: ReshapeKind, ranks: tuple[int, ...]) -> Reshape:
+    def _record(self, kind: ReshapeKind, ranks: tuple[int, ...], parts: tuple[tuple[int, ...], ...] = ()) -> Reshape:
         self._epoch += 1
-        reshape = Reshape(kind, ranks, self._epoch)
+        reshape = Reshape(kind, ranks, self._epoch, parts)
         for r in ranks:
             self._by_rank[r] = reshape
         return reshape
@@ -118,6 +159,7 @@ class ReshapeCoordinator:
     def group_formed(self, msg: GroupFormed) -> None:
         """The group serves: it is one instance of the topology from now on."""
         with self._cond:
+            self._parts[msg.ranks] = self._by_rank[msg.ranks[0]].parts
             self._topology = self._topology.fuse(msg.ranks)
 
     def member_restored(self, msg: Restored) -> tuple[int, ...] | None:
@@ -129,7 +171,7 @@ class ReshapeCoordinator:
             if progress.members != set(group):
                 return None
             del self._restoring[group[0]]
-            self._topology = self._topology.split(group)
+            self._topology = self._topology.split(group, self._parts.pop(group, ()))
             return group
 
     def finish(self, ranks: tuple[int, ...]) -> None:

@@ -2,15 +2,18 @@
 
     DRAINING  the leader launches nothing new and waits until no micro-batch and no
               exchange batch of the drop is in flight;
-    MOVING    every request is placed on one member, its KV allocated in that member's
-              base pool region and moved there in one batch (the extension region empties);
-              a request no member can hold is recomputed after the split. A cached block
-              the requests share is copied once to each member that keeps one of them (a
-              layer's page stays where it is for the member that runs the layer), and is
-              shared there again; blocks no request refers to are given back;
+    MOVING    every request is placed on one of the instances the group was fused from (its
+              parts: replicas, or groups of their own), its KV of each layer allocated in
+              the base pool region of the part's stage that runs the layer and moved there
+              in one batch (the extension region empties); a request no part can hold is
+              recomputed after the split. A cached block the requests share is copied once
+              to each part that keeps one of them (a layer's page stays where it is when
+              it is already there), and is shared there again; blocks no request refers to
+              are given back;
     SPLIT     each member has its order (``SplitGroup``): give the extension back, pull the
-              dropped weights from the peers that kept them, serve its requests as a
-              replica (``Reshaper``). The rank loop drops this protocol.
+              dropped weights from the peers that kept them, serve in its part: its
+              leader with the part's requests (``Reshaper``). The rank loop drops this
+              protocol.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from engines.mapping import pp_partition
 from engines.paging import OutOfPages
 from orchestrator.core.block_manager import BlockManager
 from orchestrator.cluster.event_log import EventKind
+from orchestrator.cluster.formation import GroupOrigin
 from orchestrator.cluster.instance import InstanceDriver
 from orchestrator.cluster.rank_context import RankContext
 from orchestrator.cluster.messages import (BatchId, ExchangeBatch, ExchangeDone, ExportedBlock, ExportedRequest, KvMove,
@@ -45,16 +50,36 @@ class Split:
     ctx: RankContext
     driver: InstanceDriver
     epoch: int
+    origin: GroupOrigin | None = None
+    """What a drop fused the group from; None: a group it started as, which splits into
+    replicas that hold every weight already."""
     state: SplitState = SplitState.DRAINING
     assignment: dict[str, int] = field(default_factory=dict)
-    """request id -> member stage index it goes to."""
+    """request id -> the part it goes to."""
     moves: list[KvMove] = field(default_factory=list)
     waiting_for: set[int] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
     recomputed: int = 0
     """Requests with KV that no member could hold: they are recomputed after the split."""
     copies: dict[tuple[int, int], list[int]] = field(default_factory=dict)
-    """(block hash, member) -> the block's page of each layer in that member's base region."""
+    """(block hash, part) -> the block's page of each layer in the base region of the
+    part's stage that runs the layer."""
+    kept: set[tuple[int, int]] = field(default_factory=set)
+    """(member, page): cached-block pages that a part keeps where they are."""
+
+    def __post_init__(self) -> None:
+        ranks = self.driver.ranks
+        self.parts = self.origin.parts if self.origin else tuple((r,) for r in ranks)
+        self.base = (list(self.origin.base_pages) if self.origin
+                     else [a.num_pages for a in self.driver.blocks.allocators])
+        """Per member, its pool's pages before the drop: the KV goes below them."""
+        num_layers = self.driver.ranges[-1].end
+        self.layer_member: list[list[int]] = []
+        """Per part, per layer, the member (index in the group) whose stage of the part runs it."""
+        for part in self.parts:
+            counts = pp_partition(num_layers, len(part))
+            stage_of = [s for s, n in enumerate(counts) for _ in range(n)]
+            self.layer_member.append([ranks.index(part[stage_of[layer]]) for layer in range(num_layers)])
 
     @property
     def batch_id(self) -> BatchId:
@@ -73,58 +98,68 @@ class Split:
 
     def _plan(self, driver: InstanceDriver) -> None:
         driver.blocks.drop_unreferenced()  # cached KV no request uses is not carried home
-        load = [0] * len(driver.ranks)
+        load = [0] * len(self.parts)
         for req in sorted(driver.requests.values(), key=lambda r: r.arrival_time):
             target = self._place(req, driver, load)
             self.assignment[req.request_id] = target
             load[target] += req.num_tokens
 
+    def _room(self, p: int) -> int:
+        """Free pages below the base of the part's tightest member."""
+        allocators = self.driver.blocks.allocators
+        return min(allocators[m].num_free_below(self.base[m]) for m in set(self.layer_member[p]))
+
     def _place(self, req: Request, driver: InstanceDriver, load: list[int]) -> int:
-        """Choose a member for ``req`` and plan its KV moves into that member's base region."""
-        g, blocks = len(driver.ranks), driver.blocks
+        """Choose a part for ``req`` and plan its KV moves into that part's base regions."""
+        blocks = driver.blocks
+        parts = range(len(self.parts))
         if req.num_computed_tokens == 0:
             blocks.free(req)  # pages reserved for a chunk that never ran (lookahead left it)
-            return min(range(g), key=lambda m: load[m])
-        members = [] if self.ctx.faults.restore_no_room else range(g)
-        # The most room first (the load spreads); among equals, the member that already gets
+            return min(parts, key=lambda p: load[p])
+        candidates = [] if self.ctx.faults.restore_no_room else parts
+        # The most room first (the load spreads); among equals, the part that already gets
         # copies of the blocks it shares.
-        for m in sorted(members, key=lambda m: (-blocks.allocators[m].num_free_below(driver.base_pages[m]),
-                                                -sum((b.hash, m) in self.copies for b in req.prefix_blocks))):
-            moves = self._plan_moves(req, m, driver, blocks)
+        for p in sorted(candidates, key=lambda p: (-self._room(p), -sum((b.hash, p) in self.copies
+                                                                         for b in req.prefix_blocks))):
+            moves = self._plan_moves(req, p, blocks)
             if moves is not None:
                 self.moves += moves
-                return m
-        logger.warning("restore: no member can hold %s's KV; it will be recomputed", req.request_id)
+                return p
+        logger.warning("restore: no part can hold %s's KV; it will be recomputed", req.request_id)
         driver.recompute(req)
         self.recomputed += 1
-        return min(range(g), key=lambda m: load[m])
+        return min(parts, key=lambda p: load[p])
 
-    def _plan_moves(self, req: Request, m: int, driver: InstanceDriver, blocks: BlockManager) -> list[KvMove] | None:
-        """The moves that bring ``req``'s KV into member ``m``'s base region (its shared blocks
-        once per member), or None if it has no room."""
-        base, ranks = driver.base_pages[m], driver.ranks
-        moves, allocated, copies = [], [], {}
+    def _plan_moves(self, req: Request, p: int, blocks: BlockManager) -> list[KvMove] | None:
+        """The moves that bring ``req``'s KV into part ``p``'s base regions (its shared blocks
+        once per part), or None if it has no room."""
+        ranks, members = self.driver.ranks, self.layer_member[p]
+        moves, allocated, copies, kept = [], [], {}, set()
 
         def place(layer: int, pages: list[int], request_id: str, block: int | None) -> list[int]:
-            owner = blocks.pool_of_layer(layer)
-            if owner == m and all(p < base for p in pages):
+            owner, m = blocks.pool_of_layer(layer), members[layer]
+            if owner == m and all(p < self.base[m] for p in pages):
+                if block is not None:
+                    kept.update((m, page) for page in pages)
                 return pages
-            dst = blocks.allocate_in(m, len(pages), below=base)
-            allocated.extend(dst)
+            dst = blocks.allocate_in(m, len(pages), below=self.base[m])
+            allocated.append((m, dst))
             moves.append(KvMove(request_id, layer, ranks[owner], pages, ranks[m], dst, block=block))
             return dst
 
         try:
             for b in req.prefix_blocks:
-                if (b.hash, m) not in self.copies:
-                    copies[b.hash, m] = [place(layer, [p], "", b.hash)[0] for layer, p in enumerate(b.pages)]
+                if (b.hash, p) not in self.copies:
+                    copies[b.hash, p] = [place(layer, [pg], "", b.hash)[0] for layer, pg in enumerate(b.pages)]
             for layer in range(len(req.block_table)):
                 if blocks.own_pages(req, layer):
                     place(layer, blocks.own_pages(req, layer), req.request_id, None)
         except OutOfPages:
-            blocks.release(m, allocated)
+            for m, dst in allocated:
+                blocks.release(m, dst)
             return None
         self.copies.update(copies)
+        self.kept |= kept
         return moves
 
     def _send_moves(self) -> None:
@@ -161,24 +196,29 @@ class Split:
         # This driver retires with the split: its last tokens and counts reach the controller
         # first (a request whose last step just returned would otherwise lose that token).
         self.ctx.to_controller(driver.report())
-        for req in driver.requests.values():  # each lists its member's copies of the blocks it shares
+        for req in driver.requests.values():  # each lists its part's copies of the blocks it shares
             m = self.assignment[req.request_id]
             for layer, row in enumerate(req.block_table):
                 row[:len(req.prefix_blocks)] = [self.copies[b.hash, m][layer] for b in req.prefix_blocks]
-        per_member: list[list[ExportedRequest]] = [[] for _ in driver.ranks]
+        per_part: list[list[ExportedRequest]] = [[] for _ in self.parts]
         for er in driver.export_requests(home=-1):
-            m = self.assignment[er.request_id]
-            er.home = driver.ranks[m]
-            per_member[m].append(er)
-        per_block: list[list[ExportedBlock]] = [[] for _ in driver.ranks]
-        for (h, m), pages in self.copies.items():
+            p = self.assignment[er.request_id]
+            er.home = self.parts[p][0]
+            per_part[p].append(er)
+        per_block: list[list[ExportedBlock]] = [[] for _ in self.parts]
+        for (h, p), pages in self.copies.items():
             b = blocks.cache.blocks[h]
-            per_block[m].append(ExportedBlock(h, b.parent, b.tokens, tuple(pages)))
+            per_block[p].append(ExportedBlock(h, b.parent, b.tokens, tuple(pages)))
         self.state = SplitState.SPLIT
+        origin, ranks = self.origin, driver.ranks
         # The peers first: this rank's own split blocks in the weight exchange with them.
-        order = sorted(range(len(driver.ranks)), key=lambda m: driver.ranks[m] == self.ctx.rank)
-        for m in order:
-            self.ctx.send_to_rank(driver.ranks[m], SplitGroup(driver.ranks, self.epoch, per_member[m], per_block[m]))
+        for m in sorted(range(len(ranks)), key=lambda m: ranks[m] == self.ctx.rank):
+            p = next(i for i, part in enumerate(self.parts) if ranks[m] in part)
+            part, leads = self.parts[p], self.parts[p][0] == ranks[m]
+            self.ctx.send_to_rank(ranks[m], SplitGroup(
+                ranks, self.epoch, per_part[p] if leads else [], per_block[p] if leads else [], part,
+                tuple(self.base[ranks.index(r)] for r in part),
+                origin.held_now if origin else (), origin.held_before if origin else ()))
 
     def _release_block_pages(self) -> None:
         """Free the group's cached-block pages that no member keeps in place (each once)."""
@@ -188,14 +228,13 @@ class Split:
         for b in blocks.cache.blocks.values():
             for layer, page in enumerate(b.pages):
                 owner = blocks.pool_of_layer(layer)
-                kept = self.copies.get((b.hash, owner))
-                if kept is None or kept[layer] != page:
+                if (owner, page) not in self.kept:
                     blocks.release(owner, [page])
 
     def _check_extensions_empty(self) -> None:
         driver = self.driver
         for m, alloc in enumerate(driver.blocks.allocators):
-            base = driver.base_pages[m]
+            base = self.base[m]
             used_above = alloc.num_pages - base - (alloc.num_free - alloc.num_free_below(base))
             if used_above:
                 raise RuntimeError(f"restore: {used_above} pages of rank {driver.ranks[m]}'s extension still in use")

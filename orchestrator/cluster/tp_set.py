@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from mpi4py import MPI
 
 from engines.errors import EngineError
-from engines.mapping import LayerRange
+from engines.mapping import Holding, LayerRange
 from engines.rank_engine import DropMeasure, RankEngine
 from engines.step import StepInput, StepOutput
 from orchestrator.cluster.kv_mover import KvMover
@@ -66,7 +66,8 @@ class MovesFinished:
 @dataclass(frozen=True)
 class RestoreWeights:
     ranks: tuple[int, ...]
-    ranges: tuple[LayerRange, ...]
+    now: tuple[Holding, ...]
+    target: tuple[Holding, ...]
     stage: int
 
 
@@ -106,10 +107,11 @@ class SoleRank:
         e = self.engine
         return TpRankDrop(world_rank, e.kv.num_pages, e.weight_memory(), e.last_drop)
 
-    def restore(self, ranks: tuple[int, ...], ranges: list[LayerRange], stage: int,
+    def restore(self, ranks: tuple[int, ...], now: list[Holding], target: list[Holding], stage: int,
                 transport: Transport) -> tuple[int, float]:
-        """Pull the dropped weights back from the peers; returns (bytes received, seconds)."""
-        return restore_weights(self.engine, ranks, ranges, stage, transport)
+        """Pull the weights the last drop dropped back from the peers (``now``: what each
+        member holds, ``target``: what it gets back); returns (bytes received, seconds)."""
+        return restore_weights(self.engine, ranks, now, target, stage, transport)
 
     def moves_started(self, msg: ExchangeBatch) -> None:
         pass
@@ -145,10 +147,10 @@ class TpLeader(SoleRank):
             raise EngineError(f"TP ranks' KV pools differ after the drop: {[(d.world_rank, d.kv_pages) for d in self.last_drop]}")
         return pages
 
-    def restore(self, ranks, ranges, stage, transport):
+    def restore(self, ranks, now, target, stage, transport):
         """The whole set's restore: bytes received by all its ranks, the slowest's seconds."""
-        self.tell(RestoreWeights(tuple(ranks), tuple(ranges), stage))
-        pulled = self.comm.gather(super().restore(ranks, ranges, stage, transport), root=0)
+        self.tell(RestoreWeights(tuple(ranks), tuple(now), tuple(target), stage))
+        pulled = self.comm.gather(super().restore(ranks, now, target, stage, transport), root=0)
         return sum(b for b, _ in pulled), max(s for _, s in pulled)
 
     def moves_started(self, msg: ExchangeBatch) -> None:
@@ -221,7 +223,8 @@ def follow(engine: RankEngine, comm: MPI.Comm, shadow: MPI.Comm, transport: Tran
             elif isinstance(order, MovesFinished):
                 logger.info("tp follower: %s landed, %d bytes of KV received", order.batch, mover.finish(order.batch))
             elif isinstance(order, RestoreWeights):
-                nbytes, seconds = restore_weights(engine, order.ranks, list(order.ranges), order.stage, transport)
+                nbytes, seconds = restore_weights(engine, order.ranks, list(order.now), list(order.target), order.stage,
+                                                  transport)
                 comm.gather((nbytes, seconds), root=0)
                 logger.info("tp follower: restored %.1f MiB of weights from peer followers in %.3f s",
                             nbytes / 2**20, seconds)

@@ -139,9 +139,10 @@ class IngressBackend(Protocol):
         """Change the grouping of idle ranks (``"0-1,2,3"``): ValueError for a bad text,
         ``Refused`` if not possible now, ``ReshapeTimeout`` if it did not finish in time."""
 
-    def drop(self, ranks: list[int]) -> None:
-        """Fuse these replicas into a pipelined group (KunServe drop); ``Refused`` if not
-        possible now, ``ReshapeTimeout`` if it did not finish in time."""
+    def drop(self, ranks: list[int]) -> tuple[int, ...] | None:
+        """Fuse the instances on these ranks into a pipelined group (KunServe drop); returns
+        its ranks in stage order; ``Refused`` if not possible now, ``ReshapeTimeout`` if it
+        did not finish in time."""
 
     def restore(self, ranks: list[int] | None) -> list[tuple[int, ...]]:
         """Split one group (or all) back into replicas; returns the groups split (errors as

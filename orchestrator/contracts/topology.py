@@ -76,18 +76,26 @@ class Topology:
         """The ranks of the instance ``rank`` belongs to."""
         return self.instances[self.instance_of(rank)]
 
-    def fuse(self, ranks: tuple[int, ...]) -> "Topology":
-        """The topology once the replicas on ``ranks`` (stage order) form one group."""
-        replicas = [r for r in ranks if (r,) in self.instances]
-        if len(replicas) != len(ranks):
-            raise ValueError(f"ranks {sorted(set(ranks) - set(replicas))} are not replicas of {self}")
-        return Topology(tuple(sorted([i for i in self.instances if i[0] not in ranks] + [tuple(ranks)])))
+    def parts_of(self, ranks: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """The instances ``ranks`` cover, which must be whole."""
+        parts = sorted({self.ranks_of_rank(r) for r in ranks})
+        if broken := [p for p in parts if not set(p) <= set(ranks)]:
+            raise ValueError(f"ranks {sorted(ranks)} take only part of the instances {[list(p) for p in broken]}")
+        return tuple(parts)
 
-    def split(self, group: tuple[int, ...]) -> "Topology":
-        """The topology once ``group`` is split back into replicas."""
+    def fuse(self, ranks: tuple[int, ...]) -> "Topology":
+        """The topology once the instances on ``ranks`` form one group (stage order)."""
+        parts = self.parts_of(ranks)
+        return Topology(tuple(sorted([i for i in self.instances if i not in parts] + [tuple(ranks)])))
+
+    def split(self, group: tuple[int, ...], parts: tuple[tuple[int, ...], ...] = ()) -> "Topology":
+        """The topology once ``group`` is split back into ``parts`` (default: replicas)."""
         if group not in self.instances:
             raise ValueError(f"{list(group)} is not a group of {self}")
-        return Topology(tuple(sorted([i for i in self.instances if i != group] + [(r,) for r in group])))
+        parts = parts or tuple((r,) for r in group)
+        if sorted(r for p in parts for r in p) != sorted(group):
+            raise ValueError(f"{[list(p) for p in parts]} do not make up the group {list(group)}")
+        return Topology(tuple(sorted([i for i in self.instances if i != group] + list(parts))))
 
     def group_sizes(self) -> set[int]:
         return {len(ranks) for ranks in self.instances}

@@ -87,8 +87,8 @@ def _group_of(body: Any, required: bool) -> list[int] | None:
 async def _drop(request: web.Request) -> web.Response:
     _check_token(request)
     group = _group_of(await read_json(request), required=True)
-    await _run(request, request.app[BACKEND_KEY].drop, group)
-    return web.json_response({"status": "ok", "group": group})
+    formed = await _run(request, request.app[BACKEND_KEY].drop, group)
+    return web.json_response({"status": "ok", "group": list(formed) if formed else group})
 
 
 async def _restore(request: web.Request) -> web.Response:

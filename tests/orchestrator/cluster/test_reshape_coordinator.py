@@ -59,3 +59,42 @@ def test_drop_then_restore_moves_the_topology_and_wakes_waiters_when_over():
     c.finish((2, 3))
     with pytest.raises(Refused, match="nothing is dropped"):
         c.begin_restore(None)
+
+
+def _formed(c: ReshapeCoordinator, drop) -> None:
+    c.group_formed(GroupFormed(drop.ranks[0], drop.ranks, [], drop.epoch, 0, 0))
+    c.finish(drop.ranks)
+
+
+def test_two_groups_fuse_into_one_whose_stages_nest_in_theirs_and_split_back_into_them():
+    c = ReshapeCoordinator(Topology.parse("0-1,2-3", 4), splits=[1, 2, 4], num_layers=8)
+    drop = c.begin_drop((0, 1, 2, 3), set(), set())
+    # Stage s of the pair runs layers [4s, 4s+4); stages 2s and 2s+1 of the four run halves of
+    # them: the first stages keep [0, 2) and [2, 4), the second ones [4, 6) and [6, 8).
+    assert drop.ranks == (0, 2, 1, 3) and drop.parts == ((0, 1), (2, 3))
+    _formed(c, drop)
+    assert c.topology.instances == ((0, 2, 1, 3),)
+    [restore] = c.begin_restore(None)
+    assert restore.parts == ((0, 1), (2, 3))
+    for r in (0, 2, 1, 3):
+        c.member_restored(Restored(r, restore.epoch, []))
+    assert c.topology == Topology.parse("0-1,2-3", 4)
+
+
+def test_a_replica_and_a_group_fuse_where_the_replica_takes_the_straddling_stage():
+    c = ReshapeCoordinator(Topology.parse("0-1", 3), splits=[1, 2, 3], num_layers=6)
+    drop = c.begin_drop((2, 0, 1), set(), set())
+    # [0, 2) fits rank 0 ([0, 3)), [2, 4) only the replica, [4, 6) rank 1 ([3, 6)).
+    assert drop.ranks == (0, 2, 1) and drop.parts == ((0, 1), (2,))
+
+
+@pytest.mark.parametrize("topology, ranks, why", [
+    ("0-1,2-3", (0, 1, 2, 3), r"cannot fuse into a 4-stage group: its stages' layers \['\[0, 2\)', '\[2, 4\)'"),
+    ("0-1", (1, 2), r"take only part of the instances \[\[0, 1\]\]"),
+    ("0-1", (0, 1), r"are one instance already"),
+])
+def test_a_fusion_whose_layers_do_not_nest_or_that_splits_an_instance_is_refused(topology, ranks, why):
+    c = ReshapeCoordinator(Topology.parse(topology, 4), splits=[1, 2, 4], num_layers=6)  # pp4 of 6: 2,2,1,1
+    with pytest.raises(Refused, match=why):
+        c.begin_drop(ranks, set(), set())
+    assert not c.busy

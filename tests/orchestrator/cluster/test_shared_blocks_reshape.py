@@ -29,7 +29,7 @@ from orchestrator.core.scheduler import SchedulerConfig
 PS, LAYERS, BASE, GROWN = 4, 4, 40, 64
 P1, P2 = [1, 2, 3, 4], [5, 6, 7, 8]
 ENGINE = SimpleNamespace(kv=SimpleNamespace(page_size=PS, page_bytes=64), runner=lambda layers: None, tp=SimpleNamespace(size=1),
-                         cfg=SimpleNamespace(eos_token_ids=[]))
+                         cfg=SimpleNamespace(eos_token_ids=[], num_hidden_layers=LAYERS, tie_word_embeddings=True))
 CONFIG = SchedulerConfig(enable_prefix_caching=True)
 FULL = LayerRange(0, LAYERS)
 RANGES = [LayerRange(0, 2), LayerRange(2, 4)]

@@ -45,15 +45,22 @@ def test_topology_parsing():
             Topology.parse(bad, 4)
 
 
-def test_topology_fuses_replicas_and_splits_groups():
+def test_topology_fuses_instances_and_splits_groups_into_their_parts():
     t = Topology.parse(None, 4)
     fused = t.fuse((2, 3))
     assert fused.instances == ((0,), (1,), (2, 3)) and fused.split((2, 3)) == t
-    assert fused.fuse((0, 1)).instances == ((0, 1), (2, 3))
-    with pytest.raises(ValueError, match=r"ranks \[2\] are not replicas"):
+    pairs = fused.fuse((0, 1))
+    assert pairs.instances == ((0, 1), (2, 3))
+    with pytest.raises(ValueError, match=r"ranks \[1, 2\] take only part of the instances \[\[2, 3\]\]"):
         fused.fuse((1, 2))
     with pytest.raises(ValueError, match="is not a group"):
         fused.split((0, 1))
+    # Groups of groups: two pairs fuse into one group of four, which splits back into the pairs.
+    four = pairs.fuse((0, 2, 1, 3))
+    assert four.instances == ((0, 2, 1, 3),) and four.parts_of((0, 1, 2, 3)) == ((0, 2, 1, 3),)
+    assert four.split((0, 2, 1, 3), ((0, 1), (2, 3))) == pairs
+    with pytest.raises(ValueError, match="do not make up the group"):
+        four.split((0, 2, 1, 3), ((0, 1),))
 
 
 def test_prefix_aware_follows_the_prefix_then_the_load():
