@@ -71,9 +71,10 @@ async def _cycle(url: str, mix: Mix, settle_s: float) -> dict:
     return {"drop_s": drop_s, "restore_s": restore_s, "kv_pages_used_at_drop": used, "events": events}
 
 
-def raw_exchange(nbytes: int) -> float:
-    """Aggregate GiB/s of two ranks swapping ``nbytes`` each way with raw mpi4py (perf.raw_exchange)."""
-    cmd = mpirun_command(2) + [sys.executable, "-m", "perf.raw_exchange", "--bytes", str(nbytes), "--reps", "15"]
+def raw_exchange(nbytes: int, ranks: int = 2) -> float:
+    """Aggregate GiB/s of pairs of ranks each swapping ``nbytes`` each way at once, with raw
+    mpi4py (perf.raw_exchange)."""
+    cmd = mpirun_command(ranks) + [sys.executable, "-m", "perf.raw_exchange", "--bytes", str(nbytes), "--reps", "15"]
     out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300).stdout
     m = re.search(r"([\d.]+) GiB/s", out)
     if not m:

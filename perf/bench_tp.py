@@ -27,7 +27,7 @@ from perf.mpi_launch import REPO_ROOT, mpirun_command
 CONFIGS = (("1 rank", 1, "tp"), ("2 replicas", 2, "replicas"), ("TP2", 2, "tp"))
 
 
-def build_store(root: Path, hidden: int, layers: int) -> Path:
+def build_store(root: Path, hidden: int, layers: int, splits=(1,), tp_sizes=(1, 2)) -> Path:
     from build_scripts.sources.hf_dir import open_hf_dir
     from build_scripts.sources.tiny import TinySpec, write_tiny_hf_dir
     from build_scripts.writer import write_store
@@ -36,7 +36,7 @@ def build_store(root: Path, hidden: int, layers: int) -> Path:
                     num_kv_heads=max(2, hidden // 256), max_position_embeddings=2048, seed=5)
     hf = write_tiny_hf_dir(root / "hf", spec)
     store = root / "store"
-    write_store(open_hf_dir(hf), store, [1], progress=False, tp_sizes=[1, 2])
+    write_store(open_hf_dir(hf), store, list(splits), progress=False, tp_sizes=list(tp_sizes))
     return store
 
 

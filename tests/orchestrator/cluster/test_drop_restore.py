@@ -215,7 +215,7 @@ def test_an_exchange_batch_that_times_out_recomputes_its_requests(tiny_store, ex
         assert sum(r.num_preemptions for r in results) == event["stale"]
 
 
-@pytest.mark.expect_log("test faults in force", "no member can hold .* it will be recomputed")
+@pytest.mark.expect_log("test faults in force", "no part can hold .* it will be recomputed")
 def test_a_restore_without_room_recomputes_and_loses_no_token(tiny_store, expected):
     """No member has room for any request's KV (``restore_no_room``): every request that
     holds KV is recomputed after the split, and each completes with all its tokens,

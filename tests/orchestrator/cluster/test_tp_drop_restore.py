@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from build_scripts.sources.tiny import TinySpec
+from orchestrator.ingress.request_log import read_request_log
 from perf.cluster_client import ServingCluster, complete, reference_completions, run
 from tests.conftest import build_tiny_store
 from tests.mpi_util import requires_mpirun
@@ -53,9 +54,11 @@ async def _cycle(url: str):
         return await gen, drop, fused, restored
 
 
-def test_two_tp2_replicas_fuse_into_a_tp2_pp2_group_and_split_back(tp_store):
+def test_two_tp2_replicas_fuse_into_a_tp2_pp2_group_and_split_back(tp_store, tmp_path):
     expected = reference_completions(tp_store, PROMPTS, MAX_TOKENS)
-    with ServingCluster(4, tp_store, "--tp", "2", "--max-num-batched-tokens", "24") as cluster:
+    log_path = tmp_path / "requests.jsonl"
+    with ServingCluster(4, tp_store, "--tp", "2", "--max-num-batched-tokens", "24",
+                        "--request-log", str(log_path)) as cluster:
         before = cluster.state()
         assert [(i["shape"], i["world_ranks"]) for i in before["instances"]] == [("tp2xpp1", [0, 1]),
                                                                                   ("tp2xpp1", [2, 3])]
@@ -76,11 +79,23 @@ def test_two_tp2_replicas_fuse_into_a_tp2_pp2_group_and_split_back(tp_store):
         _check_memory(before["ranks"], [e for e in events if e["event"] == "weights_dropped"])
         pulled = [e for e in events if e["event"] == "weights_pulled"]
         assert len(pulled) == 2 and all(e["bytes"] > 0 for e in pulled), pulled
+        metrics = run(_get_text(cluster.url + "/metrics"))
+        for line in ('kunserve_instance_info{instance="0",shape="tp2xpp1",world_ranks="0,1"} 1',
+                     'kunserve_instance_info{instance="1",shape="tp2xpp1",world_ranks="2,3"} 1'):
+            assert line in metrics, metrics
+    shapes = {r["instance_shape"] for r in read_request_log(log_path)}
+    assert shapes <= {"tp2xpp1", "tp2xpp2"} and "tp2xpp1" in shapes, shapes
     log = cluster.output()
     # Each follower received its heads' KV in the drop's exchange and in the restore's moves.
     landed = re.findall(r"\[rank (\d)\] INFO orchestrator.cluster.tp_set: tp follower: .* landed, (\d+) bytes", log)
     assert {r for r, n in landed if int(n) > 0} == {"1", "3"}, landed
     assert len(re.findall(r"tp follower: restored [\d.]+ MiB of weights from peer followers", log)) == 2
+
+
+async def _get_text(url):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            return await r.text()
 
 
 def _check_memory(before: list[dict], dropped: list[dict]) -> None:
@@ -94,3 +109,17 @@ def _check_memory(before: list[dict], dropped: list[dict]) -> None:
     for leader in (0, 2):  # a set's ranks grew alike: shared page ids
         pair = [e for e in dropped if e["world_rank"] in (leader, leader + 1)]
         assert pair[0]["kv_pages_added"] == pair[1]["kv_pages_added"] and pair[0]["bytes"] == pair[1]["bytes"], pair
+
+
+async def _burst(url: str):
+    async with aiohttp.ClientSession() as s:
+        return await asyncio.gather(*(complete(s, url, {"prompt": p, "max_tokens": 24, "temperature": 0,
+                                                        "ignore_eos": True}) for p in PROMPTS))
+
+
+def test_a_tp2_pp2_instance_from_the_start_gives_the_single_process_engines_tokens(tp_store):
+    expected = reference_completions(tp_store, PROMPTS, [24] * len(PROMPTS))
+    with ServingCluster(4, tp_store, "--tp", "2", "--groups", "0-3", "--max-num-batched-tokens", "24") as cluster:
+        [instance] = cluster.state()["instances"]
+        assert (instance["shape"], instance["ranks"], instance["world_ranks"]) == ("tp2xpp2", [0, 1], [0, 1, 2, 3])
+        assert [r.token_ids for r in run(_burst(cluster.url))] == expected
