@@ -55,12 +55,15 @@ def exchange(store: Path, memory: str, seed: int, requests: int) -> dict:
     with ServingCluster(4, store, "--tp", str(TP), device_memory=memory) as cluster:
         m = asyncio.run(_cycle(cluster.url, mix, settle_s=6.0))
     ex = [e for e in m["events"] if e["event"] == "exchange"][-1]
+    dropped = [e for e in m["events"] if e["event"] == "weights_dropped"]  # one per device (world rank)
     leaders_bytes, seconds = ex["batch_bytes"][0], ex["batch_seconds"][0]
     raw = raw_exchange(int(leaders_bytes // 2), ranks=4)  # each rank sends half of its pair's bytes
     rate = TP * leaders_bytes / seconds / 2**30
     return {"drop_s": m["drop_s"], "restore_s": m["restore_s"], "batch0_bytes": TP * leaders_bytes,
             "batch0_s": seconds, "gib_s": rate, "raw_gib_s": raw, "vs_raw": rate / raw,
-            "exchange_bytes": TP * ex["bytes"], "exchange_s": ex["seconds"]}
+            "exchange_bytes": TP * ex["bytes"], "exchange_s": ex["seconds"],
+            "devices": len(dropped), **{k: statistics.median(e[k] for e in dropped)
+                                        for k in ("bytes", "resident_fall", "kv_added", "resident_rise", "weight_bytes")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{mx['batch0_s'] * 1e3:.0f} ms, {mx['gib_s']:.2f} GiB/s |",
               f"| raw mpi4py, the same bytes, the same two pairs at once | {mx['raw_gib_s']:.2f} GiB/s |",
               f"| exchange / raw | {mx['vs_raw']:.0%} |",
+              f"| each device's drop ({mx['devices']:.0f} devices, median): weights freed / resident fall | "
+              f"{mx['bytes'] / 2**20:.1f} MiB / {mx['resident_fall'] / 2**20:.1f} MiB |",
+              f"| KV added / resident rise | {mx['kv_added'] / 2**20:.1f} MiB / {mx['resident_rise'] / 2**20:.1f} MiB |",
+              f"| weights kept per device (of {mx['bytes'] / 2**20 + mx['weight_bytes'] / 2**20:.1f} MiB) | "
+              f"{mx['weight_bytes'] / 2**20:.1f} MiB |",
               f"| restore latency (the call, until the replicas serve) | {mx['restore_s'] * 1e3:.0f} ms |"]
     text = "\n".join(lines)
     print(text)

@@ -16,6 +16,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from engines.mapping import pp_partition
+
 logger = logging.getLogger(__name__)
 
 # The reason line names this many groups, then counts the rest (plans over 1,000
@@ -263,9 +265,12 @@ def plan_drop(snapshot: list[InstanceSnapshot], mem: ModelMemory,
     exactly its free space) is left alone. Deficit, need and spare are defined in the
     module docstring.
 
-    Only replicas are merged in this version; an overloaded group's deficit counts as
-    unmet (merging groups further is future work). Raises ``ValueError`` for duplicate
-    instance ids or group sizes the model or store cannot take.
+    An overloaded group with a deficit then fuses with a group of its own size that has
+    spare room, into one of twice the size, where the store has that split and its stages
+    nest in the groups' (``grows_into``): such a group ends as one fused from replicas
+    would, so ``group_capacity_tokens`` gives its capacity. An overloaded group with no
+    such partner keeps its deficit unmet. Raises ``ValueError`` for duplicate instance ids
+    or group sizes the model or store cannot take.
     """
     sizes = allowed_group_sizes(mem, max_group_size)
     ids = [s.instance for s in snapshot]
@@ -282,7 +287,7 @@ def plan_drop(snapshot: list[InstanceSnapshot], mem: ModelMemory,
     cursor = _Cursor(leads, partners)
     groups: list[tuple[int, ...]] = []
     added = 0
-    unmet = sum(s.deficit_tokens for s in voters if not s.is_replica)
+    unmet = 0
     while cursor.has_lead():
         members, shortfall = _build_group(cursor, mem, sizes)
         voters_deficit = sum(m.deficit_tokens for m in members if m.overloaded)
@@ -291,11 +296,48 @@ def plan_drop(snapshot: list[InstanceSnapshot], mem: ModelMemory,
             groups.append(tuple(m.instance for m in members))
             capacity = group_capacity_tokens(mem, len(members))
             added += capacity - sum(m.capacity_tokens for m in members)
+    grown, grown_added, grown_unmet = _grow_groups(snapshot, mem, sizes)
+    groups += grown
+    added += grown_added
+    unmet += grown_unmet
     deficit = sum(s.deficit_tokens for s in voters)
     reason = _reason(voters, deficit, groups, added, unmet)
     plan = DropPlan(tuple(groups), deficit, added, unmet, reason)
     logger.debug("drop plan: %s", plan.reason)
     return plan
+
+
+def grows_into(num_layers: int, p: int, q: int) -> bool:
+    """Whether every stage of a q-stage split lies within one stage of a p-stage split, so
+    that p-groups fuse into a q-group by dropping weights only."""
+    def bounds(g: int) -> set[int]:
+        counts = pp_partition(num_layers, g)
+        return {sum(counts[:i]) for i in range(g + 1)}
+    return q % p == 0 and bounds(p) <= bounds(q)
+
+
+def _grow_groups(snapshot: list[InstanceSnapshot], mem: ModelMemory,
+                 sizes: tuple[int, ...]) -> tuple[list[tuple[int, ...]], int, int]:
+    """Overloaded groups fused pairwise with a same-size group that has room: (the new
+    groups, tokens added, deficit unmet). Most deficit first, each with the most spare."""
+    groups, added, unmet = [], 0, 0
+    for p in sorted({len(s.ranks) for s in snapshot if not s.is_replica}):
+        same = [s for s in snapshot if len(s.ranks) == p]
+        leads = sorted((s for s in same if s.overloaded and s.deficit_tokens > 0),
+                       key=lambda s: (-s.deficit_tokens, s.instance))
+        partners = sorted((s for s in same if not s.overloaded and s.deficit_tokens == 0),
+                          key=lambda s: (-s.spare_tokens, s.instance))
+        can_grow = 2 * p in sizes and grows_into(mem.num_layers, p, 2 * p)
+        for lead in leads:
+            if not (can_grow and partners):
+                unmet += lead.deficit_tokens
+                continue
+            partner = partners.pop(0)
+            capacity = group_capacity_tokens(mem, 2 * p)
+            groups.append((lead.instance, partner.instance))
+            added += capacity - lead.capacity_tokens - partner.capacity_tokens
+            unmet += min(max(0, lead.need_tokens + partner.need_tokens - capacity), lead.deficit_tokens)
+    return groups, added, unmet
 
 
 def _reason(voters: list[InstanceSnapshot], deficit: int, groups: list[tuple[int, ...]],
@@ -310,12 +352,13 @@ def _reason(voters: list[InstanceSnapshot], deficit: int, groups: list[tuple[int
         text += f"; merging {named} adds {added:,} tokens"
     else:
         text += "; nothing to merge"
-    fused = [s.instance for s in voters if not s.is_replica]
-    if fused:
-        which = "group" if len(fused) == 1 else "groups"
-        verb = "is" if len(fused) == 1 else "are"
-        named = ", ".join(map(str, fused))
-        text += f"; {which} {named} {verb} overloaded but not merged further yet"
+    grown = {g[0] for g in groups}
+    stuck = [s.instance for s in voters if not s.is_replica and s.deficit_tokens > 0 and s.instance not in grown]
+    if stuck:
+        which = "group" if len(stuck) == 1 else "groups"
+        verb = "has" if len(stuck) == 1 else "have"
+        named = ", ".join(map(str, stuck))
+        text += f"; {which} {named} {verb} no same-size partner or split to grow into"
     if unmet:
         text += f"; {unmet:,} tokens unmet"
     return text

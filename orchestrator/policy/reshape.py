@@ -103,7 +103,9 @@ class KunServePolicy(ReshapePolicy):
             for group in plan.groups:
                 self._born[group[0]] = now
             why = {"deficit_tokens": plan.deficit_tokens, "added_tokens": plan.added_tokens, "reason": plan.reason}
-            return [Action("drop", tuple(group), why) for group in plan.groups]
+            # A plan names instances; the drop names their ranks (a group's, all of them).
+            return [Action("drop", tuple(r for inst in group for r in topology.ranks_of_rank(inst)), why)
+                    for group in plan.groups]
         actions = []
         for ranks in topology.instances:
             young = now - self._born.get(ranks[0], 0.0) < self.min_group_age_s

@@ -54,9 +54,12 @@ def tokenizer_of(store: Path):
 
 
 def test_presets_cover_every_setting():
-    assert set(PRESETS) == {"cpu", "cpu-chat", "gpu"}
+    assert set(PRESETS) == {"cpu", "cpu-chat", "cpu-tp", "gpu"}
     chat = PRESETS["cpu-chat"]
     assert chat.trace_path().exists() and (chat.ranks, chat.device_memory) == (CPU.ranks, CPU.device_memory)
+    tp = PRESETS["cpu-tp"]  # the cpu preset's stream on two TP2 instances, the policies TP instances run
+    assert tp.trace == CPU.trace and tp.ranks == 4 and tp.serve_args[:2] == ("--tp", "2")
+    assert tp.policies == ("kunserve", "vllm", "oracle") and tp.store == "stores/cpu-tp"
     assert (CPU.ranks, CPU.store, CPU.device_memory, CPU.device) == (4, "stores/smollm2", "560MiB", "cpu")
     assert CPU.policies == ("kunserve", "vllm", "swap", "llumnix", "oracle")
     assert CPU.trace.endswith("AzureLLMInferenceTrace_code.csv") and CPU.max_input and CPU.max_output

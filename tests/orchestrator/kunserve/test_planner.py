@@ -146,7 +146,29 @@ def test_groups_and_indebted_partners_are_not_merged():
     plan = plan_drop(snap, MEM)
     assert plan.empty  # replica 0 has a deficit but no vote: not a partner, not a lead
     assert plan.unmet_tokens == plan.deficit_tokens == 1000
-    assert "group 9 is overloaded but not merged further yet" in plan.reason
+    assert "group 9 has no same-size partner or split to grow into" in plan.reason
+
+
+def group(instance: int, ranks: tuple[int, ...], demand: int, *, overloaded: bool | None = None) -> InstanceSnapshot:
+    """A group fused from replicas: its pool holds ``group_capacity_tokens``."""
+    cap = group_capacity_tokens(MEM, len(ranks))
+    overloaded = demand > cap if overloaded is None else overloaded
+    used = min(demand, cap)
+    return InstanceSnapshot(instance, ranks, cap, demand, demand - used, cap - used, overloaded)
+
+
+def test_an_overloaded_group_grows_with_a_same_size_group_that_has_room():
+    # Two pp2 groups of 3,000 tokens; fused into pp4 they hold 7,000 (as if fused from replicas).
+    snap = [group(0, (0, 1), 4500), group(2, (2, 3), 1000), replica(4, 200)]
+    plan = plan_drop(snap, MEM)
+    assert plan.groups == ((0, 2),) and plan.added_tokens == 7000 - 6000 and plan.unmet_tokens == 0, plan
+    # Without a split twice their size, or with one whose stages cut theirs, it cannot grow.
+    for splits, layers in (((1, 2), 8), ((1, 2, 4), 6)):
+        mem = ModelMemory(layers, MEM.kv_bytes_per_token // 8 * layers, MEM.layer_weight_bytes,
+                          MEM.kv_pool_bytes, splits=splits)
+        stuck = plan_drop(snap, mem)
+        assert stuck.empty and stuck.unmet_tokens == 1500, (splits, stuck)
+    assert planner.grows_into(8, 2, 4) and not planner.grows_into(6, 2, 4) and not planner.grows_into(30, 2, 4)
 
 
 def test_voter_without_deficit_stays_alone():
