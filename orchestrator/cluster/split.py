@@ -138,7 +138,7 @@ class Split:
 
         def place(layer: int, pages: list[int], request_id: str, block: int | None) -> list[int]:
             owner, m = blocks.pool_of_layer(layer), members[layer]
-            if owner == m and all(p < self.base[m] for p in pages):
+            if owner == m and all(pg < self.base[m] for pg in pages):
                 if block is not None:
                     kept.update((m, page) for page in pages)
                 return pages
