@@ -183,6 +183,7 @@ class InstanceDriver:
                       logprobs=er.logprobs)
         self.blocks.link_prefix(req, er.prefix_hashes)
         req.prefix_closed = er.prefix_closed
+        req.first_scheduled_time = er.first_scheduled_time
         self.scheduler.adopt(req)
         self.requests[req.request_id] = req
         self.sent[req.request_id] = er.sent
@@ -217,7 +218,8 @@ class InstanceDriver:
                                req.max_model_len, req.num_computed_tokens, block_table, home,
                                self.sent[req.request_id], req.num_preemptions, req.arrival_time,
                                req.num_migrations + migrated, logprobs=req.logprobs, prefix_hashes=shared,
-                               prefix_closed=req.prefix_closed and not migrated)
+                               prefix_closed=req.prefix_closed and not migrated,
+                               first_scheduled_time=req.first_scheduled_time)
 
     def hold(self, req: Request) -> None:
         """Schedule nothing more for ``req`` until ``release_held`` (a migration's last stop)."""

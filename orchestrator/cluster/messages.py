@@ -152,9 +152,10 @@ class ExportedRequest:
     max_model_len: int
     num_computed_tokens: int
     block_table: list[list[int]]
-    """Per layer, pages in the pool of ``home`` (empty when nothing is computed)."""
+    """Per layer, its pages (empty when nothing is computed): in the pool of ``home``, or, for
+    a group's requests, of the stage that ran the layer (``MemberReady.layout``)."""
     home: int
-    """The rank whose pool holds the pages (for a group: see ``layer_homes``)."""
+    """The rank that hands it over (a replica: the pool holding its pages)."""
     sent: int
     """Output tokens already reported to the controller."""
     num_preemptions: int = 0
@@ -166,6 +167,9 @@ class ExportedRequest:
     """The cached blocks it shares, in order: the first ``len(prefix_hashes)`` pages of each
     layer in ``block_table`` are theirs (handed over once, as ``ExportedBlock``s)."""
     prefix_closed: bool = False
+    first_scheduled_time: float | None = None
+    """When it was first scheduled, if it was (its first token then names its queue time
+    and the instance that computed its prompt)."""
     """Its later full blocks are not to be cached (an equal block was cached first)."""
 
 
