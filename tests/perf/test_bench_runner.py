@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields, replace
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -13,34 +12,11 @@ import pytest
 from perf import bench
 from perf.bench_presets import CPU, GPU, MAX_RANKS, PRESETS, BenchPreset, rank_limit, validate_preset
 from perf.bench_records import read_events_csv, read_requests_csv, read_samples_csv
-from perf.traces import LengthDist, Trace, gamma_bursty
 from tests.deps import require
 from tests.mpi_util import requires_mpirun
+from tests.perf.bench_helpers import tiny_preset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def write_azure_csv(path: Path, trace: Trace) -> Path:
-    """``trace`` as an Azure LLM inference trace file."""
-    t0 = datetime(2023, 11, 16, 18, 0, 0)
-    rows = [f"{(t0 + timedelta(seconds=r.arrival_s)).isoformat(sep=' ')},{r.input_len},{r.output_len}"
-            for r in trace]
-    path.write_text("\n".join(["TIMESTAMP,ContextTokens,GeneratedTokens", *rows]) + "\n")
-    return path
-
-
-@pytest.fixture
-def small_trace(tmp_path) -> Path:
-    """About 10 requests in 2.5 s, short prompts and outputs (the tiny model's context is 512)."""
-    trace = gamma_bursty(2.5, rate=4.0, cv=1.0, seed=1, input_len=LengthDist(30, 20, max_len=60),
-                         output_len=LengthDist(8, 6, max_len=16))
-    return write_azure_csv(tmp_path / "trace.csv", trace)
-
-
-def tiny_preset(trace: Path, store: Path, **changes) -> BenchPreset:
-    base = BenchPreset(name="tiny", trace=str(trace), store=str(store), ranks=2, device="cpu",
-                       device_memory="64MiB", max_input=64, max_output=16, policies=("vllm", "kunserve"))
-    return replace(base, **changes)
 
 
 def tokenizer_of(store: Path):

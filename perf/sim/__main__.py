@@ -1,0 +1,148 @@
+"""``python -m perf.sim``: replay a benchmark preset's request stream on a simulated cluster.
+
+    python -m perf.sim --preset sim-cpu --out runs/sim-cpu [--policies vllm,oracle]
+        [--cost-model FILE] [--compare-real runs/cpu]
+
+``sim-cpu`` is the ``cpu`` bench preset (the same stream, ranks, memory and ``serve``
+options); any preset of ``perf.bench`` is taken by name. Each replica's KV pool is what
+``serve`` would give it (``--device-memory`` less the weights and the 5% workspace), its
+scheduler is the project's own, and its step times come from ``--cost-model`` (default:
+STORE/cost_model.json, fitted on this host by ``python -m perf.profile_cost``). Writes
+``summary.md``/``summary.json`` (``perf.bench``'s tables) and ``requests.jsonl``;
+``--compare-real DIR`` sets a ``perf.bench`` run's summary beside the simulated one.
+This version simulates the policies whose instances stay replicas (vllm, oracle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from engines.config import parse_dtype
+from engines.kv_cache import KVPool
+from engines.store import EngineStore
+from engines.tokenizer import Tokenizer
+from engines.weights import LayerWeights
+from orchestrator.cli import build_parser as serve_cli
+from orchestrator.core.config import parse_bytes
+from orchestrator.core.scheduler import SchedulerConfig
+from orchestrator.kunserve.cost_model import CostModel
+from orchestrator.serve import config_from_args
+from perf.bench import build_requests
+from perf.bench_presets import PRESETS, BenchPreset
+from perf.bench_records import RequestRecord
+from perf.bench_stats import SLO, compare, markdown_table, summarize, write_summary_json
+from perf.sim.cluster import SIMULATED_POLICIES, simulate
+from perf.sim.replica import ReplicaSpec, SimRequest
+
+ALIASES = {"sim-cpu": "cpu"}
+"""Simulator presets that are a bench preset's cluster and stream."""
+WORKSPACE_FRACTION = 0.05
+"""``RankEngine``'s default: the part of the device memory kept for activations."""
+
+
+def replica_spec(p: BenchPreset, policy: str) -> ReplicaSpec:
+    """The KV pool and scheduler limits ``serve`` gives each rank of ``p`` under ``policy``."""
+    argv = ["serve", "--engine-dir", str(p.store_path()), "--device-memory", p.device_memory, "--policy", policy,
+            *p.serve_args]
+    cfg = config_from_args(serve_cli().parse_args(argv))
+    m = EngineStore(p.store_path()).config
+    dtype = parse_dtype(cfg.dtype or m.dtype)  # serve on a CPU: the store's dtype unless --dtype
+    itemsize = dtype.itemsize
+    weights = (m.num_hidden_layers * LayerWeights.buffer_numel(m) + m.vocab_size * m.hidden_size
+               * (1 if m.tie_word_embeddings else 2) + m.hidden_size) * itemsize
+    memory = parse_bytes(p.device_memory)
+    page_bytes = KVPool.page_nbytes(m, cfg.page_size, dtype)
+    pages = (memory - weights - int(memory * WORKSPACE_FRACTION)) // page_bytes
+    if policy == "oracle":  # room for max_num_seqs full contexts, as serve's lazy pool
+        pages = cfg.max_num_seqs * -(-m.max_position_embeddings // cfg.page_size) * m.num_hidden_layers
+    sched = SchedulerConfig(cfg.max_num_batched_tokens, cfg.max_num_seqs, enable_prefix_caching=cfg.enable_prefix_caching)
+    return ReplicaSpec(m.num_hidden_layers, pages, cfg.page_size, m.max_position_embeddings, sched)
+
+
+def to_records(policy: str, sims: list[SimRequest], input_lens: dict[str, int]) -> list[RequestRecord]:
+    return [RequestRecord(policy, s.request_id, s.arrival_s, s.arrival_s, s.token_times_s[0] if s.token_times_s else None,
+                          list(s.token_times_s), s.finish_s, input_lens[s.request_id], len(s.token_times_s),
+                          s.max_tokens, s.preemptions, 0, s.error) for s in sims]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf.sim", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="sim-cpu", choices=sorted([*PRESETS, *ALIASES]))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--policies", default=",".join(SIMULATED_POLICIES),
+                    help=f"comma-separated; simulated so far: {', '.join(SIMULATED_POLICIES)}")
+    ap.add_argument("--cost-model", type=Path, default=None)
+    ap.add_argument("--compare-real", type=Path, default=None, metavar="DIR",
+                    help="a perf.bench run of the same preset: its summary.json beside the simulated one")
+    args = ap.parse_args(argv)
+    p = PRESETS[ALIASES.get(args.preset, args.preset)]
+    policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    if bad := [x for x in policies if x not in SIMULATED_POLICIES]:
+        ap.error(f"--policies: {', '.join(bad)} not simulated yet (only {', '.join(SIMULATED_POLICIES)})")
+    cost_path = args.cost_model or p.store_path() / "cost_model.json"
+    if not cost_path.is_file():
+        ap.error(f"no cost model at {cost_path}: fit one with python -m perf.profile_cost --engine-dir "
+                 f"{p.store_path()} --out {cost_path}")
+    text = run(p, args.preset, policies, CostModel.load(cost_path), args.out, args.compare_real)
+    print(text)
+    return 0
+
+
+def run(p: BenchPreset, name: str, policies: list[str], cost: CostModel, out: Path,
+        real: Path | None = None) -> str:
+    """Simulate ``p``'s stream under each policy; write the reports to ``out``; return summary.md."""
+    tokenizer = Tokenizer(EngineStore(p.store_path()).tokenizer_dir)
+    specs = build_requests(p, tokenizer)
+    ids = {s.request_id: tokenizer.encode(s.prompt, add_special_tokens=True) for s in specs}
+    out.mkdir(parents=True, exist_ok=True)
+    slo = SLO(p.slo_ttft_s, p.slo_tpot_s)
+    summaries, records, meta = {}, [], {"preset": name, "cost_model": cost.to_json(), "runs": {}}
+    for policy in policies:
+        spec = replica_spec(p, policy)
+        sims = [SimRequest(s.request_id, s.arrival_s, ids[s.request_id], s.output_len) for s in specs]
+        t0 = time.perf_counter()
+        result = simulate(sims, p.ranks, spec, cost)
+        wall = time.perf_counter() - t0
+        recs = to_records(policy, result.requests, {s.request_id: s.input_len for s in specs})
+        records += recs
+        summaries[policy] = summarize(recs, result.makespan_s, slo, policy)
+        meta["runs"][policy] = {"kv_pages": spec.kv_pages, "events": result.events, "steps": result.steps,
+                                "simulated_s": result.makespan_s, "wall_s": wall}
+        print(f"[{policy}] simulated {result.makespan_s:.1f} s of serving in {wall:.2f} s of wall time "
+              f"({result.events} events, {result.steps} steps, {spec.kv_pages} KV pages per replica)", flush=True)
+    ratios = compare(summaries, base="kunserve" if "kunserve" in summaries else policies[0])
+    text = f"# Simulated: {name}\n\n{markdown_table(summaries, ratios)}"
+    if real is not None:
+        text += "\n" + compare_real(real, summaries)
+    (out / "summary.md").write_text(text)
+    write_summary_json(out / "summary.json", summaries, ratios, slo, meta)
+    with open(out / "requests.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+    return text
+
+
+_COMPARED = (("TTFT P50", "ttft_p50_s"), ("TTFT P99", "ttft_p99_s"), ("TPOT P50", "tpot_p50_s"))
+
+
+def compare_real(run: Path, simulated: dict) -> str:
+    """Simulated against a real ``perf.bench`` run, policy by policy (ms, and sim / real)."""
+    real = json.loads((run / "summary.json").read_text())["policies"]
+    lines = ["| policy | metric | real (ms) | simulated (ms) | sim / real |", "|:---|:---|---:|---:|---:|"]
+    for policy, s in simulated.items():
+        if policy not in real:
+            continue
+        for label, key in _COMPARED:
+            r, v = real[policy].get(key), getattr(s, key)
+            if isinstance(r, (int, float)) and v is not None and r > 0:
+                lines.append(f"| {policy} | {label} | {r * 1e3:.0f} | {v * 1e3:.0f} | {v / r:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
