@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default=",".join(SIMULATED_POLICIES),
                     help=f"comma-separated; simulated so far: {', '.join(SIMULATED_POLICIES)}")
     ap.add_argument("--cost-model", type=Path, default=None)
+    ap.add_argument("--host-cores", type=float, default=float(os.cpu_count() or 1),
+                    help="cores the CPU ranks share (default: this host's, %(default)g); 0: a core per rank")
     ap.add_argument("--compare-real", type=Path, default=None, metavar="DIR",
                     help="a perf.bench run of the same preset: its summary.json beside the simulated one")
     args = ap.parse_args(argv)
@@ -88,25 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     if not cost_path.is_file():
         ap.error(f"no cost model at {cost_path}: fit one with python -m perf.profile_cost --engine-dir "
                  f"{p.store_path()} --out {cost_path}")
-    text = run(p, args.preset, policies, CostModel.load(cost_path), args.out, args.compare_real)
+    text = run(p, args.preset, policies, CostModel.load(cost_path), args.out, args.compare_real,
+               args.host_cores or None)
     print(text)
     return 0
 
 
 def run(p: BenchPreset, name: str, policies: list[str], cost: CostModel, out: Path,
-        real: Path | None = None) -> str:
+        real: Path | None = None, host_cores: float | None = None) -> str:
     """Simulate ``p``'s stream under each policy; write the reports to ``out``; return summary.md."""
     tokenizer = Tokenizer(EngineStore(p.store_path()).tokenizer_dir)
     specs = build_requests(p, tokenizer)
     ids = {s.request_id: tokenizer.encode(s.prompt, add_special_tokens=True) for s in specs}
     out.mkdir(parents=True, exist_ok=True)
     slo = SLO(p.slo_ttft_s, p.slo_tpot_s)
-    summaries, records, meta = {}, [], {"preset": name, "cost_model": cost.to_json(), "runs": {}}
+    summaries, records, meta = {}, [], {"preset": name, "cost_model": cost.to_json(), "host_cores": host_cores,
+                                        "runs": {}}
     for policy in policies:
         spec = replica_spec(p, policy)
         sims = [SimRequest(s.request_id, s.arrival_s, ids[s.request_id], s.output_len) for s in specs]
         t0 = time.perf_counter()
-        result = simulate(sims, p.ranks, spec, cost)
+        result = simulate(sims, p.ranks, spec, cost, host_cores=host_cores)
         wall = time.perf_counter() - t0
         recs = to_records(policy, result.requests, {s.request_id: s.input_len for s in specs})
         records += recs

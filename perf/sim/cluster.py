@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from orchestrator.kunserve.cost_model import CostModel
 from orchestrator.policy.dispatch import InstanceLoad, make_dispatch_policy
 from perf.sim.clock import EventLoop
+from perf.sim.links import Link, Network
 from perf.sim.replica import ReplicaSpec, SimReplica, SimRequest
 
 SIMULATED_POLICIES = ("vllm", "oracle")
@@ -28,11 +29,13 @@ class SimResult:
 
 
 def simulate(requests: list[SimRequest], replicas: int, spec: ReplicaSpec, cost: CostModel,
-             dispatch: str = "least_loaded") -> SimResult:
-    """Run ``requests`` (arrival times in simulated seconds) on ``replicas`` replicas."""
+             dispatch: str = "least_loaded", host_cores: float | None = None) -> SimResult:
+    """Run ``requests`` (arrival times in simulated seconds) on ``replicas`` replicas;
+    ``host_cores``: the ranks share this many cores (None: a core each)."""
     clock = EventLoop()
     done: list[SimRequest] = []
-    pool = [SimReplica(i, spec, cost, clock, done.append) for i in range(replicas)]
+    compute = None if host_cores is None else (Network(clock), Link("host cores", float(host_cores)))
+    pool = [SimReplica(i, spec, cost, clock, done.append, compute) for i in range(replicas)]
     policy = make_dispatch_policy(dispatch, spec.page_size)
 
     def arrive(sim: SimRequest) -> None:

@@ -7,6 +7,11 @@ newest request when a running one cannot grow, prefix caching. The step's chunks
 s)`` (new tokens after cached ones) go to ``CostModel.step_cost``; the step ends that many
 simulated seconds later, when each sampling chunk gets one token (never EOS: a request
 runs to its requested length, as ``ignore_eos`` does).
+
+The cost model is a rank's time alone on its core. On a host whose ranks outnumber its
+cores, the steps in flight share them: each step is that many core-seconds of work over
+the path (its rank's core, 1 core-second per second; the host's cores, shared), on the
+same processor-sharing model as the links (``perf.sim.links``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from orchestrator.core.request import Request
 from orchestrator.core.scheduler import Scheduler, SchedulerConfig
 from orchestrator.kunserve.cost_model import CostModel
 from perf.sim.clock import EventLoop
+from perf.sim.links import Link, Network
 
 TOKEN = 0
 """The token every simulated step samples (the scheduler only counts them)."""
@@ -56,8 +62,12 @@ class SimReplica:
     """One instance of one rank, on the simulated clock."""
 
     def __init__(self, instance: int, spec: ReplicaSpec, cost: CostModel, clock: EventLoop,
-                 on_finish: Callable[[SimRequest], None]) -> None:
+                 on_finish: Callable[[SimRequest], None], compute: tuple[Network, Link] | None = None) -> None:
+        """``compute``: the host's CPU (a network and its shared cores link) whose cores this
+        rank's steps share with the other ranks' (None: every rank has a core of its own)."""
         self.instance = instance
+        self.compute = compute
+        self._core = Link(f"rank {instance} core", 1.0)
         self.spec = spec
         self.cost = cost
         self.clock = clock
@@ -107,7 +117,11 @@ class SimReplica:
         self.busy = True
         self.steps += 1
         self.busy_s += seconds
-        self.clock.after(seconds, lambda: self._done(sched))
+        if self.compute is None:
+            self.clock.after(seconds, lambda: self._done(sched))
+        else:
+            net, cores = self.compute
+            net.transfer([self._core, cores], seconds, lambda _t: self._done(sched))
 
     def _done(self, sched) -> None:
         self.busy = False

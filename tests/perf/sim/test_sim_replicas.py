@@ -68,3 +68,14 @@ def test_perf_sim_runs_a_preset_and_writes_the_bench_reports(small_trace, tiny_s
     assert summary["meta"]["runs"]["vllm"]["steps"] > 0
     lines = (tmp_path / "sim" / "requests.jsonl").read_text().splitlines()
     assert len(lines) == 2 * summary["policies"]["vllm"]["requests"]
+
+
+def test_ranks_that_outnumber_the_cores_share_them():
+    def lone_steps(cores):
+        reqs = [SimRequest(f"r{i}", 0.0, [7] * 10, 1) for i in range(2)]  # one prefill step each, at once
+        simulate(reqs, 2, spec(pages=400), COST, host_cores=cores)
+        return [s.finish_s for s in reqs]
+    step = COST.step_cost([(10, 0)], LAYERS)
+    assert lone_steps(None) == pytest.approx([step, step])
+    assert lone_steps(2) == pytest.approx([step, step])  # a core each
+    assert lone_steps(1) == pytest.approx([2 * step, 2 * step])  # half a core each
