@@ -47,6 +47,28 @@ def stage_chunks(chunks: list[SeqChunk], first_layer: int, with_tokens: bool) ->
                     token_ids=c.token_ids if with_tokens else None) for c in chunks]
 
 
+def instance_stats(instance: int, ranks: tuple[int, ...], sched: Scheduler) -> InstanceStats:
+    """An instance's load from its scheduler, in the token figures the load monitor reads
+    (a stage's pool holds only its layers' pages); its event counts since they were cleared."""
+    blocks = sched.blocks
+    usage = blocks.usage()
+    pools = [PoolUsage(r, used, total) for r, (used, total) in zip(ranks, usage)]
+    per_token = [(len(spec.layers), blocks.page_size) for spec in blocks.specs]
+    free = min((total - used) // n * ps for (used, total), (n, ps) in zip(usage, per_token))
+    capacity = blocks.token_capacity()
+    queued = sum(r.num_tokens for r in sched.waiting)
+    demand = sum(r.num_tokens + 1 for r in sched.running) + queued
+    return InstanceStats(instance, len(sched.waiting), len(sched.running), pools, capacity, demand,
+                         capacity - free, queued, free, dict(sched.counts))
+
+
+def schedule_microbatch(sched: Scheduler, busy: set[int], held: set[int], stages: int) -> SchedulerOutput:
+    """One micro-batch of a ``stages``-stage instance: the requests not in flight (``busy``)
+    nor held, at most an even share of them per micro-batch so that every stage has work."""
+    active = len(sched.running) + len(sched.waiting) - len(held)
+    return sched.schedule(busy | held, max_seqs=max(1, math.ceil(active / stages)))
+
+
 class InstanceDriver:
     """Scheduler and micro-batch pipeline of one instance, run by its leader rank."""
 
@@ -124,18 +146,8 @@ class InstanceDriver:
 
     def report(self) -> InstanceReport:
         """Token updates since the last report, and the instance's load."""
-        blocks, sched = self.blocks, self.scheduler
-        usage = blocks.usage()
-        pools = [PoolUsage(r, used, total) for r, (used, total) in zip(self.ranks, usage)]
-        # Token figures for the load monitor: a stage's pool holds only its layers' pages.
-        per_token = [(len(spec.layers), blocks.page_size) for spec in blocks.specs]
-        free = min((total - used) // n * ps for (used, total), (n, ps) in zip(usage, per_token))
-        capacity = blocks.token_capacity()
-        queued = sum(r.num_tokens for r in sched.waiting)
-        demand = sum(r.num_tokens + 1 for r in sched.running) + queued
-        stats = InstanceStats(self.instance, len(sched.waiting), len(sched.running), pools, capacity, demand,
-                              capacity - free, queued, free, dict(sched.counts))
-        sched.counts.clear()
+        stats = instance_stats(self.instance, self.ranks, self.scheduler)
+        self.scheduler.counts.clear()
         updates, self.updates = self.updates, []
         return InstanceReport(stats, updates)
 
@@ -271,9 +283,7 @@ class InstanceDriver:
             return self._step_lookahead()
         launched = False
         while not self.paused and len(self.inflight) < len(self.ranks):
-            active = len(self.scheduler.running) + len(self.scheduler.waiting) - len(self.held)
-            sched = self.scheduler.schedule(set(self.busy) | self.held,
-                                            max_seqs=max(1, math.ceil(active / len(self.ranks))))
+            sched = schedule_microbatch(self.scheduler, set(self.busy), self.held, len(self.ranks))
             for req in sched.preempted:
                 if req.status.finished:
                     self._emit(req)

@@ -8,9 +8,12 @@ options); any preset of ``perf.bench`` is taken by name. Each replica's KV pool 
 ``serve`` would give it (``--device-memory`` less the weights and the 5% workspace), its
 scheduler is the project's own, and its step times come from ``--cost-model`` (default:
 STORE/cost_model.json, fitted on this host by ``python -m perf.profile_cost``). Writes
-``summary.md``/``summary.json`` (``perf.bench``'s tables) and ``requests.jsonl``;
+``summary.md``/``summary.json`` (``perf.bench``'s tables), ``requests.jsonl``/``.csv``,
+``samples.csv`` (memory per rank each second), ``events.csv`` (decisions, drops, exchanges,
+restores), ``reshapes.jsonl`` (each drop's and restore's times and bytes) and the plots;
 ``--compare-real DIR`` sets a ``perf.bench`` run's summary beside the simulated one.
-This version simulates the policies whose instances stay replicas (vllm, oracle).
+Simulated: kunserve (the real policy's drops, exchanges and restores), vllm, swap, oracle;
+llumnix's migration is not simulated yet and is refused.
 """
 
 from __future__ import annotations
@@ -20,14 +23,13 @@ import dataclasses
 import json
 import os
 import sys
+import statistics
 import time
 from pathlib import Path
 
 from engines.config import parse_dtype
-from engines.kv_cache import KVPool
 from engines.store import EngineStore
 from engines.tokenizer import Tokenizer
-from engines.weights import LayerWeights
 from orchestrator.cli import build_parser as serve_cli
 from orchestrator.core.config import parse_bytes
 from orchestrator.core.scheduler import SchedulerConfig
@@ -35,34 +37,41 @@ from orchestrator.kunserve.cost_model import CostModel
 from orchestrator.serve import config_from_args
 from perf.bench import build_requests
 from perf.bench_presets import PRESETS, BenchPreset
-from perf.bench_records import RequestRecord
+from perf.bench_records import RequestRecord, write_events_csv, write_requests_csv, write_samples_csv
 from perf.bench_stats import SLO, compare, markdown_table, summarize, write_summary_json
-from perf.sim.cluster import SIMULATED_POLICIES, simulate
-from perf.sim.replica import ReplicaSpec, SimRequest
+from orchestrator.policy.bundles import get_policy
+from perf.bench_plots import plot_all
+from perf.sim.clock import EventLoop
+from perf.sim.cluster import SIMULATED_POLICIES, SimCluster, SimResult
+from perf.sim.fabric import CpuHost, CpuHostSpec
+from perf.sim.instance import SimContext, SimRequest, StepCost
+from perf.sim.links import Network
+from perf.sim.memory import MemoryLayout
 
 ALIASES = {"sim-cpu": "cpu"}
 """Simulator presets that are a bench preset's cluster and stream."""
-WORKSPACE_FRACTION = 0.05
-"""``RankEngine``'s default: the part of the device memory kept for activations."""
 
 
-def replica_spec(p: BenchPreset, policy: str) -> ReplicaSpec:
-    """The KV pool and scheduler limits ``serve`` gives each rank of ``p`` under ``policy``."""
+def cpu_context(p: BenchPreset, policy: str, cost: StepCost, host_cores: float | None) -> SimContext:
+    """What ``serve`` gives each rank of ``p`` under ``policy``: its memory (``--device-memory``
+    less the weights and the 5% workspace in KV pages), its scheduler limits, on this host."""
     argv = ["serve", "--engine-dir", str(p.store_path()), "--device-memory", p.device_memory, "--policy", policy,
             *p.serve_args]
     cfg = config_from_args(serve_cli().parse_args(argv))
-    m = EngineStore(p.store_path()).config
+    store = EngineStore(p.store_path())
+    m = store.config
     dtype = parse_dtype(cfg.dtype or m.dtype)  # serve on a CPU: the store's dtype unless --dtype
-    itemsize = dtype.itemsize
-    weights = (m.num_hidden_layers * LayerWeights.buffer_numel(m) + m.vocab_size * m.hidden_size
-               * (1 if m.tie_word_embeddings else 2) + m.hidden_size) * itemsize
-    memory = parse_bytes(p.device_memory)
-    page_bytes = KVPool.page_nbytes(m, cfg.page_size, dtype)
-    pages = (memory - weights - int(memory * WORKSPACE_FRACTION)) // page_bytes
-    if policy == "oracle":  # room for max_num_seqs full contexts, as serve's lazy pool
-        pages = cfg.max_num_seqs * -(-m.max_position_embeddings // cfg.page_size) * m.num_hidden_layers
-    sched = SchedulerConfig(cfg.max_num_batched_tokens, cfg.max_num_seqs, enable_prefix_caching=cfg.enable_prefix_caching)
-    return ReplicaSpec(m.num_hidden_layers, pages, cfg.page_size, m.max_position_embeddings, sched)
+    tp = cfg.tp
+    layout = MemoryLayout.for_model(m, dtype, parse_bytes(p.device_memory), cfg.page_size,
+                                    tuple(store.tp_splits(tp)) if tp > 1 else tuple(store.splits), tp)
+    bundle = get_policy(policy)
+    sched = SchedulerConfig(cfg.max_num_batched_tokens, cfg.max_num_seqs, preemption_mode=bundle.preemption,
+                            swap_space_bytes=cfg.swap_space, enable_prefix_caching=cfg.enable_prefix_caching)
+    clock = EventLoop()
+    ranks = p.ranks // tp
+    return SimContext(clock, Network(clock), CpuHost(CpuHostSpec(host_cores), ranks), cost, layout, sched,
+                      m.max_position_embeddings, m.hidden_size * dtype.itemsize * tp,
+                      swap_space_bytes=cfg.swap_space if bundle.preemption == "swap" else None)
 
 
 def to_records(policy: str, sims: list[SimRequest], input_lens: dict[str, int]) -> list[RequestRecord]:
@@ -107,19 +116,23 @@ def run(p: BenchPreset, name: str, policies: list[str], cost: CostModel, out: Pa
     slo = SLO(p.slo_ttft_s, p.slo_tpot_s)
     summaries, records, meta = {}, [], {"preset": name, "cost_model": cost.to_json(), "host_cores": host_cores,
                                         "runs": {}}
+    samples, events, reshapes = [], [], []
     for policy in policies:
-        spec = replica_spec(p, policy)
+        ctx = cpu_context(p, policy, cost, host_cores)
         sims = [SimRequest(s.request_id, s.arrival_s, ids[s.request_id], s.output_len) for s in specs]
         t0 = time.perf_counter()
-        result = simulate(sims, p.ranks, spec, cost, host_cores=host_cores)
+        result = SimCluster(ctx, p.ranks // ctx.layout.tp, policy).run(sims)
         wall = time.perf_counter() - t0
         recs = to_records(policy, result.requests, {s.request_id: s.input_len for s in specs})
         records += recs
+        samples += result.samples
+        events += result.cluster_events
+        reshapes += [dict(policy=policy, **r.to_json()) for r in result.reshapes]
         summaries[policy] = summarize(recs, result.makespan_s, slo, policy)
-        meta["runs"][policy] = {"kv_pages": spec.kv_pages, "events": result.events, "steps": result.steps,
-                                "simulated_s": result.makespan_s, "wall_s": wall}
+        meta["runs"][policy] = run_meta(ctx, result, wall)
         print(f"[{policy}] simulated {result.makespan_s:.1f} s of serving in {wall:.2f} s of wall time "
-              f"({result.events} events, {result.steps} steps, {spec.kv_pages} KV pages per replica)", flush=True)
+              f"({result.events} events, {result.steps} micro-batches, {ctx.layout.replica_pages()} KV pages "
+              f"per replica, {len(result.reshapes)} reshapes)", flush=True)
     ratios = compare(summaries, base="kunserve" if "kunserve" in summaries else policies[0])
     text = f"# Simulated: {name}\n\n{markdown_table(summaries, ratios)}"
     if real is not None:
@@ -129,7 +142,22 @@ def run(p: BenchPreset, name: str, policies: list[str], cost: CostModel, out: Pa
     with open(out / "requests.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+    with open(out / "reshapes.jsonl", "w") as f:
+        for r in reshapes:
+            f.write(json.dumps(r) + "\n")
+    write_requests_csv(out / "requests.csv", records)
+    write_samples_csv(out / "samples.csv", samples)
+    write_events_csv(out / "events.csv", events)
+    plot_all(out, records, samples, events)
     return text
+
+
+def run_meta(ctx: SimContext, result: SimResult, wall: float) -> dict:
+    d = result.decision_s
+    return {"kv_pages": ctx.layout.replica_pages(), "events": result.events, "steps": result.steps,
+            "simulated_s": result.makespan_s, "wall_s": wall, "reshapes": len(result.reshapes),
+            "decision_ms_median": 1e3 * statistics.median(d) if d else None,
+            "decision_ms_max": 1e3 * max(d) if d else None, "ticks": len(d)}
 
 
 _COMPARED = (("TTFT P50", "ttft_p50_s"), ("TTFT P99", "ttft_p99_s"), ("TPOT P50", "tpot_p50_s"))

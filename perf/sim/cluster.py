@@ -1,23 +1,34 @@
-"""A simulated cluster of replicas: the request stream arrives on the simulated clock, the
-project's own dispatch policy places each request, and every replica runs its own
-scheduler (``perf.sim.replica``).
+"""A simulated cluster: the request stream on the simulated clock, placed by the project's
+own dispatch policy, served by simulated instances (``perf.sim.instance``), reshaped by the
+project's own reshape policy (``orchestrator.policy.reshape``: the kunserve policy's load
+monitor and drop planner) every ``DECISION_INTERVAL_S``, as ``serve``'s controller does.
 
-This first version simulates the policies whose instances stay replicas of one rank
-(``vllm``, and ``oracle`` with an unbounded pool); drops, exchanges and restores come
-next, on the same clock with the link model (``perf.sim.links``).
+Only time is modelled: each decision is the real policy's, on the load the real leaders'
+``instance_stats`` reports; each drop and restore is carried out by ``perf.sim.reshape``
+with its transfers on the fabric's links.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import time
+from dataclasses import dataclass, field
 
-from orchestrator.kunserve.cost_model import CostModel
+from engines.mapping import LayerRange
+from orchestrator.cluster.controller import DECISION_INTERVAL_S
+from orchestrator.contracts import Topology
+from orchestrator.core.block_manager import PoolSpec
+from orchestrator.policy.bundles import get_policy
 from orchestrator.policy.dispatch import InstanceLoad, make_dispatch_policy
-from perf.sim.clock import EventLoop
-from perf.sim.links import Link, Network
-from perf.sim.replica import ReplicaSpec, SimReplica, SimRequest
+from orchestrator.policy.reshape import ReshapePolicy, make_reshape_policy
+from perf.bench_records import ClusterEvent, SecondSample
+from perf.sim.instance import SimContext, SimInstance, SimRequest
+from perf.sim.reshape import ReshapeRecord, SimDrop, SimRestore
 
-SIMULATED_POLICIES = ("vllm", "oracle")
+SIMULATED_POLICIES = ("kunserve", "vllm", "swap", "oracle")
+"""``serve --policy`` bundles the simulator runs; llumnix's migration is not simulated yet."""
+SAMPLE_INTERVAL_S = 1.0
+"""Simulated seconds between memory samples of every rank (``perf.bench`` samples each second)."""
 
 
 @dataclass
@@ -26,27 +37,182 @@ class SimResult:
     makespan_s: float
     events: int
     steps: int
+    reshapes: list[ReshapeRecord] = field(default_factory=list)
+    samples: list[SecondSample] = field(default_factory=list)
+    cluster_events: list[ClusterEvent] = field(default_factory=list)
+    decision_s: list[float] = field(default_factory=list)
+    """Wall seconds of each control tick's policy work (observe and decide)."""
 
 
-def simulate(requests: list[SimRequest], replicas: int, spec: ReplicaSpec, cost: CostModel,
-             dispatch: str = "least_loaded", host_cores: float | None = None) -> SimResult:
-    """Run ``requests`` (arrival times in simulated seconds) on ``replicas`` replicas;
-    ``host_cores``: the ranks share this many cores (None: a core each)."""
-    clock = EventLoop()
-    done: list[SimRequest] = []
-    compute = None if host_cores is None else (Network(clock), Link("host cores", float(host_cores)))
-    pool = [SimReplica(i, spec, cost, clock, done.append, compute) for i in range(replicas)]
-    policy = make_dispatch_policy(dispatch, spec.page_size)
+class SimCluster:
+    """Instances over ranks ``0..ranks-1``; one owner (this) for the topology."""
 
-    def arrive(sim: SimRequest) -> None:
-        loads = [InstanceLoad(r.instance, 1, r.free_fraction, len(r.scheduler.waiting), len(r.scheduler.running),
-                              r.outstanding, spec.kv_pages // spec.num_layers * spec.page_size) for r in pool]
-        pool[policy.choose(loads, sim.prompt_token_ids)].add(sim)
+    def __init__(self, ctx: SimContext, ranks: int, policy: str, dispatch: str = "least_loaded",
+                 reshape: ReshapePolicy | None = None, sample: bool = True) -> None:
+        self.ctx = ctx
+        self.policy_name = policy
+        self.bundle = get_policy(policy)
+        if self.bundle.migration:
+            raise ValueError(f"--policy {policy}: migration is not simulated yet")
+        layout = ctx.layout
+        self.reshape = reshape or make_reshape_policy(self.bundle.reshape, layout.model_memory()
+                                                      if self.bundle.reshape != "never" else None)
+        self.dispatch = make_dispatch_policy(dispatch, layout.page_size)
+        self.instances: dict[int, SimInstance] = {}
+        for r in range(ranks):
+            self.instances[r] = self._replica(r)
+        self.origin: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        """A group's ranks -> the rank tuples of the instances it was fused from."""
+        self.stats: dict[int, object] = {}
+        """Each leader's load at the last tick (the reports the controller dispatches on)."""
+        ctx.on_finish = self.on_finish
+        self.reshaping: set[int] = set()
+        """Leaders of the instances a drop or a restore has taken."""
+        self.active: list[SimDrop | SimRestore] = []
+        self.deferred: list[SimRequest] = []
+        self.total = 0
+        self.finished = 0
+        self.sample = sample
+        self.result = SimResult([], 0.0, 0, 0)
 
-    for sim in requests:
-        clock.at(sim.arrival_s, lambda sim=sim: arrive(sim))
-    clock.run()
-    unfinished = [s for s in requests if s.finish_s is None]
-    if unfinished:
-        raise RuntimeError(f"{len(unfinished)} requests never finished (first: {unfinished[0].request_id})")
-    return SimResult(requests, clock.now, clock.processed, sum(r.steps for r in pool))
+    def _replica(self, rank: int) -> SimInstance:
+        layout = self.ctx.layout
+        pages = layout.replica_pages()
+        if self.bundle.unlimited_kv:  # room for max_num_seqs full contexts, as serve's lazy pool
+            pages = self.ctx.sched.max_num_seqs * -(-self.ctx.max_model_len // layout.page_size) * layout.num_layers
+        return SimInstance(self.ctx, (rank,), [LayerRange(0, layout.num_layers)],
+                           [PoolSpec(LayerRange(0, layout.num_layers), pages)])
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(tuple(sorted(i.ranks for i in self.instances.values())))
+
+    # The stream ----------------------------------------------------------------------
+    def run(self, requests: list[SimRequest]) -> SimResult:
+        clock = self.ctx.clock
+        self.total = len(requests)
+        self.result.requests = requests
+        for sim in requests:
+            clock.at(sim.arrival_s, lambda sim=sim: self._arrive(sim))
+        clock.at(0.0, self._tick)
+        if self.sample:
+            clock.at(0.0, self._sample)
+        clock.run()
+        unfinished = [s for s in requests if s.finish_s is None]
+        if unfinished:
+            raise RuntimeError(f"{len(unfinished)} requests never finished (first: {unfinished[0].request_id})")
+        self.result.makespan_s = max((s.finish_s for s in requests), default=0.0)
+        self.result.events = clock.processed
+        self.result.steps = self.ctx.microbatches
+        return self.result
+
+    def on_finish(self, sim: SimRequest) -> None:
+        self.finished += 1
+
+    def _load(self, inst: SimInstance) -> InstanceLoad:
+        s = self.stats.get(inst.leader)
+        if s is None:  # not reported yet, as the controller sees a new instance
+            return InstanceLoad(inst.leader, len(inst.ranks), 1.0, 0, 0, inst.outstanding, 0)
+        return InstanceLoad(inst.leader, len(inst.ranks), s.free_fraction, s.waiting, s.running, inst.outstanding,
+                            s.capacity_tokens)
+
+    def _arrive(self, sim: SimRequest) -> None:
+        ready = [i for i in self.instances.values() if i.leader not in self.reshaping]
+        if not ready:
+            self.deferred.append(sim)  # every instance is reshaping: dispatch it right after
+            return
+        loads = [self._load(i) for i in ready]
+        self.instances[self.dispatch.choose(loads, sim.prompt_token_ids)].add(sim)
+
+    @property
+    def _done(self) -> bool:
+        return self.finished >= self.total and not self.active
+
+    # The controller's tick -----------------------------------------------------------
+    def _tick(self) -> None:
+        if self._done:
+            return
+        now = self.ctx.clock.now
+        t0 = time.perf_counter()
+        self.stats = stats = {leader: inst.stats() for leader, inst in self.instances.items()}
+        self.reshape.observe(stats, now)
+        actions = [] if self.active else self.reshape.decide(self.topology, now)
+        self.result.decision_s.append(time.perf_counter() - t0)
+        for action in actions:
+            if action.kind == "drop":
+                self._begin_drop(action.ranks, action.detail)
+            else:
+                self._begin_restore(action.ranks, action.detail)
+        self.ctx.clock.after(DECISION_INTERVAL_S, self._tick)
+
+    def _event(self, kind: str, ranks: tuple[int, ...], **detail) -> None:
+        self.result.cluster_events.append(ClusterEvent(self.policy_name, self.ctx.clock.now, kind, json.dumps(
+            {"ranks": list(ranks), **detail}, sort_keys=True, separators=(",", ":"), default=str)))
+
+    def _begin_drop(self, ranks: tuple[int, ...], why: dict) -> None:
+        parts = self.topology.parts_of(ranks)
+        members = [self.instances[p[0]] for p in sorted(parts, key=lambda p: ranks.index(p[0]))]
+        self.reshaping.update(m.leader for m in members)
+        self._event("decision", ranks, action="drop", **why)
+        drop = SimDrop(self.ctx, members, lambda g: self._formed(drop, g), self._reshaped)
+        self.active.append(drop)
+        drop.start()
+
+    def _formed(self, drop: SimDrop, group: SimInstance) -> None:
+        for m in drop.parts:
+            del self.instances[m.leader]
+            self.reshaping.discard(m.leader)
+            self.reshape.forget(m.leader)
+        self.instances[group.leader] = group
+        self.origin[group.ranks] = [m.ranks for m in drop.parts]
+        self._event("drop", group.ranks, requests=drop.record.requests)
+        self._flush_deferred()
+
+    def _begin_restore(self, ranks: tuple[int, ...], why: dict) -> None:
+        group = self.instances[ranks[0]]
+        self.reshaping.add(group.leader)
+        self._event("decision", ranks, action="restore", **why)
+        restore = SimRestore(self.ctx, group, self.origin.pop(group.ranks), self._split, self._reshaped)
+        self.active.append(restore)
+        restore.start()
+
+    def _split(self, group: SimInstance, parts: list[SimInstance]) -> None:
+        del self.instances[group.leader]
+        self.reshaping.discard(group.leader)
+        self.reshape.forget(group.leader)
+        for p in parts:
+            self.instances[p.leader] = p
+            self.reshaping.add(p.leader)  # until its weights are back
+
+    def _reshaped(self, r: SimDrop | SimRestore) -> None:
+        self.active.remove(r)
+        self.result.reshapes.append(r.record)
+        if isinstance(r, SimRestore):
+            for p in r.parts:
+                self.reshaping.discard(p.leader)
+            self._event("restore", r.record.ranks, requests=r.record.requests, kv_bytes=r.record.kv_bytes,
+                        weight_bytes=r.record.weight_bytes)
+        else:
+            self._event("exchange", r.record.ranks, requests=r.record.requests, kv_bytes=r.record.kv_bytes,
+                        seconds=r.record.done_s - r.record.serving_s)
+        self._flush_deferred()
+
+    def _flush_deferred(self) -> None:
+        deferred, self.deferred = self.deferred, []
+        for sim in deferred:
+            self._arrive(sim)
+
+    # Memory per rank -----------------------------------------------------------------
+    def _sample(self) -> None:
+        if self._done:
+            return
+        layout, now = self.ctx.layout, self.ctx.clock.now
+        for inst in self.instances.values():
+            blocks = inst.scheduler.blocks
+            for rank, rng, (used, total) in zip(inst.ranks, inst.ranges, blocks.usage()):
+                weights = layout.weight_bytes(len(rng)) * layout.tp
+                kv = total * layout.page_bytes * layout.tp
+                free = max(0, layout.device_bytes * layout.tp - weights - kv)
+                self.result.samples.append(SecondSample(self.policy_name, now, rank, used, total, weights, kv, free,
+                                                        len(inst.scheduler.waiting), len(inst.scheduler.running)))
+        self.ctx.clock.after(SAMPLE_INTERVAL_S, self._sample)

@@ -1,0 +1,32 @@
+"""``python -m perf.sim`` on a tiny preset writes perf.bench's reports for every simulated
+policy, kunserve's drops and restores included, and refuses what it does not simulate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from perf.sim.__main__ import main, run
+from tests.perf.bench_helpers import tiny_preset
+from tests.perf.sim.sim_helpers import COST
+
+
+def test_perf_sim_runs_a_preset_and_writes_the_bench_reports(small_trace, tiny_store, tmp_path):
+    p = tiny_preset(small_trace, tiny_store)
+    text = run(p, "tiny", ["kunserve", "vllm", "swap", "oracle"], COST, tmp_path / "sim")
+    summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert set(summary["policies"]) == {"kunserve", "vllm", "swap", "oracle"} and "| vllm |" in text
+    runs = summary["meta"]["runs"]
+    assert runs["vllm"]["steps"] > 0 and runs["kunserve"]["ticks"] > 0
+    assert runs["kunserve"]["decision_ms_max"] >= runs["kunserve"]["decision_ms_median"] >= 0
+    lines = (tmp_path / "sim" / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 4 * summary["policies"]["vllm"]["requests"]
+    for name in ("requests.csv", "samples.csv", "events.csv", "ttft_cdf.png", "memory_kunserve.png"):
+        assert (tmp_path / "sim" / name).is_file(), name
+
+
+def test_perf_sim_refuses_a_policy_it_does_not_simulate(capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", "/tmp/unused", "--policies", "llumnix"])
+    assert "llumnix" in capsys.readouterr().err
