@@ -20,12 +20,18 @@ class OutOfPages(Exception):
 
 
 class PageAllocator:
-    """Free list over page ids ``0 .. num_pages-1``."""
+    """Free list over page ids ``0 .. num_pages-1``, first in first out.
+
+    The ids never handed out yet are kept as a range (``_next`` on), ahead of the freed
+    ones: a pool of a million pages costs nothing until it is used, and the order is the
+    one a list of every id would give. A call that picks specific pages (``take``) turns
+    the range into a list first."""
 
     def __init__(self, num_pages: int) -> None:
         if num_pages < 0:
             raise ValueError("num_pages must be non-negative")
-        self._free: deque[int] = deque(range(num_pages))
+        self._free: deque[int] = deque()
+        self._next = 0
         self._num_pages = num_pages
 
     @property
@@ -34,15 +40,25 @@ class PageAllocator:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_pages - self._next + len(self._free)
+
+    def _materialize(self) -> None:
+        if self._next < self._num_pages:
+            fresh = deque(range(self._next, self._num_pages))
+            fresh.extend(self._free)
+            self._free, self._next = fresh, self._num_pages
 
     def free_pages(self) -> set[int]:
-        return set(self._free)
+        return set(range(self._next, self._num_pages)) | set(self._free)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfPages(f"asked for {n} pages, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise OutOfPages(f"asked for {n} pages, {self.num_free} free")
+        fresh = min(n, self._num_pages - self._next)
+        out = list(range(self._next, self._next + fresh))
+        self._next += fresh
+        out += [self._free.popleft() for _ in range(n - fresh)]
+        return out
 
     def free(self, pages: list[int]) -> None:
         self._free.extend(pages)
@@ -52,6 +68,7 @@ class PageAllocator:
         wanted = set(pages)
         if len(wanted) != len(pages):
             raise ValueError("a page was named twice")
+        self._materialize()
         kept = [p for p in self._free if p not in wanted]
         if len(kept) != len(self._free) - len(wanted):
             raise OutOfPages(f"pages {sorted(wanted - set(self._free))[:5]} are not free")
@@ -59,6 +76,7 @@ class PageAllocator:
 
     def allocate_below(self, n: int, limit: int) -> list[int]:
         """``n`` free pages with ids below ``limit`` (the pool's base region)."""
+        self._materialize()
         chosen = [p for p in self._free if p < limit][:n]
         if len(chosen) < n:
             raise OutOfPages(f"asked for {n} pages below {limit}, {len(chosen)} free there")
@@ -66,7 +84,7 @@ class PageAllocator:
         return chosen
 
     def num_free_below(self, limit: int) -> int:
-        return sum(1 for p in self._free if p < limit)
+        return max(0, min(limit, self._num_pages) - self._next) + sum(1 for p in self._free if p < limit)
 
 
 ROOT_HASH = 0
