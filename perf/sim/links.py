@@ -56,13 +56,25 @@ class Transfer:
 
 
 class Network:
-    """The transfers in flight and the links they share, on one clock."""
+    """The transfers in flight and the links they share, on one clock.
+
+    A transfer's rate depends only on the loads of its own links, so when one starts or
+    ends only the transfers sharing a link with it are brought up to date and rescheduled:
+    the cost of an event is the crowd on its links, not the size of the cluster."""
 
     def __init__(self, clock: EventLoop) -> None:
         self.clock = clock
-        self._active: list[Transfer] = []
-        self.bytes_moved: dict[str, float] = {}
-        """Per link name, bytes that crossed it."""
+        self._on: dict[Link, list[Transfer]] = {}
+        """Per link, the transfers in flight across it."""
+        self._moved: dict[Link, float] = {}
+
+    @property
+    def bytes_moved(self) -> dict[str, float]:
+        """Per link name, bytes that crossed it (transfers in flight counted to their last update)."""
+        out: dict[str, float] = {}
+        for link, n in self._moved.items():
+            out[link.name] = out.get(link.name, 0.0) + n
+        return out
 
     def transfer(self, path: Sequence[Link], nbytes: float, on_done: Callable[[Transfer], None]) -> Transfer:
         """Start moving ``nbytes`` over ``path``; ``on_done(transfer)`` runs when the last byte lands."""
@@ -72,49 +84,63 @@ class Network:
             raise ValueError(f"cannot move {nbytes} bytes")
         t = Transfer(tuple(path), float(nbytes), on_done, self.clock.now, remaining=float(nbytes))
         latency = sum(link.latency for link in t.path)
-        self.clock.after(latency, lambda: self._begin(t))
+        if latency:
+            self.clock.after(latency, lambda: self._begin(t))
+        else:
+            self._begin(t)
         return t
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        return len({id(t) for ts in self._on.values() for t in ts})
 
-    def _begin(self, t: Transfer) -> None:
-        self._advance()
-        self._active.append(t)
-        t.since = self.clock.now
-        self._reschedule()
+    def _neighbours(self, t: Transfer) -> list[Transfer]:
+        seen, out = set(), []
+        for link in t.path:
+            for u in self._on.get(link, ()):
+                if id(u) not in seen:
+                    seen.add(id(u))
+                    out.append(u)
+        return out
 
-    def _advance(self) -> None:
-        """Bring every transfer's remaining bytes up to now at its current rate."""
+    def _advance(self, transfers: list[Transfer]) -> None:
+        """Bring these transfers' remaining bytes up to now at their current rates."""
         now = self.clock.now
-        for t in self._active:
+        for t in transfers:
             moved = t.rate * (now - t.since)
             t.remaining -= moved
             t.since = now
-            for link in t.path:
-                self.bytes_moved[link.name] = self.bytes_moved.get(link.name, 0.0) + moved
+            if moved:
+                for link in t.path:
+                    self._moved[link] = self._moved.get(link, 0.0) + moved
 
-    def _reschedule(self) -> None:
-        load: dict[Link, int] = {}
-        for t in self._active:
-            for link in t.path:
-                load[link] = load.get(link, 0) + 1
-        for t in self._active:
-            t.rate = min(link.bandwidth / load[link] for link in t.path)
+    def _begin(self, t: Transfer) -> None:
+        self._advance(self._neighbours(t))
+        for link in t.path:
+            self._on.setdefault(link, []).append(t)
+        t.since = self.clock.now
+        self._reschedule(self._neighbours(t))
+
+    def _reschedule(self, transfers: list[Transfer]) -> None:
+        for t in transfers:
+            t.rate = min(link.bandwidth / len(self._on[link]) for link in t.path)
             if t._event is not None:
                 t._event.cancel()
             delay = max(0.0, t.remaining) / t.rate
             t._event = self.clock.after(delay, lambda t=t: self._end(t))
 
     def _end(self, t: Transfer) -> None:
-        self._advance()
+        crowd = self._neighbours(t)
+        self._advance(crowd)
         if t.remaining > _EPS_BYTES * max(1.0, t.nbytes):  # a rate changed after this event was set
-            self._reschedule()
+            self._reschedule([t])
             return
         t.remaining = 0.0
         t.finished = self.clock.now
         t._event = None
-        self._active.remove(t)
-        self._reschedule()
+        for link in t.path:
+            self._on[link].remove(t)
+            if not self._on[link]:
+                del self._on[link]
+        self._reschedule([u for u in crowd if u is not t])
         t.on_done(t)
