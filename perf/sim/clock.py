@@ -51,10 +51,11 @@ class EventLoop:
     def pending(self) -> int:
         return sum(not e.cancelled for e in self._queue)
 
-    def run(self, until: float | None = None) -> None:
+    def run(self, until: float | None = None, max_events: int | None = None) -> None:
         """Take events in time order until none is left or the next is after ``until``
-        (the clock then stands at ``until``)."""
-        while self._queue:
+        (the clock then stands at ``until``), or ``max_events`` have run (a test's bound)."""
+        stop = None if max_events is None else self.processed + max_events
+        while self._queue and (stop is None or self.processed < stop):
             event = self._queue[0]
             if until is not None and event.time > until:
                 break

@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from perf.sim.clock import Event, EventLoop
 
 _EPS_BYTES = 1e-6
-"""A transfer within this many bytes of its end is done (floating-point slack)."""
+"""A transfer within this share of its bytes of its end is done (floating-point slack)."""
+_EPS_S = 1e-9
+"""A transfer within this many seconds of its end is done: below the clock's resolution at
+large times (an ulp of 100 s is 1.4e-14 s), a leftover would be rescheduled at the same
+instant for ever."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ class Network:
     def _end(self, t: Transfer) -> None:
         crowd = self._neighbours(t)
         self._advance(crowd)
-        if t.remaining > _EPS_BYTES * max(1.0, t.nbytes):  # a rate changed after this event was set
+        if t.remaining > max(_EPS_BYTES * max(1.0, t.nbytes), t.rate * _EPS_S):  # a rate changed since
             self._reschedule([t])
             return
         t.remaining = 0.0

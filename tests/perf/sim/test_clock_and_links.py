@@ -89,3 +89,14 @@ def test_bad_links_and_transfers_are_refused():
         Link("x", 0)
     with pytest.raises(ValueError, match="at least one link"):
         Network(EventLoop()).transfer([], 1, lambda t: None)
+
+
+def test_small_transfers_late_in_a_run_end_in_a_few_events():
+    """Late in a run an ulp of the clock is 1e-14 s: a leftover of a rescheduled transfer must
+    count as done, not be rescheduled at the same instant for ever (a livelock seen at 70B)."""
+    clock = EventLoop()
+    net, nvlink, done = Network(clock), Link("nvlink", 450 * GB), []
+    for k in range(50):  # crowds that change a transfer's rate while it is in flight
+        clock.at(3600.0 + k * 1e-9, lambda k=k: net.transfer([nvlink], 1000.0 + 7 * k, done.append))
+    clock.run(max_events=50 * 60)
+    assert len(done) == 50 and clock.pending == 0
