@@ -1,7 +1,8 @@
 """``python -m perf.sim``: replay a benchmark preset's request stream on a simulated cluster.
 
     python -m perf.sim --preset sim-cpu --out runs/sim-cpu [--policies vllm,oracle]
-        [--cost-model FILE] [--compare-real runs/cpu]
+        [--cost-model FILE] [--compare-real runs/cpu-1 runs/cpu-2 runs/cpu-3]
+    python -m perf.sim --preset sim-8xh100-70b --out runs/sim-8xh100 [--trace F --window S --upscale X]
 
 ``sim-cpu`` is the ``cpu`` bench preset (the same stream, ranks, memory and ``serve``
 options); any preset of ``perf.bench`` is taken by name. Each replica's KV pool is what
@@ -11,8 +12,9 @@ STORE/cost_model.json, fitted on this host by ``python -m perf.profile_cost``). 
 ``summary.md``/``summary.json`` (``perf.bench``'s tables), ``requests.jsonl``/``.csv``,
 ``samples.csv`` (memory per rank each second), ``events.csv`` (decisions, drops, exchanges,
 restores), ``reshapes.jsonl`` (each drop's and restore's times and bytes) and the plots;
-``--compare-real DIR`` sets a ``perf.bench`` run's summary beside the simulated one.
-Simulated: kunserve (the real policy's drops, exchanges and restores), vllm, swap, oracle;
+``--compare-real DIR...`` sets real ``perf.bench`` runs' median and range beside the simulated
+figures. The GPU presets (``perf.sim.gpu_presets``) model H100 and H200 clusters with the
+roofline step model of ``perf.sim.gpu``. Simulated: kunserve (the real policy's drops, exchanges and restores), vllm, swap, oracle;
 llumnix's migration is not simulated yet and is refused.
 """
 
@@ -35,7 +37,7 @@ from orchestrator.core.config import parse_bytes
 from orchestrator.core.scheduler import SchedulerConfig
 from orchestrator.kunserve.cost_model import CostModel
 from orchestrator.serve import config_from_args
-from perf.bench import build_requests
+from perf.bench import build_requests, select_trace
 from perf.bench_presets import PRESETS, BenchPreset
 from perf.bench_records import RequestRecord, write_events_csv, write_requests_csv, write_samples_csv
 from perf.bench_stats import SLO, compare, markdown_table, summarize, write_summary_json
@@ -44,6 +46,7 @@ from perf.bench_plots import plot_all
 from perf.sim.clock import EventLoop
 from perf.sim.cluster import SIMULATED_POLICIES, SimCluster, SimResult
 from perf.sim.fabric import CpuHost, CpuHostSpec
+from perf.sim.gpu_presets import GPU_PRESETS, GpuSimPreset
 from perf.sim.instance import SimContext, SimRequest, StepCost
 from perf.sim.links import Network
 from perf.sim.memory import MemoryLayout
@@ -81,21 +84,35 @@ def to_records(policy: str, sims: list[SimRequest], input_lens: dict[str, int]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.sim", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="sim-cpu", choices=sorted([*PRESETS, *ALIASES]))
+    ap = argparse.ArgumentParser(prog="python -m perf.sim", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_presets_help())
+    ap.add_argument("--preset", default="sim-cpu", choices=sorted([*PRESETS, *ALIASES, *GPU_PRESETS]),
+                    metavar="NAME", help="a simulator preset or any perf.bench preset (below)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--policies", default=",".join(SIMULATED_POLICIES),
-                    help=f"comma-separated; simulated so far: {', '.join(SIMULATED_POLICIES)}")
-    ap.add_argument("--cost-model", type=Path, default=None)
+                    help=f"comma-separated; simulated: {', '.join(SIMULATED_POLICIES)}")
+    ap.add_argument("--cost-model", type=Path, default=None,
+                    help="CPU presets: a perf.profile_cost file (default: STORE/cost_model.json)")
     ap.add_argument("--host-cores", type=float, default=float(os.cpu_count() or 1),
-                    help="cores the CPU ranks share (default: this host's, %(default)g); 0: a core per rank")
-    ap.add_argument("--compare-real", type=Path, default=None, metavar="DIR",
-                    help="a perf.bench run of the same preset: its summary.json beside the simulated one")
+                    help="CPU presets: cores the ranks share (default: this host's, %(default)g); 0: a core per rank")
+    ap.add_argument("--trace", default=None, help="GPU presets: another trace file (Azure, BurstGPT or Mooncake)")
+    ap.add_argument("--window", type=float, default=None, help="GPU presets: seconds of the trace (its busiest)")
+    ap.add_argument("--upscale", type=float, default=None, help="GPU presets: times the trace's rate")
+    ap.add_argument("--compare-real", type=Path, nargs="+", default=None, metavar="DIR",
+                    help="perf.bench runs of the same preset: their median and range beside the simulated figures")
     args = ap.parse_args(argv)
-    p = PRESETS[ALIASES.get(args.preset, args.preset)]
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
     if bad := [x for x in policies if x not in SIMULATED_POLICIES]:
         ap.error(f"--policies: {', '.join(bad)} not simulated yet (only {', '.join(SIMULATED_POLICIES)})")
+    if args.preset in GPU_PRESETS:
+        g = GPU_PRESETS[args.preset]
+        changes = {k: v for k, v in (("trace", args.trace), ("window_s", args.window), ("upscale", args.upscale))
+                   if v is not None}
+        if changes:
+            g = dataclasses.replace(g, stream=dataclasses.replace(g.stream, **changes))
+        print(run_gpu(g, policies, args.out))
+        return 0
+    p = PRESETS[ALIASES.get(args.preset, args.preset)]
     cost_path = args.cost_model or p.store_path() / "cost_model.json"
     if not cost_path.is_file():
         ap.error(f"no cost model at {cost_path}: fit one with python -m perf.profile_cost --engine-dir "
@@ -106,24 +123,66 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _presets_help() -> str:
+    lines = ["GPU presets (modelled, see perf/sim/gpu.py):"]
+    lines += [f"  {name}: {g.description}" for name, g in GPU_PRESETS.items()]
+    lines += ["CPU presets: sim-cpu (the cpu bench preset), or any perf.bench preset by name."]
+    return "\n".join(lines)
+
+
 def run(p: BenchPreset, name: str, policies: list[str], cost: CostModel, out: Path,
-        real: Path | None = None, host_cores: float | None = None) -> str:
-    """Simulate ``p``'s stream under each policy; write the reports to ``out``; return summary.md."""
+        real: list[Path] | None = None, host_cores: float | None = None) -> str:
+    """Simulate ``p``'s stream under each policy on this host's model; write the reports to ``out``."""
     tokenizer = Tokenizer(EngineStore(p.store_path()).tokenizer_dir)
     specs = build_requests(p, tokenizer)
     ids = {s.request_id: tokenizer.encode(s.prompt, add_special_tokens=True) for s in specs}
+    stream = [(s.request_id, s.arrival_s, ids[s.request_id], s.output_len) for s in specs]
+    meta = {"preset": name, "cost_model": cost.to_json(), "host_cores": host_cores}
+    return simulate_policies(name, policies, lambda policy: cpu_context(p, policy, cost, host_cores), stream,
+                             SLO(p.slo_ttft_s, p.slo_tpot_s), out, meta, real)
+
+
+def run_gpu(g: GpuSimPreset, policies: list[str], out: Path) -> str:
+    """Simulate a GPU preset's stream under each policy; write the reports to ``out``."""
+    t0 = time.perf_counter()
+    stream = synthetic_stream(select_trace(g.stream))
+    print(f"{g.name}: {len(stream)} requests over {stream[-1][1] if stream else 0:.0f} s, {g.gpus} x "
+          f"{g.profile.name}, {g.model} as {g.ranks} tp{g.tp} replicas (stream built in "
+          f"{time.perf_counter() - t0:.1f} s)", flush=True)
+    meta = {"preset": g.name, "gpu": g.profile.name, "gpus": g.gpus, "model": g.model, "tp": g.tp,
+            "gpu_source": g.profile.source, "stream": g.stream.to_json()}
+    return simulate_policies(g.name, policies, g.context, stream, SLO(g.stream.slo_ttft_s, g.stream.slo_tpot_s),
+                             out, meta)
+
+
+def synthetic_stream(trace) -> list[tuple[str, float, list[int], int]]:
+    """A trace's requests as token ids: each prompt unique, so nothing is shared by chance; a
+    Mooncake request's blocks (``hash_ids``) become equal tokens for equal ids."""
+    out = []
+    for i, r in enumerate(trace.requests):
+        if r.block_hashes:
+            per = -(-r.input_len // len(r.block_hashes))
+            ids = [(h * 1_000_003 + j) % 120_000 for h in r.block_hashes for j in range(per)][:r.input_len]
+        else:
+            ids = [(i * 7_919 + j) % 120_000 for j in range(r.input_len)]
+        out.append((f"r{i:07d}", r.arrival_s, ids, max(1, r.output_len)))
+    return out
+
+
+def simulate_policies(name: str, policies: list[str], make_ctx, stream, slo: SLO, out: Path, meta: dict,
+                      real: list[Path] | None = None) -> str:
+    """``stream``: (request id, arrival s, prompt ids, max tokens); returns summary.md."""
     out.mkdir(parents=True, exist_ok=True)
-    slo = SLO(p.slo_ttft_s, p.slo_tpot_s)
-    summaries, records, meta = {}, [], {"preset": name, "cost_model": cost.to_json(), "host_cores": host_cores,
-                                        "runs": {}}
-    samples, events, reshapes = [], [], []
+    input_lens = {rid: len(ids) for rid, _, ids, _ in stream}
+    summaries, records, samples, events, reshapes = {}, [], [], [], []
+    meta = {**meta, "runs": {}}
     for policy in policies:
-        ctx = cpu_context(p, policy, cost, host_cores)
-        sims = [SimRequest(s.request_id, s.arrival_s, ids[s.request_id], s.output_len) for s in specs]
+        ctx = make_ctx(policy)
+        sims = [SimRequest(rid, t, ids, n) for rid, t, ids, n in stream]
         t0 = time.perf_counter()
-        result = SimCluster(ctx, p.ranks // ctx.layout.tp, policy).run(sims)
+        result = SimCluster(ctx, ctx.fabric.num_ranks, policy).run(sims)
         wall = time.perf_counter() - t0
-        recs = to_records(policy, result.requests, {s.request_id: s.input_len for s in specs})
+        recs = to_records(policy, result.requests, input_lens)
         records += recs
         samples += result.samples
         events += result.cluster_events
@@ -135,7 +194,7 @@ def run(p: BenchPreset, name: str, policies: list[str], cost: CostModel, out: Pa
               f"per replica, {len(result.reshapes)} reshapes)", flush=True)
     ratios = compare(summaries, base="kunserve" if "kunserve" in summaries else policies[0])
     text = f"# Simulated: {name}\n\n{markdown_table(summaries, ratios)}"
-    if real is not None:
+    if real:
         text += "\n" + compare_real(real, summaries)
     (out / "summary.md").write_text(text)
     write_summary_json(out / "summary.json", summaries, ratios, slo, meta)
@@ -160,20 +219,36 @@ def run_meta(ctx: SimContext, result: SimResult, wall: float) -> dict:
             "decision_ms_max": 1e3 * max(d) if d else None, "ticks": len(d)}
 
 
-_COMPARED = (("TTFT P50", "ttft_p50_s"), ("TTFT P99", "ttft_p99_s"), ("TPOT P50", "tpot_p50_s"))
+_COMPARED = (("TTFT P50", "ttft_p50_s", 0.15), ("TTFT P99", "ttft_p99_s", 0.30), ("TPOT P50", "tpot_p50_s", 0.15))
+"""Compared figures and the issue's tolerance on each (simulated against the real median)."""
 
 
-def compare_real(run: Path, simulated: dict) -> str:
-    """Simulated against a real ``perf.bench`` run, policy by policy (ms, and sim / real)."""
-    real = json.loads((run / "summary.json").read_text())["policies"]
-    lines = ["| policy | metric | real (ms) | simulated (ms) | sim / real |", "|:---|:---|---:|---:|---:|"]
+def compare_real(runs: list[Path], simulated: dict) -> str:
+    """Simulated against real ``perf.bench`` runs of the same stream, policy by policy: the
+    real median and range (ms), sim / median, whether it is within the tolerance, and the
+    policies' ranking by P99 TTFT in each."""
+    reals = [json.loads((run / "summary.json").read_text())["policies"] for run in runs]
+    lines = [f"Real: {len(runs)} run(s), {', '.join(str(r) for r in runs)}.", "",
+             "| policy | metric | real median (ms) | real range (ms) | simulated (ms) | sim / median | within |",
+             "|:---|:---|---:|---:|---:|---:|:---|"]
+    medians: dict[str, float] = {}
     for policy, s in simulated.items():
-        if policy not in real:
-            continue
-        for label, key in _COMPARED:
-            r, v = real[policy].get(key), getattr(s, key)
-            if isinstance(r, (int, float)) and v is not None and r > 0:
-                lines.append(f"| {policy} | {label} | {r * 1e3:.0f} | {v * 1e3:.0f} | {v / r:.2f} |")
+        for label, key, tol in _COMPARED:
+            got = [r[policy][key] for r in reals if isinstance(r.get(policy, {}).get(key), (int, float))]
+            v = getattr(s, key)
+            if not got or v is None:
+                continue
+            med = statistics.median(got)
+            if key == "ttft_p99_s":
+                medians[policy] = med
+            ok = "yes" if abs(v / med - 1) <= tol else "no"
+            lines.append(f"| {policy} | {label} | {med * 1e3:.0f} | {min(got) * 1e3:.0f}-{max(got) * 1e3:.0f} | "
+                         f"{v * 1e3:.0f} | {v / med:.2f} | {ok} (±{tol:.0%}) |")
+    ranked = [p for p in medians if simulated[p].ttft_p99_s is not None]
+    real_rank = sorted(ranked, key=medians.get)
+    sim_rank = sorted(ranked, key=lambda p: simulated[p].ttft_p99_s)
+    lines += ["", f"Ranking by P99 TTFT: real {' < '.join(real_rank)}; simulated {' < '.join(sim_rank)} "
+              f"({'the same' if real_rank == sim_rank else 'different'})."]
     return "\n".join(lines) + "\n"
 
 

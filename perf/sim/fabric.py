@@ -19,6 +19,7 @@ GiB = 2**30
 
 
 class Fabric(ABC):
+    num_ranks: int
     @abstractmethod
     def compute(self, rank: int) -> list[Link]:
         """The path a step's work crosses (its units: seconds of the rank alone)."""
@@ -56,6 +57,7 @@ class CpuHost(Fabric):
 
     def __init__(self, spec: CpuHostSpec, ranks: int) -> None:
         self.spec = spec
+        self.num_ranks = ranks
         self._cores = [Link(f"rank {r} core", 1.0) for r in range(ranks)]
         self._shared = [Link("host cores", float(spec.cores))] if spec.cores else []
         self._bus = Link("host memory bus", spec.copy_bandwidth, spec.copy_latency)
@@ -104,6 +106,7 @@ class GpuCluster(Fabric):
         if spec.gpus_per_node % tp:
             raise ValueError(f"tp {tp} does not divide the node's {spec.gpus_per_node} GPUs")
         self.spec = spec
+        self.num_ranks = ranks
         self.tp = tp
         self.per_node = spec.gpus_per_node // tp
 
