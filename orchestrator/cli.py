@@ -17,6 +17,7 @@ from engines.errors import EngineError, RequestError
 from engines.sampling import SamplingParams
 from orchestrator.core.config import EngineConfig, parse_bytes
 from orchestrator.serve import add_serve_args, run_serve
+from orchestrator.supervisor.main import add_supervise_args, run_supervise
 
 logger = logging.getLogger("orchestrator")
 
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--engine-dir DIR. Every rank serves one device; rank 0 also runs the "
                                    "controller and the OpenAI-compatible HTTP ingress.")
     add_serve_args(s)
+    v = sub.add_parser("supervise", help="run the front ends and restart the MPI job when it fails",
+                       description="Run the OpenAI ingress and Triton in this process, start `mpirun -n N python "
+                                   "-m orchestrator serve SERVE_OPTIONS` as a child, and start it again when a "
+                                   "rank dies or hangs: requests wait meanwhile, and those in flight continue "
+                                   "on the new job. Example: python -m orchestrator supervise --ranks 4 -- "
+                                   "--engine-dir stores/smollm2 --triton")
+    add_supervise_args(v)
     g = sub.add_parser("generate", help="offline generation on the store's pp1 engine",
                        description="Generate completions offline. One prompt with --prompt, or a "
                                    "batch with --prompts-file (JSONL: {\"prompt\": ..., optional "
@@ -157,9 +165,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.log_level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    args.log_level = args.log_level or ("WARNING" if args.command == "generate" else "INFO")
     if args.command == "serve":
         return run_serve(args)  # configures per-rank logging itself
+    if args.command == "supervise":
+        return run_supervise(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "threads", None):
         import torch

@@ -115,8 +115,8 @@ def start_rank(world: MPI.Comm, args: argparse.Namespace) -> int:
         err = None
         if rank == 0:
             try:
-                ingress = _start_controller(loop, cfg, engine)
-                triton = _start_triton(cfg, ingress, loop.controller)
+                ingress = _start_controller(loop, cfg, engine, comm.Get_size())
+                triton = _start_triton(cfg, ingress, loop.controller) if cfg.supervisor_socket is None else None
             except (OSError, ValueError, EngineError) as exc:
                 err = f"controller: {exc}"
             except TritonError as exc:
@@ -136,8 +136,10 @@ def start_rank(world: MPI.Comm, args: argparse.Namespace) -> int:
         return 2
     if loop.controller is not None:
         loop.controller.set_ready(True)
-        logger.info("serving %s on http://%s:%d with %d ranks as %s", loop.controller.model_name,
-                    cfg.host, ingress.port, comm.Get_size(), topology)
+        where = f"the supervisor at {cfg.supervisor_socket}" if cfg.supervisor_socket else \
+            f"http://{cfg.host}:{ingress.port}"
+        logger.info("serving %s on %s with %d ranks as %s", loop.controller.model_name, where,
+                    comm.Get_size(), topology)
     try:
         return _serve(comm, loop, [p for p in (triton, ingress) if p is not None])
     finally:
@@ -165,8 +167,10 @@ def _start_triton(cfg: ServeConfig, ingress, controller: Controller):
     return frontend
 
 
-def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
+def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine, world_size: int):
+    """The controller, and what serves it: the HTTP ingress, or the supervisor's channel."""
     from orchestrator.ingress.server import IngressServer
+    from orchestrator.ingress.supervisor_link import SupervisorLink
 
     store = engine.store
     cfg_m = engine.cfg  # what one device holds: the model, or its TP shard
@@ -183,6 +187,13 @@ def _start_controller(loop: RankLoop, cfg: ServeConfig, engine: RankEngine):
         migration_policy=MIGRATION.make(bundle.migration, cfg.migration) if bundle.migration else None,
         policy_name=bundle.name)
     loop.attach_controller(controller)
+    if cfg.supervisor_socket is not None:
+        def lost(reason: str) -> None:
+            loop.stop_reason = reason
+
+        link = SupervisorLink(controller, cfg.supervisor_socket, world_size, controller.rank_silence, lost)
+        link.start()
+        return link
     ingress = IngressServer(controller, cfg.host, cfg.ingress_port, admin_token=cfg.admin_token,
                             relay_socket=cfg.relay_path(), request_log=cfg.request_log)
     ingress.start()

@@ -106,6 +106,10 @@ class ServeConfig:
     relay_socket parameter or the KUNSERVE_RELAY_SOCKET variable."""
     triton: TritonConfig | None = None
     """Also serve through a Triton Inference Server started on the controller's host."""
+    supervisor_socket: Path | None = field(default=None, metadata=cli(metavar="PATH"))
+    """Set by ``supervise``, which runs the front ends (the ingress, Triton) itself: the
+    controller rank serves them over this Unix socket instead of starting them, and the
+    job stops when the supervisor goes away. The front-end options are the supervisor's."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     """The kunserve policy's load monitor (--monitor-*)."""
     migration: MigrationConfig = field(default_factory=MigrationConfig)

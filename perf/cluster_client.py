@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,6 +46,8 @@ class ServingCluster:
         self.proc: subprocess.Popen | None = None
         self.killed = False
         """``stop`` had to SIGKILL the job: it did not end on SIGTERM within its timeout."""
+        self.expected_log: list[re.Pattern] = []
+        """Warning or error lines this kind of cluster logs by design (the tests accept them)."""
         self._log_read = 0
 
     def __enter__(self) -> "ServingCluster":
@@ -209,3 +212,24 @@ def reference_completions(store: Path, prompts: list[str], max_tokens: list[int]
     os.unlink(f.name)
     assert res.returncode == 0, res.stderr
     return [json.loads(line)["token_ids"] for line in res.stdout.strip().splitlines()]
+
+
+class SupervisedCluster(ServingCluster):
+    """``python -m orchestrator supervise --ranks N ... -- <serve options>``: the front door
+    in its own process, the MPI job its child (``rank_pids`` finds the current job's ranks)."""
+
+    def __init__(self, n: int, store: Path, *args: str, device_memory: str = "64MiB",
+                 supervise_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+        super().__init__(n, store, *args, device_memory=device_memory, env=env)
+        serve = self.cmd[self.cmd.index("serve") + 1:]
+        self.cmd = [sys.executable, "-m", "orchestrator", "supervise", "--ranks", str(n), *supervise_args,
+                    "--", *serve]
+
+    def wait_health(self, status: int, timeout: float = 60.0) -> float:
+        """Poll ``/health`` until it answers ``status``; the seconds it took."""
+        t0 = time.monotonic()
+        while self.health() != status:
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"/health did not answer {status} within {timeout} s:\n{self.output()[-3000:]}")
+            time.sleep(0.05)  # polling another process's health endpoint
+        return time.monotonic() - t0

@@ -10,6 +10,7 @@ with ``ast`` and checked against the rules below, lowest layer first:
     orchestrator.cluster                  the MPI cluster: no front end
     orchestrator.ingress, .triton         the front ends: no cluster
     orchestrator.launch, .serve, .cli     the composition root and the command line
+    orchestrator.supervisor               the front door outside the MPI job: no cluster, no launch
     triton_repo                           the Triton model: no launcher
 
 and nothing in the product imports ``perf`` or ``tests``.
@@ -25,7 +26,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("engines", "build_scripts", "orchestrator", "triton_repo")
 
-TOP = ("orchestrator.launch", "orchestrator.serve", "orchestrator.cli", "orchestrator.__main__")
+SUP = "orchestrator.supervisor"
+TOP = ("orchestrator.launch", "orchestrator.serve", "orchestrator.cli", "orchestrator.__main__", SUP)
 FRONT = ("orchestrator.ingress", "orchestrator.triton")
 RULES: list[tuple[str, tuple[str, ...]]] = [
     ("engines", ("orchestrator", "build_scripts")),
@@ -44,6 +46,10 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
                               "orchestrator.policy", "orchestrator.cluster", "orchestrator.triton", *TOP)),
     ("orchestrator.triton", ("orchestrator.core", "orchestrator.transport", "orchestrator.kunserve",
                              "orchestrator.policy", "orchestrator.cluster", *TOP)),
+    # It runs outside the job: no MPI cluster, no rank's composition root. ``serve`` is read
+    # for its options only.
+    (SUP, ("orchestrator.core", "orchestrator.transport", "orchestrator.kunserve", "orchestrator.policy",
+           "orchestrator.cluster", "orchestrator.launch")),
     ("triton_repo", ("orchestrator.triton.server", "orchestrator.triton.frontend", "orchestrator.cluster",
                      "orchestrator.core", *TOP)),
     ("", ("perf", "tests")),  # the product never imports its benchmarks or tests

@@ -90,6 +90,8 @@ class Controller:
         """Guards the leaders' and ranks' latest reports."""
         self._stats: dict[int, InstanceStats] = {}
         self._ranks: dict[int, RankInfo] = {}
+        self._rank_seen: dict[int, float] = {}
+        """When each rank last reported (``time.monotonic``)."""
         self._ready = False
         self._reason_down = "the cluster is starting"
         self._regrouped = threading.Event()
@@ -254,7 +256,8 @@ class Controller:
             return
         instance = self._policy.choose(loads, req.prompt_token_ids)
         self.requests.move([req.request_id], instance)
-        self._send(instance, AddRequest(req.request_id, req.prompt_token_ids, req.sampling, self.max_model_len))
+        self._send(instance, AddRequest(req.request_id, req.prompt_token_ids, req.sampling, self.max_model_len,
+                                           list(req.output_token_ids)))
 
     def _load(self, ranks: tuple[int, ...]) -> InstanceLoad:
         instance = ranks[0]
@@ -282,6 +285,14 @@ class Controller:
     def on_rank_info(self, info: RankInfo) -> None:
         with self._lock:
             self._ranks[info.rank] = info
+            self._rank_seen[info.rank] = time.monotonic()
+
+    def rank_silence(self) -> dict[int, float]:
+        """Seconds since each rank's last report (every rank reports every
+        ``STATS_INTERVAL_S``): a rank that stopped or hangs falls silent (any thread)."""
+        now = time.monotonic()
+        with self._lock:
+            return {r: now - t for r, t in self._rank_seen.items()}
 
     def on_reshape_event(self, msg: ReshapeEvent) -> None:
         self.log.record(msg.kind, msg.ranks, **msg.detail)

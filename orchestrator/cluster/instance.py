@@ -106,14 +106,17 @@ class InstanceDriver:
 
     # Requests in and out -------------------------------------------------------------
     def add(self, msg: AddRequest) -> None:
-        req = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, msg.max_model_len)
+        req = Request(msg.request_id, msg.prompt_token_ids, msg.sampling, msg.max_model_len,
+                      output_token_ids=list(msg.output_token_ids))
+        if req.output_token_ids:  # resumed: its prompt's log-probabilities were sent before its first token
+            req.logprobs.next_prompt_position = len(req.prompt_token_ids)
         try:
             self.scheduler.add(req)
         except RequestError as exc:
             self.updates.append(TokenEvent(msg.request_id, [], True, "abort", str(exc)))
             return
         self.requests[req.request_id] = req
-        self.sent[req.request_id] = 0
+        self.sent[req.request_id] = len(req.output_token_ids)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)

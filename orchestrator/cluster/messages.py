@@ -31,6 +31,8 @@ class AddRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     max_model_len: int
+    output_token_ids: list[int] = field(default_factory=list)
+    """Tokens generated before (``GenerateRequest.output_token_ids``): not sent again."""
 
 
 @dataclass

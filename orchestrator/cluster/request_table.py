@@ -95,6 +95,6 @@ class RequestTable:
             pass  # the ingress loop is closed: nobody is listening any more
 
     def fail_all(self, reason: str) -> None:
-        """End every request in flight with an error."""
+        """End every request in flight with an error that is the cluster's, not theirs."""
         for rid in self.ids():
-            self.deliver(TokenEvent(rid, [], True, "abort", reason))
+            self.deliver(TokenEvent(rid, [], True, "abort", reason, cluster_failed=True))

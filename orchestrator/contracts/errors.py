@@ -12,7 +12,12 @@ class QueueFullError(Exception):
 
 
 class BackendUnavailable(Exception):
-    """The cluster is not ready or is shutting down (the ingress answers 503)."""
+    """The cluster is not ready or is shutting down (the ingress answers 503, with
+    ``Retry-After`` when ``retry_after_s`` says when to try again)."""
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Refused(Exception):

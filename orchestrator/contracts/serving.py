@@ -27,6 +27,11 @@ class GenerateRequest:
     sampling: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
     """When the HTTP request arrived (TTFT counts from here, queueing included)."""
+    output_token_ids: list[int] = field(default_factory=list)
+    """Tokens it already generated and its client already has: a request resumed on a new
+    job after the one serving it died (``orchestrator.supervisor``). It continues after
+    them as if it had never stopped (they count toward ``max_tokens`` and select the
+    seeded stream of the next token) and only new tokens come back."""
 
 
 @dataclass
@@ -40,6 +45,9 @@ class TokenEvent:
     """``stop``, ``length`` or ``abort`` once finished."""
     error: str | None = None
     """Set when the request failed in the cluster (the stream ends with an error)."""
+    cluster_failed: bool = False
+    """With ``error``: the cluster went down (shutting down, a rank died), not the request;
+    a supervisor sends such a request to its next job instead of failing it."""
     num_preemptions: int = 0
     """On the last event: how often the request was preempted (its KV dropped or swapped)."""
     num_migrations: int = 0

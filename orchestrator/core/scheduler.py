@@ -106,9 +106,9 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         """Queue a request, refusing one that could never fit this instance's KV pool."""
-        if not self.blocks.fits_alone(len(req.prompt_token_ids) + 1):
+        if not self.blocks.fits_alone(req.num_tokens + 1):
             raise RequestError(
-                f"prompt of {len(req.prompt_token_ids)} tokens does not fit the KV cache, "
+                f"prompt of {req.num_tokens} tokens does not fit the KV cache, "
                 f"which holds {self.blocks.token_capacity()} tokens per request")
         self.waiting.append(req)
 

@@ -45,7 +45,9 @@ def admit(backend: IngressBackend, stats: IngressStats, kind: Kind, body: Any, r
                 a.end()
             if isinstance(exc, QueueFullError):
                 raise ApiError(429, f"the server is overloaded, retry later ({exc})") from None
-            raise ApiError(503, f"the cluster is not serving ({exc})") from None
+            retry = exc.retry_after_s
+            raise ApiError(503, f"the cluster is not serving ({exc})",
+                           {"Retry-After": str(max(1, round(retry)))} if retry is not None else None) from None
         stats.prompt_tokens += len(request.prompt_token_ids)
         stats.in_flight += 1
         answers.append(Answer(backend, stats, parsed, queue, route, generation=g))

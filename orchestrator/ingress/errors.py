@@ -12,10 +12,12 @@ _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAll
 class ApiError(Exception):
     """A request the ingress refuses, with the HTTP status and the message for the client."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
+        """Extra response headers (``Retry-After`` on a 503)."""
 
     @property
     def type(self) -> str:

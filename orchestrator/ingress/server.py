@@ -73,7 +73,7 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
     try:
         return await handler(request)
     except ApiError as exc:
-        return _error_response(request, exc.status, exc.message)
+        return _error_response(request, exc.status, exc.message, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -1,9 +1,13 @@
 """Triton in front of the cluster: start it with the cluster, follow the cluster's health.
 
-The server starts with no model loaded. A supervisor thread loads the served names once
-the cluster reports healthy (every rank up) and unloads them when it stops being healthy,
-so Triton's model readiness (``/v2/models/kunserve/ready``, and server readiness under
-``--strict-readiness``) is the cluster's. ``stop`` shuts the server down with the job.
+The server starts with no served model loaded and its readiness gate (``READINESS_MODEL``)
+failed, so ``/v2/health/ready`` says not ready from its first answer. A watcher thread
+loads the served names once the cluster reports healthy (every rank up), then the gate:
+server readiness (``--strict-readiness``) implies that every served model is ready. When
+the cluster stops being healthy (a rank died, a supervised job is restarting) only the
+gate is unloaded: the server says not ready, while the served models stay loaded and
+their requests reach the ingress, which queues them (supervised) or answers 503. ``stop``
+shuts the server down with its owner.
 """
 
 from __future__ import annotations
@@ -13,12 +17,12 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.triton.server import TritonConfig, TritonError, TritonProcess
+from orchestrator.triton.server import READINESS_MODEL, TritonConfig, TritonError, TritonProcess
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.5
-"""How often the supervisor compares the cluster's health with the models' state."""
+"""How often the watcher compares the cluster's health with the models' state."""
 
 LOAD_RETRY_S = 5.0
 
@@ -34,6 +38,9 @@ class TritonFrontend:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.loaded = False
+        """The served models are loaded (once; they stay loaded)."""
+        self.ready = False
+        """The readiness gate is loaded: Triton says ready."""
 
     def start(self) -> None:
         """Start the server and wait until it is live; raise ``TritonError`` if it cannot be.
@@ -47,10 +54,10 @@ class TritonFrontend:
         except TritonError:
             self.process.stop()
             raise
-        self._thread = threading.Thread(target=self._supervise, name="triton-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="triton-readiness", daemon=True)
         self._thread.start()
 
-    def _supervise(self) -> None:
+    def _watch(self) -> None:
         while not self._stop.is_set():
             code = self.process.returncode()
             if code is not None:
@@ -58,10 +65,10 @@ class TritonFrontend:
                 return
             healthy = self._cluster_healthy()
             try:
-                if healthy and not self.loaded:
-                    self._load_all()
-                elif not healthy and self.loaded:
-                    self._unload_all()
+                if healthy and not self.ready:
+                    self._become_ready()
+                elif not healthy and self.ready:
+                    self._become_unready()
             except TritonError as exc:
                 logger.error("%s; retrying in %.0f s", exc, LOAD_RETRY_S)
                 self._stop.wait(LOAD_RETRY_S)
@@ -75,22 +82,25 @@ class TritonFrontend:
             logger.exception("cluster health check failed")
             return False
 
-    def _load_all(self) -> None:
-        for name in self.cfg.served():
-            self.process.load(name)
-        self.loaded = True
+    def _become_ready(self) -> None:
+        if not self.loaded:
+            for name in self.cfg.served():
+                self.process.load(name)
+            self.loaded = True
+        self.process.load(READINESS_MODEL)
+        self.ready = True
         c = self.cfg
-        logger.info("Triton serves %s: HTTP %s:%d, gRPC %s:%d, metrics %s:%d", ", ".join(c.served()),
+        logger.info("Triton ready, serving %s: HTTP %s:%d, gRPC %s:%d, metrics %s:%d", ", ".join(c.served()),
                     c.host, c.http_port, c.host, c.grpc_port, c.host, c.metrics_port)
 
-    def _unload_all(self) -> None:
-        logger.warning("the cluster is not healthy: unloading %s from Triton", ", ".join(self.cfg.served()))
-        self.loaded = False
-        for name in self.cfg.served():
-            self.process.unload(name)
+    def _become_unready(self) -> None:
+        logger.warning("the cluster is not healthy: Triton says not ready until it is (%s stay loaded)",
+                       ", ".join(self.cfg.served()))
+        self.ready = False
+        self.process.unload(READINESS_MODEL)
 
     def stop(self) -> None:
-        """Stop supervising and shut the server down (idempotent)."""
+        """Stop watching and shut the server down (idempotent)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)

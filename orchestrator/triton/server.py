@@ -46,6 +46,10 @@ DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "triton_repo"
 MODEL_DIRS = ("kunserve", "kunserve_unary")
 """The repository's models: the decoupled (streaming) relay and the unary one."""
 
+READINESS_MODEL = "kunserve_readiness"
+"""Loaded only while the cluster serves (``frontend.py``): under ``--strict-readiness`` it
+makes Triton's server readiness the cluster's, every served model loaded first."""
+
 class TritonError(RuntimeError):
     """tritonserver cannot be found, set up, started or driven."""
 
@@ -85,6 +89,9 @@ class TritonConfig:
             for part in (name, directory):
                 if not part or "/" in part or part.startswith("."):
                     raise ValueError(f"--triton-model-names: {part!r} is not a valid model name")
+            if READINESS_MODEL in (name, directory):
+                raise ValueError(f"--triton-model-names: {READINESS_MODEL} is the server's readiness gate, "
+                                 "not a model to serve")
         if len(self.served()) != len(self.model_names):
             raise ValueError("--triton-model-names names a model twice")
         ports = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if p != 0]
@@ -172,7 +179,7 @@ def prepare_repository(cfg: TritonConfig, work_dir: Path) -> Path:
     """
     repo = work_dir / "models"
     repo.mkdir(parents=True, exist_ok=True)
-    for name, directory in cfg.served().items():
+    for name, directory in {**cfg.served(), READINESS_MODEL: READINESS_MODEL}.items():
         source = cfg.repository / directory
         if not (source / "config.pbtxt").is_file() or not (source / "1" / "model.py").is_file():
             raise TritonError(f"{source} is not a model of the repository (config.pbtxt and 1/model.py "
@@ -206,7 +213,7 @@ class TritonProcess:
         env[RELAY_SOCKET_ENV] = str(self.relay_socket)
         env[METRICS_MODEL_ENV] = next(iter(self.cfg.served()))
         logger.info("starting %s", " ".join(cmd))
-        self._proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, start_new_session=True)
+        self._proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent, start_new_session=True)
 
     def _command(self, install: TritonInstall, repo: Path) -> list[str]:
         c = self.cfg
@@ -215,7 +222,12 @@ class TritonProcess:
                "--http-address", c.host, "--http-port", str(c.http_port),
                "--grpc-address", c.host, "--grpc-port", str(c.grpc_port),
                "--metrics-address", c.host, "--metrics-port", str(c.metrics_port),
-               "--exit-timeout-secs", "10", "--log-verbose", str(c.log_verbose)]
+               "--exit-timeout-secs", "10", "--log-verbose", str(c.log_verbose),
+               # Asked for at start, the readiness gate fails to load (the cluster is not
+               # serving yet): from its first answer the server is not ready, where with
+               # nothing loaded it would say ready before any model is. That failure must
+               # not end the server.
+               "--load-model", READINESS_MODEL, "--exit-on-error", "false"]
         if install.backend_dir is not None:
             cmd += ["--backend-directory", str(install.backend_dir)]
         return cmd + list(c.extra_args)
@@ -288,7 +300,7 @@ def _error_text(body: bytes) -> str:
         return body.decode(errors="replace")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: die when the parent dies, even by SIGKILL.
 
     SIGKILL rather than SIGTERM: a parent that died without stopping the server (mpirun

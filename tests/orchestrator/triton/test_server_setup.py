@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from orchestrator.serve import add_serve_args, config_from_args
-from orchestrator.triton.server import (DEFAULT_REPOSITORY, TritonConfig, TritonError, TritonInstall,
+from orchestrator.triton.server import (DEFAULT_REPOSITORY, READINESS_MODEL, TritonConfig, TritonError, TritonInstall,
                                         TritonProcess, find_tritonserver, prepare_repository)
 from tests.deps import require
 
@@ -33,11 +33,13 @@ def test_bad_triton_options(kw, message):
 def test_repository_links_each_name_and_rejects_unknown_models(tmp_path):
     cfg = TritonConfig(model_names=("kunserve", "ensemble=kunserve_unary"))
     repo = prepare_repository(cfg, tmp_path)
-    assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "kunserve"]
+    assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "kunserve", READINESS_MODEL]
     assert (repo / "ensemble" / "config.pbtxt").read_text().count("decoupled: false") == 1
     assert (repo / "kunserve" / "config.pbtxt").read_text().count("decoupled: true") == 1
     with pytest.raises(TritonError, match="nope is not a model of the repository"):
         prepare_repository(TritonConfig(model_names=("x=nope",)), tmp_path / "other")
+    with pytest.raises(ValueError, match="readiness gate"):
+        TritonConfig(model_names=("kunserve", READINESS_MODEL))
 
 
 def test_unary_model_is_the_same_code():

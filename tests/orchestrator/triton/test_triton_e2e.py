@@ -55,6 +55,16 @@ def _assert_served(cluster) -> None:
     assert res["ok"].error is None and res["ok"].finished_s is not None and res["ok"].token_ids
 
 
+def test_server_readiness_implies_every_served_model_is_ready(cluster):
+    """Polled from the cluster's first healthy answer: Triton's /v2/health/ready never said
+    ready while a served model was still loading (before the readiness gate it said ready
+    about 2 s early, so a load balancer routed requests that failed with "unknown model")."""
+    seen = cluster.readiness_seen
+    assert seen[-1] == (True, True)
+    assert (True, False) not in seen, seen
+    assert (False, False) in seen or (False, True) in seen, "the polls never saw the server start"
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_grpc_stream_matches_single_process_engine(cluster, expected, stream):
     results = run(stream_generate(cluster.grpc_target, "kunserve", _requests(stream), timeout_s=120))
