@@ -221,9 +221,7 @@ class SupervisedCluster(ServingCluster):
     def __init__(self, n: int, store: Path, *args: str, device_memory: str = "64MiB",
                  supervise_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         super().__init__(n, store, *args, device_memory=device_memory, env=env)
-        serve = self.cmd[self.cmd.index("serve") + 1:]
-        self.cmd = [sys.executable, "-m", "orchestrator", "supervise", "--ranks", str(n), *supervise_args,
-                    "--", *serve]
+        self.cmd = supervised(self.cmd, n, supervise_args)
 
     def wait_health(self, status: int, timeout: float = 60.0) -> float:
         """Poll ``/health`` until it answers ``status``; the seconds it took."""
@@ -233,3 +231,9 @@ class SupervisedCluster(ServingCluster):
                 raise TimeoutError(f"/health did not answer {status} within {timeout} s:\n{self.output()[-3000:]}")
             time.sleep(0.05)  # polling another process's health endpoint
         return time.monotonic() - t0
+
+
+def supervised(serve_cmd: list[str], n: int, supervise_args: tuple[str, ...] = ()) -> list[str]:
+    """``mpirun ... orchestrator serve OPTIONS`` as ``orchestrator supervise --ranks N -- OPTIONS``."""
+    serve = serve_cmd[serve_cmd.index("serve") + 1:]
+    return [sys.executable, "-m", "orchestrator", "supervise", "--ranks", str(n), *supervise_args, "--", *serve]

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from perf.cluster_client import ServingCluster, free_port
+from perf.cluster_client import ServingCluster, SupervisedCluster, free_port, supervised
 
 
 class TritonCluster(ServingCluster):
@@ -80,6 +80,16 @@ class TritonCluster(ServingCluster):
     def triton_metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.triton_metrics}/metrics", timeout=5) as r:
             return r.read().decode()
+
+
+class SupervisedTritonCluster(TritonCluster):
+    """``supervise --ranks N -- ... --triton``: Triton and the ingress in the supervisor."""
+
+    def __init__(self, n: int, store: Path, *args: str, supervise_args: tuple[str, ...] = (), **kw: Any) -> None:
+        super().__init__(n, store, *args, **kw)
+        self.cmd = supervised(self.cmd, n, supervise_args)
+
+    wait_health = SupervisedCluster.wait_health
 
 
 def generate_inputs(module: Any, prompt: str | bytes, max_tokens: int, stream: bool,

@@ -24,7 +24,7 @@ from aiohttp import web
 from orchestrator.ingress.admin import add_admin_routes
 from orchestrator.ingress.answer import Answer, admit
 from orchestrator.ingress.http_util import BACKEND_KEY, read_json
-from orchestrator.contracts import IngressBackend
+from orchestrator.contracts import BackendUnavailable, IngressBackend
 from orchestrator.ingress.metrics import CONTENT_TYPE, IngressStats, render_metrics
 from orchestrator.ingress.relay import RelayServer
 from orchestrator.ingress.request_log import RequestLog
@@ -246,6 +246,9 @@ async def _metrics(request: web.Request) -> web.Response:
     backend = request.app[BACKEND_KEY]
     try:
         state = backend.state()
+    except BackendUnavailable as exc:  # starting, or a supervised job restarting: said by /health
+        logger.debug("no cluster state for /metrics: %s", exc)
+        state = None
     except Exception as exc:  # noqa: BLE001 - the ingress's own metrics are still worth a scrape
         logger.warning("no cluster state for /metrics: %s", exc)
         state = None
