@@ -45,9 +45,6 @@ class TokenEvent:
     """``stop``, ``length`` or ``abort`` once finished."""
     error: str | None = None
     """Set when the request failed in the cluster (the stream ends with an error)."""
-    cluster_failed: bool = False
-    """With ``error``: the cluster went down (shutting down, a rank died), not the request;
-    a supervisor sends such a request to its next job instead of failing it."""
     num_preemptions: int = 0
     """On the last event: how often the request was preempted (its KV dropped or swapped)."""
     num_migrations: int = 0
@@ -67,6 +64,9 @@ class TokenEvent:
     """When the request asked for them: one per token of ``token_ids``."""
     prompt_logprobs: list[TokenLogprob] | None = None
     """When asked for: prompt positions scored since the last event (positions 1.. in order)."""
+    cluster_failed: bool = False
+    """With ``error``: the cluster went down (shutting down, a rank died), not the request;
+    a supervisor sends such a request to its next job instead of failing it."""
 
 
 @dataclass

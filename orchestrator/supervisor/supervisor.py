@@ -10,6 +10,7 @@ state machine, one job at a time::
     SERVING  --(the job exits, its channel closes, heartbeat_timeout_s)--> RESTARTING
     RESTARTING --(what is left of the job killed; its requests pending)--> STARTING
     max_start_failures failed starts in a row --> FAILED (requests end with an error, exit 1)
+    a job that exits 2 while starting (a bad option) --> FAILED at once (exit 2)
     SIGTERM / SIGINT, in any state --> STOPPING (the ingress ends open requests, the job stops)
 
 While no job serves, ``/health`` and Triton's readiness say not ready and new requests
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.2
 """How often the supervisor looks at its job (exit, channel, heartbeat)."""
 
+STARTUP_REFUSED = 2
+"""The exit status of a job whose ranks agreed that an option is bad (``launch.py``)."""
+
 
 class State(enum.Enum):
     STARTING = "starting"
@@ -58,6 +62,9 @@ class JobEnd:
     reason: str
     served: bool
     """It had reached SERVING (else it is a failed start)."""
+    refused: bool = False
+    """It exited with status 2 before serving: its ranks agreed that an option is bad, and
+    starting it again would only say so again."""
 
 
 class JobChannel:
@@ -140,7 +147,8 @@ class Supervisor:
         self._stop.set()
 
     def run(self) -> int:
-        """Start jobs until stopped (0) or until starts keep failing (1)."""
+        """Start jobs until stopped (0), until starts keep failing (1), or until a job
+        refuses its options (2)."""
         self._listen()
         failures = 0
         attempt = 0
@@ -152,6 +160,11 @@ class Supervisor:
                     break
                 self.state = State.RESTARTING
                 self.backend.detach(end.reason)
+                if end.refused:
+                    self.state = State.FAILED
+                    self.backend.fail(f"the cluster cannot start: {end.reason}")
+                    logger.error("job %d refused its options (its error is above); not restarting it", attempt)
+                    return 2
                 failures = 0 if end.served else failures + 1
                 logger.error("job %d ended: %s; %s", attempt, end.reason,
                              "restarting it" if failures < self.cfg.max_start_failures else "giving up")
@@ -209,7 +222,8 @@ class Supervisor:
         deadline = time.monotonic() + self.cfg.start_timeout_s
         while not self._stop.is_set():
             if job.returncode() is not None:
-                return JobEnd(f"the job exited with status {job.returncode()} while starting", served=False)
+                return JobEnd(f"the job exited with status {job.returncode()} while starting", served=False,
+                              refused=job.returncode() == STARTUP_REFUSED)
             if time.monotonic() > deadline:
                 return JobEnd(f"the job did not connect within {self.cfg.start_timeout_s:.0f} s", served=False)
             try:

@@ -136,6 +136,10 @@ class CmaRows:
         pairs = sum(map(sum, self.can_read))
         logger.debug("rank %d: cross-memory attach with ranks %s (%d pairs in all)",
                      self.rank, [j for j, ok in enumerate(self.can_read[self.rank]) if ok], pairs)
+        away = [j for j, peer in enumerate(everyone) if peer[0] != me[0]]
+        if away:
+            logger.info("rank %d (host %s): ranks %s are on other hosts: rows to and from them go as MPI "
+                        "indexed datatypes", self.rank, me[0], away)
 
     @staticmethod
     def _can_read(peer: tuple) -> bool:
