@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import time
@@ -36,8 +37,8 @@ import aiohttp
 
 from perf.cluster_client import SupervisedCluster, reference_completions
 
-PROMPTS = [f"Soak request {i}: " + "tell me about the weather and the sea " * (1 + i % 4) for i in range(12)]
-MAX_TOKENS = [24 + 9 * (i % 5) for i in range(12)]
+PROMPTS = [f"Soak request {i}: " + "tell me about the weather and the sea " * (4 + 4 * (i % 4)) for i in range(12)]
+MAX_TOKENS = [48 + 24 * (i % 5) for i in range(12)]
 KINDS = ("stream", "unary", "chat_stream", "chat", "cancel", "vanish", "bad")
 
 
@@ -172,10 +173,13 @@ class Soak:
         """A client that goes away mid-stream without a word: its own connection, dropped."""
         async with aiohttp.ClientSession() as own:
             resp = await own.post(self.c.url + "/v1/completions", json=self._body(i, True))
-            if resp.status != 200:
-                return self.t.fail("vanish", f"HTTP {resp.status}")
-            await resp.content.readany()
-            resp.connection.transport.abort()  # no FIN handshake: the socket just dies
+            try:
+                if resp.status != 200:
+                    return self.t.fail("vanish", f"HTTP {resp.status}")
+                await resp.content.readany()
+                resp.connection.transport.abort()  # no FIN handshake: the socket just dies
+            finally:
+                resp.close()
         self.t.completed["vanish"] += 1
 
     async def _bad(self, s, i: int) -> None:
@@ -193,21 +197,32 @@ class Soak:
 
         n = 0
         while time.monotonic() < self.stop_at:
-            batch = [GenerateRequest(f"t{n}-{k}", PROMPTS[k], MAX_TOKENS[k]) for k in range(4)]
+            # Streamed and not (one response), and a bad one (max_tokens 0) that must be refused.
+            batch = [GenerateRequest(f"t{n}-{k}", PROMPTS[k], MAX_TOKENS[k], stream=k % 2 == 0) for k in range(4)]
+            bad = GenerateRequest(f"t{n}-bad", PROMPTS[0], 0)
             n += 1
-            self.t.sent["triton"] += len(batch)
-            results = await stream_generate(self.c.grpc_target, "kunserve", batch, timeout_s=300)
+            for req in batch:
+                self.t.sent["triton_stream" if req.stream else "triton_unary"] += 1
+            self.t.sent["triton_bad"] += 1
+            results = await stream_generate(self.c.grpc_target, "kunserve", batch + [bad], timeout_s=300)
             for k, req in enumerate(batch):
+                kind = "triton_stream" if req.stream else "triton_unary"
                 res = results[req.request_id]
                 if res.error is not None:
-                    self.t.fail("triton", res.error)
+                    self.t.fail(kind, res.error)
                 else:
-                    self._check("triton", k, res.token_ids, self.triton_refs[k])
+                    self._check(kind, k, res.token_ids, self.triton_refs[k])
+            if results[bad.request_id].error is not None and "max_tokens" in results[bad.request_id].error:
+                self.t.completed["triton_bad"] += 1
+            else:
+                self.t.fail("triton_bad", f"a bad request got {results[bad.request_id].error!r}")
 
     # Reshapes, faults, memory ---------------------------------------------------------------------
     async def _reshaper(self, s) -> None:
         groups = [[r, r + 1] for r in range(0, self.args.ranks - 1, 2)]
-        while time.monotonic() < self.stop_at:
+        if not self.args.reshape_every:
+            return
+        while time.monotonic() + self.args.reshape_every < self.stop_at:
             await asyncio.sleep(self.args.reshape_every)  # the soak's schedule, not a stand-in for work
             group = self.rng.choice(groups)
             for path, body in (("/admin/drop", {"group": group}), ("/admin/restore", {"group": group})):
@@ -220,8 +235,11 @@ class Soak:
                 await asyncio.sleep(self.args.reshape_every / 2)
 
     async def _killer(self) -> None:
-        while time.monotonic() + self.args.kill_every < self.stop_at:
-            await asyncio.sleep(self.args.kill_every)  # the fault schedule
+        while True:
+            wait = self.rng.uniform(0.5, 1.5) * self.args.kill_every  # random intervals, this mean
+            if time.monotonic() + wait >= self.stop_at:
+                return
+            await asyncio.sleep(wait)  # the fault schedule
             pids = self.c.rank_pids()
             if not pids:
                 continue
@@ -266,7 +284,8 @@ def _markdown(summary: dict) -> str:
              f"failed {summary['failed_total']}, token mismatches {len(summary['mismatches'])}",
              f"- kills {len(summary['kills'])}, job restarts {summary['restarts']}, "
              f"requests resumed on a new job {summary['resumed']}",
-             f"- reshapes: {summary['reshapes']}",
+             f"- forced reshapes (admin API, status): {summary['reshapes']}; the kunserve policy's own decisions: "
+             f"{summary['automatic']}",
              f"- page audit after the traffic: {'clean' if summary['audit']['clean'] else summary['audit']}", "",
              "| kind | sent | completed |", "|:---|---:|---:|"]
     lines += [f"| {k} | {summary['sent'][k]} | {summary['completed'].get(k, 0)} |" for k in sorted(summary["sent"])]
@@ -284,10 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-dir", type=Path, required=True)
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--minutes", type=float, default=5.0)
-    p.add_argument("--clients", type=int, default=6)
+    p.add_argument("--clients", type=int, default=12)
     p.add_argument("--kill-every", type=float, default=0.0, help="seconds between rank kills (0: none)")
-    p.add_argument("--reshape-every", type=float, default=8.0, help="seconds between forced drop/restore cycles")
-    p.add_argument("--device-memory", default="1GiB")
+    p.add_argument("--reshape-every", type=float, default=8.0, help="seconds between forced drop/restore cycles (0: none)")
+    p.add_argument("--device-memory", default="566MiB",
+                   help="per rank; the default leaves the demo model a small KV pool, so that the traffic "
+                        "overloads it and the kunserve policy drops on its own")
+    p.add_argument("--overload-level", type=float, default=0.8,
+                   help="the kunserve policy's --monitor-overload-level for the soak's cluster")
     p.add_argument("--triton", action="store_true", help="also send gRPC streams through Triton")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
@@ -296,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     refs = reference_completions(args.engine_dir, PROMPTS, MAX_TOKENS)
     triton_refs = reference_completions(args.engine_dir, PROMPTS[:4], MAX_TOKENS[:4], ignore_eos=False) \
         if args.triton else None
-    serve = ("--policy", "kunserve")
+    # The kunserve policy, voting overload at 80% of demand over capacity (95% by default),
+    # so that this traffic on the small pool makes it drop on its own, not only when told.
+    serve = ("--policy", "kunserve", "--monitor-overload-level", str(args.overload_level))
     sup = ("--heartbeat-timeout-s", "10")
     if args.triton:
         from perf.triton_client import SupervisedTritonCluster
@@ -315,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                "sent_total": sum(tally.sent.values()), "completed_total": sum(tally.completed.values()),
                "failed_total": sum(tally.failed.values()), "mismatches": tally.mismatches, "kills": tally.kills,
                "restarts": log.count("restarting it"), "resumed": log.count("resuming "),
+               "automatic": {a: len(re.findall(rf"'event': 'decision'.*'action': '{a}'", log))
+                             for a in ("drop", "restore")},
                "reshapes": dict(tally.reshapes), "audit": audit, "memory": _memory_summary(tally.memory)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     (args.out / "summary.md").write_text(_markdown(summary))

@@ -26,6 +26,8 @@ class FakeBackend:
     """``submit`` raises ``QueueFullError``."""
     unavailable: bool = False
     """``submit``, ``state`` and ``regroup`` raise ``BackendUnavailable``; unhealthy."""
+    retry_after_s: float | None = None
+    """With ``unavailable``: when to try again (a supervised job restarting)."""
     stall_after: int | None = None
     """Send this many tokens, then wait until aborted."""
     fail_after: int | None = None
@@ -44,7 +46,7 @@ class FakeBackend:
 
     def submit(self, req: GenerateRequest) -> asyncio.Queue[TokenEvent]:
         if self.unavailable:
-            raise BackendUnavailable("fake cluster is down")
+            raise BackendUnavailable("fake cluster is down", self.retry_after_s)
         if self.queue_full:
             raise QueueFullError("fake queue is full")
         self.submitted.append(req)

@@ -165,6 +165,17 @@ def test_submit_refused(server, backend, flag, status):
     _assert_serving(server)
 
 
+def test_unavailable_with_a_retry_time_answers_503_with_retry_after(server, backend):
+    backend.unavailable, backend.retry_after_s = True, 4.6
+    r = call(_url(server, "/v1/completions"), "POST", GOOD)
+    assert r.status == 503 and r.headers.get("Retry-After") == "5", r.headers
+    backend.retry_after_s = None
+    r = call(_url(server, "/v1/completions"), "POST", GOOD)
+    assert r.status == 503 and "Retry-After" not in r.headers
+    backend.unavailable = False
+    _assert_serving(server)
+
+
 # ----------------------------------------------------------------------------- disconnects
 
 def _wait_for(cond, timeout: float = 3.0) -> None:

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 
 import aiohttp
 import pytest
@@ -140,3 +141,17 @@ def test_stopping_the_supervisor_leaves_no_process(tiny_store):
     assert c.proc.returncode == 0 and not c.killed
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     assert _alive(pids) == [] and str(c.proc.pid) not in out.split()
+
+
+def test_a_killed_supervisor_takes_its_job_with_it(tiny_store):
+    """SIGKILL gives the supervisor no time to stop anything: mpirun dies with it
+    (PR_SET_PDEATHSIG) and the controller rank stops the job when its channel closes."""
+    c = SupervisedCluster(2, tiny_store)
+    with c:
+        pids = c.rank_pids()
+        os.kill(c.proc.pid, signal.SIGKILL)
+        c.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while _alive(pids) and time.monotonic() < deadline:
+            time.sleep(0.2)  # polling the ranks' exit
+        assert _alive(pids) == []
