@@ -133,14 +133,14 @@ async def _complete_greedy(c: SupervisedCluster):
                                                "ignore_eos": True})
 
 
-def test_stopping_the_supervisor_leaves_no_process(tiny_store):
-    c = SupervisedCluster(2, tiny_store)
-    with c:
-        pids = c.rank_pids()
-        assert len(pids) == 2
-    assert c.proc.returncode == 0 and not c.killed
+def test_stopping_the_supervisor_leaves_no_process(cluster):
+    """The module's cluster, stopped last (its fixture's exit then has nothing to do)."""
+    pids = cluster.rank_pids()
+    assert len(pids) == 2
+    cluster.stop()
+    assert cluster.proc.returncode == 0 and not cluster.killed
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    assert _alive(pids) == [] and str(c.proc.pid) not in out.split()
+    assert _alive(pids) == [] and str(cluster.proc.pid) not in out.split()
 
 
 def test_a_killed_supervisor_takes_its_job_with_it(tiny_store):
