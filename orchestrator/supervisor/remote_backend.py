@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -33,10 +34,13 @@ from orchestrator.ingress import backend_wire as bw
 
 logger = logging.getLogger(__name__)
 
-CALL_TIMEOUT_S = {"state": 5.0, "plan": 10.0}
+CALL_TIMEOUT_S = {"state": 2.0, "plan": 10.0}
 """How long a call may wait for the job; drop, restore and regroup wait as long as the
 controller does (60 s) and a little more."""
 RESHAPE_CALL_TIMEOUT_S = 75.0
+SILENT_JOB_S = 3 * bw.BEAT_S
+"""A job whose last beat is older than this is not asked: ``/metrics`` and ``/admin/state``
+call from the ingress's event loop, which must not wait on a job that hangs."""
 
 _ERRORS = {"ValueError": ValueError, "Refused": Refused, "ReshapeTimeout": ReshapeTimeout,
            "BackendUnavailable": BackendUnavailable}
@@ -84,6 +88,8 @@ class RemoteBackend:
         self._down = "the cluster is starting"
         self._failed: str | None = None
         self._calls: dict[int, tuple[str, Future]] = {}
+        self._beat_at = 0.0
+        """When the current job last beat (``time.monotonic``)."""
         self._call_ids = itertools.count()
         self.moved = 0
         """Requests sent to a new job after the one serving them died (a running total)."""
@@ -136,6 +142,9 @@ class RemoteBackend:
         with self._lock:
             if self._channel is None:
                 raise BackendUnavailable(self._failed or self._down, self.retry_after_s)
+            silent = time.monotonic() - self._beat_at
+            if silent > SILENT_JOB_S:
+                raise BackendUnavailable(f"the job has not beaten for {silent:.1f} s", self.retry_after_s)
             call = next(self._call_ids)
             self._calls[call] = (method, future)
             self._channel.send({"op": "call", "call": call, "method": method, "args": list(args)})
@@ -190,6 +199,7 @@ class RemoteBackend:
         with self._lock:
             if channel is not self._channel:
                 return
+            self._beat_at = time.monotonic()
             was, self._healthy = self._healthy, healthy
             if healthy and not was:
                 self._flush()

@@ -177,7 +177,8 @@ class Supervisor:
                 self._stop.wait(min(2.0 ** failures - 1, 30.0))  # back off after failed starts
             return 0
         finally:
-            self.state = State.STOPPING
+            if self.state is not State.FAILED:
+                self.state = State.STOPPING
             self._listener.close()
             self.path.unlink(missing_ok=True)
 

@@ -194,3 +194,16 @@ def test_wire_round_trips():
     assert back == state
     with pytest.raises(ValueError, match="unknown sampling fields"):
         bw.sampling_from_wire({"max_tokens": 3, "beams": 2})
+
+
+def test_a_job_that_stopped_beating_is_not_asked():
+    """/metrics calls state() from the ingress's loop: a hung job must not stall it."""
+    import time
+
+    b = _backend()
+    ch = _serve(b)
+    b._beat_at = time.monotonic() - 10  # ten seconds without a beat
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="has not beaten"):
+        b.state()
+    assert time.monotonic() - t0 < 0.1 and not any(f["op"] == "call" for f in ch.frames)
