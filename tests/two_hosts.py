@@ -57,6 +57,9 @@ class TwoHosts:
             _ip("netns", "del", probe)
         except (subprocess.CalledProcessError, OSError) as exc:
             return f"cannot make a network namespace: {getattr(exc, 'stderr', exc)}"
+        uts = subprocess.run(["unshare", "--uts", "hostname", "kunserve-probe"], capture_output=True, text=True)
+        if uts.returncode != 0:
+            return f"cannot make a UTS namespace: {uts.stderr.strip()}"
         return None
 
     def __enter__(self) -> "TwoHosts":
