@@ -163,6 +163,14 @@ class StreamResult:
     num_migrations: int = 0
 
 
+async def sse_chunks(resp: aiohttp.ClientResponse):
+    """The JSON payloads of a Server-Sent Events response's ``data:`` lines, up to ``[DONE]``."""
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
 async def complete(session: aiohttp.ClientSession, url: str, body: dict) -> StreamResult:
     """POST a completion; for ``stream: true`` collect the SSE chunks."""
     async with session.post(url + "/v1/completions", json=body) as resp:
@@ -178,11 +186,7 @@ async def complete(session: aiohttp.ClientSession, url: str, body: dict) -> Stre
         if resp.status != 200:
             result.error = (await resp.json()).get("error")
             return result
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(resp):
             if "error" in chunk:
                 result.error = chunk["error"]
                 continue

@@ -21,19 +21,14 @@ from pathlib import Path
 
 import aiohttp
 
-from perf.cluster_client import SupervisedCluster
+from perf.cluster_client import SupervisedCluster, sse_chunks
 
 
 async def _stream(session: aiohttp.ClientSession, url: str, body: dict, first: asyncio.Event) -> tuple[list, float]:
-    import json
     tokens: list[int] = []
     last, gap = None, 0.0
     async with session.post(url + "/v1/completions", json=body) as resp:
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(resp):
             if "error" in chunk:
                 raise RuntimeError(chunk["error"])
             now = time.monotonic()

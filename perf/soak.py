@@ -35,7 +35,7 @@ from pathlib import Path
 
 import aiohttp
 
-from perf.cluster_client import SupervisedCluster, reference_completions
+from perf.cluster_client import SupervisedCluster, reference_completions, sse_chunks
 
 PROMPTS = [f"Soak request {i}: " + "tell me about the weather and the sea " * (4 + 4 * (i % 4)) for i in range(12)]
 MAX_TOKENS = [48 + 24 * (i % 5) for i in range(12)]
@@ -104,11 +104,7 @@ class Soak:
         """Token ids of a stream (up to ``limit`` chunks); False when it ended in an error."""
         tokens: list[int] = []
         chunks = 0
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(resp):
             if "error" in chunk:
                 self.t.fail(kind, chunk["error"].get("message", str(chunk["error"])))
                 return tokens, False

@@ -78,7 +78,6 @@ class JobChannel:
         self.last_frame = time.monotonic()
         self.silence: dict[int, float] = {}
         self.healthy = False
-        self.hello: dict[str, Any] | None = None
         self.closed: str | None = None
         """Why the channel ended (None while it is open)."""
         threading.Thread(target=self._read, name="job-channel", daemon=True).start()
@@ -121,7 +120,8 @@ class JobChannel:
         elif op == "rejected":
             self.backend.on_rejected(self, str(frame.get("id")), str(frame.get("error")))
         elif op == "hello":
-            self.hello = frame
+            logger.info("the job's controller rank (pid %s) connected: %s ranks", frame.get("pid"),
+                        frame.get("world_size"))
         else:
             logger.error("job channel: unknown op %r", op)
 
@@ -141,6 +141,12 @@ class Supervisor:
         self.job: Job | None = None
         self.channel: JobChannel | None = None
 
+    def _enter(self, state: State) -> None:
+        """One transition of the state machine, logged (the log is how an operator follows it)."""
+        if state is not self.state:
+            logger.info("supervisor: %s -> %s", self.state.value, state.value)
+            self.state = state
+
     def stop(self, reason: str = "stopping") -> None:
         """Ask the run loop to stop (a signal handler, or a test)."""
         logger.info("supervisor: %s", reason)
@@ -158,10 +164,10 @@ class Supervisor:
                 end = self._run_job(attempt)
                 if self._stop.is_set():
                     break
-                self.state = State.RESTARTING
+                self._enter(State.RESTARTING)
                 self.backend.detach(end.reason)
                 if end.refused:
-                    self.state = State.FAILED
+                    self._enter(State.FAILED)
                     self.backend.fail(f"the cluster cannot start: {end.reason}")
                     logger.error("job %d refused its options (its error is above); not restarting it", attempt)
                     return 2
@@ -169,7 +175,7 @@ class Supervisor:
                 logger.error("job %d ended: %s; %s", attempt, end.reason,
                              "restarting it" if failures < self.cfg.max_start_failures else "giving up")
                 if failures >= self.cfg.max_start_failures:
-                    self.state = State.FAILED
+                    self._enter(State.FAILED)
                     self.backend.fail(f"the cluster could not be started ({failures} failed starts in a row; "
                                       f"the last: {end.reason})")
                     return 1
@@ -178,7 +184,7 @@ class Supervisor:
             return 0
         finally:
             if self.state is not State.FAILED:
-                self.state = State.STOPPING
+                self._enter(State.STOPPING)
             self._listener.close()
             self.path.unlink(missing_ok=True)
 
@@ -201,7 +207,7 @@ class Supervisor:
         self._listener = sock
 
     def _run_job(self, attempt: int) -> JobEnd:
-        self.state = State.STARTING
+        self._enter(State.STARTING)
         cmd = job_command(self.cfg.ranks, self.serve_argv, self.path, self.cfg.mpirun_arg)
         self.job = job = Job(cmd, attempt)
         try:
@@ -261,7 +267,7 @@ class Supervisor:
                               "stopped or hung", served)
             if channel.healthy and not served:
                 served = True
-                self.state = State.SERVING
+                self._enter(State.SERVING)
                 logger.info("job %d serves (%d restarts so far)", job.attempt, self.restarts)
             if not served and time.monotonic() > deadline:
                 return JobEnd(f"the job did not serve within {self.cfg.start_timeout_s:.0f} s", served)

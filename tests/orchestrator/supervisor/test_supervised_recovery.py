@@ -10,7 +10,6 @@ and nothing of the dead job is left running.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -20,7 +19,7 @@ import time
 import aiohttp
 import pytest
 
-from perf.cluster_client import SupervisedCluster, complete, reference_completions, run
+from perf.cluster_client import SupervisedCluster, complete, reference_completions, run, sse_chunks
 from tests.mpi_util import requires_mpirun
 
 pytestmark = [requires_mpirun,
@@ -53,11 +52,7 @@ async def _stream(session, url: str, body: dict, first: asyncio.Event | None = N
     tokens: list[int] = []
     async with session.post(url + "/v1/completions", json=body) as resp:
         assert resp.status == 200, await resp.text()
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(resp):
             assert "error" not in chunk, chunk
             tokens += chunk["choices"][0].get("token_ids", [])
             if first is not None and tokens:
