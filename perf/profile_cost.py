@@ -9,12 +9,21 @@ of steps: prefill chunks of n tokens after s cached ones, decode batches of b se
 a context length, and mixed steps. Each time is the median of a few runs after a warm-up.
 The fit (``orchestrator.kunserve.cost_model.fit``) is printed with its r2 and checked on
 steps it did not see; the model is written as JSON for ``CostModel.load``.
+
+The file also keeps what the simulator's batch-aware step model needs (``perf.sim.host_cost``):
+every timed step (``profile.steps``); what the project's engine loop (``LLMEngine.step``:
+schedule, step message, execute, sample, update) adds to the runner's execute for decode
+batches (``profile.loop``); and, with ``--contention K,...``, the time of a fixed mix of
+steps while K processes run it at once on this host (``profile.contention``): how much ranks
+that share the host's cores and memory bus slow each other, beyond their share of the cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+import os
 import platform
 import statistics
 import sys
@@ -43,11 +52,27 @@ Step = list[tuple[int, int]]
 # stable to a few percent, and repeating them would take most of the profile's time.
 _POINT_BUDGET_S = 1.0
 
+LOOP_BATCHES = (1, 4, 8, 16)
+"""Decode batches the engine-loop measurement runs (none with --quick)."""
+LOOP_CONTEXT = 128
+"""Prompt tokens of each request of the engine-loop measurement."""
+LOOP_STEPS = 9
+"""Timed engine steps per batch (their median)."""
+
+DEFAULT_CONTENTION = (1, 2, 4)
+"""Process counts ``--contention`` runs by default (the cpu bench preset has 4 ranks)."""
+CONTENTION_MIX: tuple[Step, ...] = ([(1, 127)] * 8, [(64, 0)], [(1, 255)] * 16)
+"""The steps each process repeats in the contention measurement: decode batches (reading
+the weights) and a prefill chunk (compute), as a serving rank interleaves them."""
+
 
 def training_steps(context: int, quick: bool) -> list[Step]:
     """The grid the fit sees: prefills (n, s), decode batches, mixed steps; clipped to ``context``."""
     ns, ss = ((16, 64, 256), (0, 256, 1024)) if quick else ((16, 64, 128, 256, 512), (0, 256, 1024, 2048))
-    batches, ctxs = ((1, 8, 32), (128, 512)) if quick else ((1, 8, 32), (128, 1024))
+    # Decode batches at every power of two: a step's time is not linear in its batch (the
+    # GEMMs of one row and of 32 run different kernels), and perf.sim's step model
+    # interpolates between these points.
+    batches, ctxs = ((1, 8, 32), (128, 512)) if quick else ((1, 2, 4, 8, 16, 32), (128, 1024))
     steps: list[Step] = []
     for n in ns:
         for s in ss:
@@ -170,11 +195,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     p.add_argument("--dtype", default=None, help="compute dtype (default: as the engine picks)")
     p.add_argument("--page-size", type=int, default=16)
-    return p.parse_args(argv)
+    p.add_argument("--contention", default=None, metavar="K,...",
+                   help="also time a mix of steps with K processes at once, for each K "
+                        f"(default: {','.join(map(str, DEFAULT_CONTENTION))}; none with --quick; 0: none)")
+    p.add_argument("--contention-seconds", type=float, default=4.0,
+                   help="seconds each process repeats the mix, all at once (default: %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        spec = args.contention if args.contention is not None else (
+            "0" if args.quick else ",".join(map(str, DEFAULT_CONTENTION)))
+        counts = tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        p.error(f"--contention: expected comma-separated process counts, got {args.contention!r}")
+    if counts == (0,):
+        counts = ()
+    if any(k < 1 for k in counts) or (counts and counts[0] != 1):
+        p.error(f"--contention: counts must be >= 1 and start with 1 (the baseline), got {args.contention!r}")
+    args.contention = counts
+    return args
 
 
-def profile(args: argparse.Namespace) -> tuple[CostModel, list[tuple[Step, float, float]]]:
-    """Time the grids and fit; returns the model and (step, measured, predicted) held out."""
+def make_timer(args: argparse.Namespace, steps: list[Step]) -> tuple[EngineStore, int, StepTimer]:
+    """The store, the profiled layer count, and a timer whose KV pool holds any of ``steps``."""
     store = EngineStore(args.engine_dir)
     total_layers = store.config.num_hidden_layers
     layers = args.layers or total_layers
@@ -182,13 +224,24 @@ def profile(args: argparse.Namespace) -> tuple[CostModel, list[tuple[Step, float
         raise ValueError(f"--layers must be between 1 and {total_layers}, got {layers}")
     config = EngineConfig(engine_dir=args.engine_dir, device=args.device, dtype=args.dtype,
                           page_size=args.page_size)
-    context = store.config.max_position_embeddings
-    train, held = training_steps(context, args.quick), held_out_steps(context, args.quick)
-    pages = max(pages_needed(s, args.page_size, layers) for s in train + held)
+    pages = max(pages_needed(s, args.page_size, layers) for s in steps)
     runner = build_runner(store, layers, config, pages)
     timer = StepTimer(runner, args.page_size, store.config.vocab_size, 2 if args.quick else args.reps)
     timer.time([(16, 0), (1, 15)])  # first calls allocate and pick kernels
-    samples = []
+    return store, layers, timer
+
+
+Samples = list[tuple[Step, float]]
+
+
+def profile(args: argparse.Namespace) -> tuple[CostModel, Samples, list[tuple[Step, float, float]], dict | None]:
+    """Time the grids and fit; returns the model, the timed steps, (step, measured,
+    predicted) for the steps held out, and the engine loop's overhead (None with --quick)."""
+    context = EngineStore(args.engine_dir).config.max_position_embeddings
+    train, held = training_steps(context, args.quick), held_out_steps(context, args.quick)
+    store, layers, timer = make_timer(args, train + held)
+    runner = timer.runner
+    samples: Samples = []
     for step in train:
         samples.append((step, timer.time(step)))
         logger.info("%-40s %.4f s", describe(step), samples[-1][1])
@@ -196,7 +249,92 @@ def profile(args: argparse.Namespace) -> tuple[CostModel, list[tuple[Step, float
                 threads=torch.get_num_threads() if runner.device.type == "cpu" else 0,
                 model=store.path.resolve().name)
     checks = [(step, timer.time(step), model.step_cost(step)) for step in held]
-    return model, checks
+    loop = None if args.quick else loop_overhead(args, timer, layers)
+    return model, samples, checks, loop
+
+
+def loop_overhead(args: argparse.Namespace, timer: StepTimer, layers: int) -> dict:
+    """Per decode batch of ``LOOP_BATCHES``: the median seconds of ``LLMEngine.step`` and of
+    the runner's execute of the same chunks (scaled to every layer when ``--layers`` profiled
+    fewer); their difference is what the loop adds."""
+    from orchestrator.core.llm_engine import LLMEngine
+
+    store = EngineStore(args.engine_dir)
+    total = store.config.num_hidden_layers
+    engine = LLMEngine(EngineConfig(engine_dir=args.engine_dir, device=args.device, dtype=args.dtype,
+                                    page_size=args.page_size, kv_cache_memory=256 << 20))
+    out: dict = {"batches": [], "engine_seconds": [], "runner_seconds": []}
+    for b in LOOP_BATCHES:
+        sampling = SamplingParams(max_tokens=LOOP_STEPS + 2, ignore_eos=True)
+        reqs = [engine.make_request([(7 * i + j) % store.config.vocab_size for j in range(LOOP_CONTEXT)], sampling)
+                for i in range(b)]
+        for r in reqs:
+            engine.add_request(r)
+        while any(r.num_computed_tokens < LOOP_CONTEXT for r in reqs):
+            engine.step()  # the prefills
+        engine.step()  # the first decode allocates
+        times = []
+        for _ in range(LOOP_STEPS):
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
+        while engine.scheduler.has_work():
+            engine.step()
+        runner = timer.time([(1, LOOP_CONTEXT + LOOP_STEPS // 2)] * b) * total / layers
+        out["batches"].append(b)
+        out["engine_seconds"].append(statistics.median(times))
+        out["runner_seconds"].append(runner)
+        logger.info("engine loop: %d decoding, step %.4f s, execute %.4f s", b, out["engine_seconds"][-1], runner)
+    return out
+
+
+def _contention_worker(args: argparse.Namespace, barrier, results, index: int) -> None:
+    """One process of the contention measurement: repeat the mix for ``--contention-seconds``
+    once every process is ready; report the mean seconds of one pass."""
+    torch.set_num_threads(args.threads)
+    _store, _layers, timer = make_timer(args, list(CONTENTION_MIX))
+    inputs = [timer.make_step(step) for step in CONTENTION_MIX]
+    for inp in inputs:
+        timer.runner.execute(inp)
+    barrier.wait()
+    t0, passes = time.perf_counter(), 0
+    while time.perf_counter() - t0 < args.contention_seconds:
+        for inp in inputs:
+            timer.runner.execute(inp)
+        passes += 1
+    results[index] = (time.perf_counter() - t0) / passes
+
+
+def contention(args: argparse.Namespace, counts: tuple[int, ...]) -> dict:
+    """Seconds of one pass of ``CONTENTION_MIX`` per process with k processes at once, for
+    each k of ``counts``; the processes are fresh (spawned), one intra-op thread setting as
+    the profile's."""
+    ctx = multiprocessing.get_context("spawn")
+    seconds = []
+    for k in counts:
+        barrier, results = ctx.Barrier(k), ctx.Array("d", k)
+        procs = [ctx.Process(target=_contention_worker, args=(args, barrier, results, i)) for i in range(k)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        if any(proc.exitcode != 0 for proc in procs):
+            raise RuntimeError(f"a contention process failed with {k} processes (exit codes "
+                               f"{[proc.exitcode for proc in procs]})")
+        seconds.append(statistics.mean(results[:]))
+        logger.info("contention: %d processes, %.4f s per pass each", k, seconds[-1])
+    return {"cores": os.cpu_count(), "processes": list(counts), "pass_seconds": seconds,
+            "mix": [list(map(list, step)) for step in CONTENTION_MIX]}
+
+
+def report_contention(data: dict) -> None:
+    base, cores = data["pass_seconds"][0], data["cores"]
+    print(f"\ncontention: the step mix with k processes at once on {cores} cores")
+    print("| processes | s per pass | slowdown | beyond the core share |")
+    print("|---:|---:|---:|---:|")
+    for k, t in zip(data["processes"], data["pass_seconds"]):
+        share = max(1.0, k / cores)
+        print(f"| {k} | {t:.4f} | {t / base:.2f}x | {t / base / share:.2f}x |")
 
 
 def report(model: CostModel, checks: list[tuple[Step, float, float]], seconds: float) -> None:
@@ -220,12 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
-        model, checks = profile(args)
-    except (EngineError, ValueError) as exc:
+        model, samples, checks, loop = profile(args)
+        crowd = contention(args, args.contention) if args.contention else None
+    except (EngineError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report(model, checks, time.perf_counter() - t0)
-    model.save(args.out)
+    if crowd:
+        report_contention(crowd)
+    steps = [{"chunks": [list(c) for c in step], "seconds": t} for step, t in samples]
+    model.save(args.out, extra={"profile": {"steps": steps, "loop": loop, "contention": crowd}})
     print(f"\nwrote {args.out}")
     return 0
 

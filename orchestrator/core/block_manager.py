@@ -187,11 +187,14 @@ class BlockManager:
         """Cache the request's blocks that are full and computed, in order (after a step)."""
         if self.cache is None or req.prefix_closed:
             return
-        tokens = req.all_token_ids
-        for i in range(len(req.prefix_blocks), req.num_computed_tokens // self.page_size):
+        first, end = len(req.prefix_blocks), req.num_computed_tokens // self.page_size
+        if first >= end:  # most steps: no block filled up (decode fills one every page_size steps)
+            return
+        ps = self.page_size
+        for i in range(first, end):
             parent = req.prefix_blocks[-1].hash if req.prefix_blocks else ROOT_HASH
             pages = tuple(req.block_table[layer][i] for layer in range(self.num_layers))
-            block = self.cache.insert(parent, tuple(tokens[i * self.page_size:(i + 1) * self.page_size]), pages)
+            block = self.cache.insert(parent, tuple(req.token_ids(i * ps, (i + 1) * ps)), pages)
             if block is None:
                 req.prefix_closed = True
                 return

@@ -78,7 +78,7 @@ class SchedulerOutput:
             first_row, targets = r.prompt_targets(start, end)
             out.append(SeqChunk(
                 seq_id=r.seq_id, num_computed=start, num_tokens=c.num_tokens,
-                block_table=r.block_table, token_ids=r.all_token_ids[start:end],
+                block_table=r.block_table, token_ids=r.token_ids(start, end),
                 sample=sample, sampling=r.sampling, output_index=len(r.output_token_ids),
                 history=r.all_token_ids if history else None,
                 num_prompt_tokens=len(r.prompt_token_ids) if history else 0,

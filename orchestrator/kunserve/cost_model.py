@@ -137,11 +137,16 @@ class CostModel:
         except CostModelError as exc:
             raise CostModelError(f"cost model file {path} is corrupt: {exc}") from None
 
-    def save(self, path: str | Path) -> None:
-        """Write the model as JSON, atomically (a reader never sees half a file)."""
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write the model as JSON, atomically (a reader never sees half a file). ``extra``
+        adds keys this class does not read (``perf.profile_cost`` keeps its timed steps
+        there for the simulator); it may not shadow a field."""
         path = Path(path)
+        data = self.to_json()
+        if extra and (clash := set(extra) & set(data)):
+            raise ValueError(f"extra keys shadow the model's fields: {sorted(clash)}")
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.write_text(json.dumps({**data, **(extra or {})}, indent=2) + "\n")
         os.replace(tmp, path)
 
 
@@ -169,7 +174,7 @@ def fit(samples: list[tuple[list[tuple[int, int]], float]], layers: int, *,
     if not np.all(np.isfinite(y)) or np.any(y <= 0):
         raise CostModelError("measured step times must be finite and positive")
     w = 1.0 / y if relative else np.ones_like(y)
-    coef = _nonnegative_lstsq(x * w[:, None], y * w)
+    coef = nonnegative_lstsq(x * w[:, None], y * w)
     pred = x @ coef
     ss_res = float(np.sum((y - pred) ** 2))
     ss_tot = float(np.sum((y - y.mean()) ** 2))
@@ -179,7 +184,7 @@ def fit(samples: list[tuple[list[tuple[int, int]], float]], layers: int, *,
     return model
 
 
-def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Least squares with coefficients >= 0: drop the most negative column, refit, repeat."""
     active = list(range(a.shape[1]))
     coef = np.zeros(a.shape[1])

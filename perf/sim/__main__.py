@@ -8,14 +8,18 @@
 options); any preset of ``perf.bench`` is taken by name. Each replica's KV pool is what
 ``serve`` would give it (``--device-memory`` less the weights and the 5% workspace), its
 scheduler is the project's own, and its step times come from ``--cost-model`` (default:
-STORE/cost_model.json, fitted on this host by ``python -m perf.profile_cost``). Writes
+STORE/cost_model.json, profiled on this host by ``python -m perf.profile_cost``): the
+batch-aware curve fitted to its timed steps and the ranks' measured contention
+(``perf.sim.host_cost``), or with ``--step-model linear --contention none`` the planner's
+linear model over plainly shared cores. Writes
 ``summary.md``/``summary.json`` (``perf.bench``'s tables), ``requests.jsonl``/``.csv``,
 ``samples.csv`` (memory per rank each second), ``events.csv`` (decisions, drops, exchanges,
-restores), ``reshapes.jsonl`` (each drop's and restore's times and bytes) and the plots;
+restores, migrations), ``reshapes.jsonl`` (each drop's, restore's and migration's times and
+bytes) and the plots;
 ``--compare-real DIR...`` sets real ``perf.bench`` runs' median and range beside the simulated
 figures. The GPU presets (``perf.sim.gpu_presets``) model H100 and H200 clusters with the
-roofline step model of ``perf.sim.gpu``. Simulated: kunserve (the real policy's drops, exchanges and restores), vllm, swap, oracle;
-llumnix's migration is not simulated yet and is refused.
+roofline step model of ``perf.sim.gpu``. Simulated: every ``serve --policy`` (kunserve's drops,
+exchanges and restores and llumnix's live migrations as the real state machines, on the fabric).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from engines.tokenizer import Tokenizer
 from orchestrator.cli import build_parser as serve_cli
 from orchestrator.core.config import parse_bytes
 from orchestrator.core.scheduler import SchedulerConfig
-from orchestrator.kunserve.cost_model import CostModel
+from orchestrator.kunserve.cost_model import CostModel, CostModelError
 from orchestrator.serve import config_from_args
 from perf.bench import build_requests, select_trace
 from perf.bench_presets import PRESETS, BenchPreset
@@ -47,6 +51,7 @@ from perf.sim.clock import EventLoop
 from perf.sim.cluster import SIMULATED_POLICIES, SimCluster, SimResult
 from perf.sim.fabric import CpuHost, CpuHostSpec
 from perf.sim.gpu_presets import GPU_PRESETS, GpuSimPreset
+from perf.sim.host_cost import BatchStepModel, load_host_profile
 from perf.sim.instance import SimContext, SimRequest, StepCost
 from perf.sim.links import Network
 from perf.sim.memory import MemoryLayout
@@ -55,7 +60,8 @@ ALIASES = {"sim-cpu": "cpu"}
 """Simulator presets that are a bench preset's cluster and stream."""
 
 
-def cpu_context(p: BenchPreset, policy: str, cost: StepCost, host_cores: float | None) -> SimContext:
+def cpu_context(p: BenchPreset, policy: str, cost: StepCost, host_cores: float | None,
+                efficiency: tuple[float, ...] = ()) -> SimContext:
     """What ``serve`` gives each rank of ``p`` under ``policy``: its memory (``--device-memory``
     less the weights and the 5% workspace in KV pages), its scheduler limits, on this host."""
     argv = ["serve", "--engine-dir", str(p.store_path()), "--device-memory", p.device_memory, "--policy", policy,
@@ -72,9 +78,11 @@ def cpu_context(p: BenchPreset, policy: str, cost: StepCost, host_cores: float |
                             swap_space_bytes=cfg.swap_space, enable_prefix_caching=cfg.enable_prefix_caching)
     clock = EventLoop()
     ranks = p.ranks // tp
-    return SimContext(clock, Network(clock), CpuHost(CpuHostSpec(host_cores), ranks), cost, layout, sched,
+    host = CpuHost(CpuHostSpec(host_cores, efficiency=efficiency), ranks)
+    return SimContext(clock, Network(clock), host, cost, layout, sched,
                       m.max_position_embeddings, m.hidden_size * dtype.itemsize * tp,
-                      swap_space_bytes=cfg.swap_space if bundle.preemption == "swap" else None)
+                      swap_space_bytes=cfg.swap_space if bundle.preemption == "swap" else None,
+                      migration=cfg.migration)
 
 
 def to_records(policy: str, sims: list[SimRequest], input_lens: dict[str, int]) -> list[RequestRecord]:
@@ -95,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU presets: a perf.profile_cost file (default: STORE/cost_model.json)")
     ap.add_argument("--host-cores", type=float, default=float(os.cpu_count() or 1),
                     help="CPU presets: cores the ranks share (default: this host's, %(default)g); 0: a core per rank")
+    ap.add_argument("--step-model", choices=("batch", "linear"), default="batch",
+                    help="CPU presets: batch, the step-time curve fitted to the profile's timed steps "
+                         "(perf.sim.host_cost); linear, the lookahead planner's CostModel (default: %(default)s)")
+    ap.add_argument("--contention", choices=("measured", "none"), default="measured",
+                    help="CPU presets: measured, busy ranks slow each other as the profile's --contention "
+                         "measured (beyond sharing --host-cores); none, they only share the cores "
+                         "(default: %(default)s)")
     ap.add_argument("--trace", default=None, help="GPU presets: another trace file (Azure, BurstGPT or Mooncake)")
     ap.add_argument("--window", type=float, default=None, help="GPU presets: seconds of the trace (its busiest)")
     ap.add_argument("--upscale", type=float, default=None, help="GPU presets: times the trace's rate")
@@ -117,8 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     if not cost_path.is_file():
         ap.error(f"no cost model at {cost_path}: fit one with python -m perf.profile_cost --engine-dir "
                  f"{p.store_path()} --out {cost_path}")
-    text = run(p, args.preset, policies, CostModel.load(cost_path), args.out, args.compare_real,
-               args.host_cores or None)
+    try:
+        host = load_host_profile(cost_path)
+    except CostModelError as exc:
+        ap.error(str(exc))
+    refit = (f"re-profile with python -m perf.profile_cost --engine-dir {p.store_path()} --out {cost_path}")
+    if args.step_model == "batch" and host.batch is None:
+        ap.error(f"--step-model batch: {cost_path} has no timed steps (written by an older perf.profile_cost); "
+                 f"{refit}, or pass --step-model linear")
+    if args.contention == "measured" and not host.efficiency:
+        ap.error(f"--contention measured: {cost_path} has no contention measurement; {refit}, "
+                 "or pass --contention none")
+    if args.contention == "measured" and not args.host_cores:
+        ap.error("--contention measured needs shared cores (--host-cores > 0), or pass --contention none")
+    cost = host.batch if args.step_model == "batch" else host.linear
+    efficiency = host.efficiency if args.contention == "measured" else ()
+    text = run(p, args.preset, policies, cost, args.out, args.compare_real, args.host_cores or None, efficiency)
     print(text)
     return 0
 
@@ -130,15 +159,18 @@ def _presets_help() -> str:
     return "\n".join(lines)
 
 
-def run(p: BenchPreset, name: str, policies: list[str], cost: CostModel, out: Path,
-        real: list[Path] | None = None, host_cores: float | None = None) -> str:
+def run(p: BenchPreset, name: str, policies: list[str], cost: CostModel | BatchStepModel, out: Path,
+        real: list[Path] | None = None, host_cores: float | None = None,
+        efficiency: tuple[float, ...] = ()) -> str:
     """Simulate ``p``'s stream under each policy on this host's model; write the reports to ``out``."""
     tokenizer = Tokenizer(EngineStore(p.store_path()).tokenizer_dir)
     specs = build_requests(p, tokenizer)
     ids = {s.request_id: tokenizer.encode(s.prompt, add_special_tokens=True) for s in specs}
     stream = [(s.request_id, s.arrival_s, ids[s.request_id], s.output_len) for s in specs]
-    meta = {"preset": name, "cost_model": cost.to_json(), "host_cores": host_cores}
-    return simulate_policies(name, policies, lambda policy: cpu_context(p, policy, cost, host_cores), stream,
+    meta = {"preset": name, "cost_model": cost.to_json(), "host_cores": host_cores,
+            "contention_efficiency": list(efficiency)}
+    return simulate_policies(name, policies, lambda policy: cpu_context(p, policy, cost, host_cores, efficiency),
+                             stream,
                              SLO(p.slo_ttft_s, p.slo_tpot_s), out, meta, real)
 
 
@@ -186,12 +218,13 @@ def simulate_policies(name: str, policies: list[str], make_ctx, stream, slo: SLO
         records += recs
         samples += result.samples
         events += result.cluster_events
-        reshapes += [dict(policy=policy, **r.to_json()) for r in result.reshapes]
+        reshapes += [dict(policy=policy, **r.to_json()) for r in [*result.reshapes, *result.migrations]]
         summaries[policy] = summarize(recs, result.makespan_s, slo, policy)
         meta["runs"][policy] = run_meta(ctx, result, wall)
         print(f"[{policy}] simulated {result.makespan_s:.1f} s of serving in {wall:.2f} s of wall time "
               f"({result.events} events, {result.steps} micro-batches, {ctx.layout.replica_pages()} KV pages "
-              f"per replica, {len(result.reshapes)} reshapes)", flush=True)
+              f"per replica, {len(result.reshapes)} reshapes, {sum(m.ok for m in result.migrations)} migrations)",
+              flush=True)
     ratios = compare(summaries, base="kunserve" if "kunserve" in summaries else policies[0])
     text = f"# Simulated: {name}\n\n{markdown_table(summaries, ratios)}"
     if real:
@@ -215,6 +248,7 @@ def run_meta(ctx: SimContext, result: SimResult, wall: float) -> dict:
     d = result.decision_s
     return {"kv_pages": ctx.layout.replica_pages(), "events": result.events, "steps": result.steps,
             "simulated_s": result.makespan_s, "wall_s": wall, "reshapes": len(result.reshapes),
+            "migrations": sum(m.ok for m in result.migrations),
             "decision_ms_median": 1e3 * statistics.median(d) if d else None,
             "decision_ms_max": 1e3 * max(d) if d else None, "ticks": len(d)}
 

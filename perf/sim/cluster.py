@@ -4,8 +4,9 @@ project's own reshape policy (``orchestrator.policy.reshape``: the kunserve poli
 monitor and drop planner) every ``DECISION_INTERVAL_S``, as ``serve``'s controller does.
 
 Only time is modelled: each decision is the real policy's, on the load the real leaders'
-``instance_stats`` reports; each drop and restore is carried out by ``perf.sim.reshape``
-with its transfers on the fabric's links.
+``instance_stats`` reports; each drop and restore is carried out by ``perf.sim.reshape``,
+and each of the llumnix policy's migrations by ``perf.sim.migration``, with their transfers
+on the fabric's links.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from orchestrator.contracts import Topology
 from orchestrator.core.block_manager import PoolSpec
 from orchestrator.policy.bundles import get_policy
 from orchestrator.policy.dispatch import InstanceLoad, make_dispatch_policy
+from orchestrator.policy.migration import MIGRATION, MigrationPolicy
 from orchestrator.policy.reshape import ReshapePolicy, make_reshape_policy
 from perf.bench_records import ClusterEvent, SecondSample
 from perf.sim.instance import SimContext, SimInstance, SimRequest
+from perf.sim.migration import MigrationRecord, SimMigration
 from perf.sim.reshape import ReshapeRecord, SimDrop, SimRestore
 
-SIMULATED_POLICIES = ("kunserve", "vllm", "swap", "oracle")
-"""``serve --policy`` bundles the simulator runs; llumnix's migration is not simulated yet."""
+SIMULATED_POLICIES = ("kunserve", "vllm", "swap", "llumnix", "oracle")
+"""``serve --policy`` bundles the simulator runs (every one ``serve`` has)."""
 SAMPLE_INTERVAL_S = 1.0
 """Simulated seconds between memory samples of every rank (``perf.bench`` samples each second)."""
 
@@ -42,6 +45,7 @@ class SimResult:
     cluster_events: list[ClusterEvent] = field(default_factory=list)
     decision_s: list[float] = field(default_factory=list)
     """Wall seconds of each control tick's policy work (observe and decide)."""
+    migrations: list[MigrationRecord] = field(default_factory=list)
 
 
 class SimCluster:
@@ -52,8 +56,9 @@ class SimCluster:
         self.ctx = ctx
         self.policy_name = policy
         self.bundle = get_policy(policy)
-        if self.bundle.migration:
-            raise ValueError(f"--policy {policy}: migration is not simulated yet")
+        self.migration: MigrationPolicy | None = (MIGRATION.make(self.bundle.migration, ctx.migration)
+                                                  if self.bundle.migration else None)
+        self.migrating: dict[int, SimMigration] = {}
         layout = ctx.layout
         self.reshape = reshape or make_reshape_policy(self.bundle.reshape, layout.model_memory()
                                                       if self.bundle.reshape != "never" else None)
@@ -137,13 +142,37 @@ class SimCluster:
         self.stats = stats = {leader: inst.stats() for leader, inst in self.instances.items()}
         self.reshape.observe(stats, now)
         actions = [] if self.active else self.reshape.decide(self.topology, now)
+        moves = self._decide_migrations(stats, now)
         self.result.decision_s.append(time.perf_counter() - t0)
+        for m in moves:
+            m.start()
         for action in actions:
             if action.kind == "drop":
                 self._begin_drop(action.ranks, action.detail)
             else:
                 self._begin_restore(action.ranks, action.detail)
         self.ctx.clock.after(DECISION_INTERVAL_S, self._tick)
+
+    def _decide_migrations(self, stats: dict, now: float) -> list[SimMigration]:
+        """The migration policy's pairs (``MigrationBook.start``), as state machines to start."""
+        if self.migration is None:
+            return []
+        busy = {r for m in self.migrating.values() for r in (m.src.leader, m.dst.leader)}
+        out = []
+        for d in self.migration.decide(stats, self.topology, busy, now):
+            mid = len(self.result.migrations) + len(self.migrating) + len(out) + 1
+            out.append(SimMigration(self.ctx, mid, self.instances[d.src], self.instances[d.dst],
+                                    d.dst_free_tokens, self._migrated))
+        for m in out:
+            self.migrating[m.mid] = m
+        return out
+
+    def _migrated(self, m: SimMigration) -> None:
+        del self.migrating[m.mid]
+        self.result.migrations.append(m.record)
+        if m.record.ok:
+            self._event("migration", (m.record.src, m.record.dst), request=m.record.request_id,
+                        kv_bytes=m.record.kv_bytes, stages=m.record.stages, stop_s=round(m.record.stop_s, 4))
 
     def _event(self, kind: str, ranks: tuple[int, ...], **detail) -> None:
         self.result.cluster_events.append(ClusterEvent(self.policy_name, self.ctx.clock.now, kind, json.dumps(

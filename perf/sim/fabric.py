@@ -49,18 +49,33 @@ class CpuHostSpec:
     remap_bandwidth: float = 2.84 * GiB
     """Bytes/s of the drop's memory step (weights freed, the KV pool committed): 202.6 MiB in
     69.7 ms on this host (docs/kunserve.md, ``--kv-extension commit``)."""
+    efficiency: tuple[float, ...] = ()
+    """Per number of busy ranks k = 1, 2, ..., the fraction of its share of the cores each
+    gets (``perf.sim.host_cost.contention_efficiency`` of the profile's measurement; the
+    last entry for more ranks); () for none: busy ranks only share the cores."""
 
 
 class CpuHost(Fabric):
     """Ranks as processes of one host: each its own core (1 core-second per second), all of
-    them sharing the host's cores and its memory bus."""
+    them sharing the host's cores (slowed further, with a measured ``efficiency``, by the
+    memory bus and caches that busy ranks share) and its memory bus for copies."""
 
     def __init__(self, spec: CpuHostSpec, ranks: int) -> None:
         self.spec = spec
         self.num_ranks = ranks
         self._cores = [Link(f"rank {r} core", 1.0) for r in range(ranks)]
-        self._shared = [Link("host cores", float(spec.cores))] if spec.cores else []
+        self._shared = [Link("host cores", float(spec.cores), efficiency=self._crowd(spec, ranks))] if spec.cores else []
         self._bus = Link("host memory bus", spec.copy_bandwidth, spec.copy_latency)
+
+    @staticmethod
+    def _crowd(spec: CpuHostSpec, ranks: int) -> tuple[float, ...]:
+        """The shared link's efficiency at each crowd k, so that each of k busy ranks gets
+        ``min(1, cores / k) * efficiency[k - 1]`` core-seconds per second."""
+        if not spec.efficiency:
+            return ()
+        cores = float(spec.cores)
+        e = [spec.efficiency[min(k, len(spec.efficiency)) - 1] for k in range(1, max(ranks, 1) + 1)]
+        return tuple(min(1.0, k / cores) * ek for k, ek in enumerate(e, start=1))
 
     def compute(self, rank: int) -> list[Link]:
         return [self._cores[rank], *self._shared]

@@ -30,6 +30,7 @@ from orchestrator.contracts import InstanceStats
 from orchestrator.core.block_manager import BlockManager, PoolSpec
 from orchestrator.core.request import Request
 from orchestrator.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from orchestrator.policy.migration import MigrationConfig
 from perf.sim.clock import EventLoop
 from perf.sim.fabric import Fabric
 from perf.sim.links import Network
@@ -75,6 +76,8 @@ class SimContext:
     """Set by the cluster that owns the instances."""
     swap_space_bytes: int | None = None
     """Host memory for swapped KV per replica (the swap policy); None: recompute."""
+    migration: MigrationConfig | None = None
+    """The llumnix policy's thresholds (``serve``'s; None: its defaults)."""
     execs: dict[int, "RankExec"] = field(default_factory=dict)
     microbatches: int = 0
 
@@ -188,6 +191,8 @@ class SimInstance:
         self.inflight = 0
         self.paused = False
         self._on_idle: Callable[[], None] | None = None
+        self._when_free: dict[int, list[Callable[[], None]]] = {}
+        """Per sequence, what runs once no micro-batch in flight holds it (a migration's stop)."""
         self.steps = 0
 
     @property
@@ -250,6 +255,24 @@ class SimInstance:
         if held and ok and m.computed:
             self.held.add(req.seq_id)
         return ok
+
+    def export_one(self, req: Request) -> Moved:
+        """Give up one request that no micro-batch in flight holds (a migration's commit);
+        its pages here are freed."""
+        assert not self.busy[req.seq_id], "export of a request in flight"
+        _, sim = self.requests.pop(req.seq_id)
+        self.held.discard(req.seq_id)
+        self.scheduler.release(req)
+        computed = req.num_computed_tokens
+        self.scheduler.blocks.free(req)
+        return Moved(req, sim, computed, self.layer_rank())
+
+    def when_free(self, req: Request, then: Callable[[], None]) -> None:
+        """Run ``then`` once no micro-batch in flight holds ``req`` (now, if none does)."""
+        if not self.busy[req.seq_id]:
+            self.ctx.clock.after(0.0, then)
+        else:
+            self._when_free.setdefault(req.seq_id, []).append(then)
 
     def release_held(self, seq_ids: list[int]) -> None:
         self.held.difference_update(seq_ids)
@@ -326,6 +349,9 @@ class SimInstance:
             if seq in self.requests:
                 self.requests[seq][1].token_times_s.append(now)
         self._reap()
+        for seq in [q for q in self._when_free if not self.busy[q]]:
+            for then in self._when_free.pop(seq):
+                self.ctx.clock.after(0.0, then)  # after this step's bookkeeping, not inside it
         if self.paused:
             if not self.inflight and self._on_idle is not None:
                 on_idle, self._on_idle = self._on_idle, None

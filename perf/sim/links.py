@@ -4,7 +4,8 @@ A ``Link`` is one direction of a connection (NVLink, PCIe to the host, InfiniBan
 CPU host's memory bus): its bandwidth and latency are per direction, so a swap both ways
 at once does not halve either way. A transfer crosses a path of links; it pays the path's
 latency once, then moves its bytes at the rate its share of the path allows. Links are
-shared fairly: a link with k transfers on it gives each 1/k of its bandwidth, and a
+shared fairly: a link with k transfers on it gives each 1/k of its bandwidth (of its
+efficiency at k, for a link whose crowd slows it), and a
 transfer's rate is its smallest share along its path (a simple processor-sharing model;
 max-min fairness would let a transfer held back elsewhere leave its share to others).
 Rates are recomputed whenever a transfer starts or ends, and each transfer's completion
@@ -33,12 +34,23 @@ class Link:
     """Bytes per second, this direction."""
     latency: float = 0.0
     """Seconds before the first byte arrives."""
+    efficiency: tuple[float, ...] = ()
+    """With k transfers on the link, it moves ``efficiency[k - 1]`` of its bandwidth in all
+    (the last entry for larger crowds; () for 1): a crowd that slows itself, such as ranks
+    sharing a CPU host's cores and memory bus (``perf.sim.host_cost``)."""
 
     def __post_init__(self) -> None:
         if not self.bandwidth > 0:
             raise ValueError(f"link {self.name}: bandwidth must be > 0, got {self.bandwidth}")
         if self.latency < 0:
             raise ValueError(f"link {self.name}: latency must be >= 0, got {self.latency}")
+        if any(not 0 < e <= 1 for e in self.efficiency):
+            raise ValueError(f"link {self.name}: efficiencies must be in (0, 1], got {self.efficiency}")
+
+    def share(self, crowd: int) -> float:
+        """Bytes per second each of ``crowd`` transfers on this link gets."""
+        eff = self.efficiency[min(crowd, len(self.efficiency)) - 1] if self.efficiency else 1.0
+        return self.bandwidth * eff / crowd
 
 
 @dataclass(eq=False)
@@ -127,7 +139,7 @@ class Network:
 
     def _reschedule(self, transfers: list[Transfer]) -> None:
         for t in transfers:
-            t.rate = min(link.bandwidth / len(self._on[link]) for link in t.path)
+            t.rate = min(link.share(len(self._on[link])) for link in t.path)
             if t._event is not None:
                 t._event.cancel()
             delay = max(0.0, t.remaining) / t.rate

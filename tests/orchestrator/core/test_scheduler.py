@@ -153,3 +153,12 @@ def test_max_seqs_splits_work_into_micro_batches():
     second = s.schedule(busy=busy, max_seqs=3)
     assert [c.request.request_id for c in first.chunks] == ["0", "1", "2"]
     assert [c.request.request_id for c in second.chunks] == ["3", "4"]
+
+
+def test_token_ids_slices_as_all_token_ids_does():
+    req = Request("r", [1, 2, 3, 4], SamplingParams(max_tokens=8), 64)
+    req.output_token_ids = [5, 6, 7]
+    whole = req.all_token_ids
+    for start in range(0, 8):
+        for end in range(start, 9):
+            assert req.token_ids(start, end) == whole[start:end], (start, end)

@@ -14,19 +14,19 @@ from tests.perf.sim.sim_helpers import COST
 
 def test_perf_sim_runs_a_preset_and_writes_the_bench_reports(small_trace, tiny_store, tmp_path):
     p = tiny_preset(small_trace, tiny_store)
-    text = run(p, "tiny", ["kunserve", "vllm", "swap", "oracle"], COST, tmp_path / "sim")
+    text = run(p, "tiny", ["kunserve", "vllm", "swap", "llumnix", "oracle"], COST, tmp_path / "sim")
     summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
-    assert set(summary["policies"]) == {"kunserve", "vllm", "swap", "oracle"} and "| vllm |" in text
+    assert set(summary["policies"]) == {"kunserve", "vllm", "swap", "llumnix", "oracle"} and "| vllm |" in text
     runs = summary["meta"]["runs"]
     assert runs["vllm"]["steps"] > 0 and runs["kunserve"]["ticks"] > 0
     assert runs["kunserve"]["decision_ms_max"] >= runs["kunserve"]["decision_ms_median"] >= 0
     lines = (tmp_path / "sim" / "requests.jsonl").read_text().splitlines()
-    assert len(lines) == 4 * summary["policies"]["vllm"]["requests"]
+    assert len(lines) == 5 * summary["policies"]["vllm"]["requests"]
     for name in ("requests.csv", "samples.csv", "events.csv", "ttft_cdf.png", "memory_kunserve.png"):
         assert (tmp_path / "sim" / name).is_file(), name
 
 
 def test_perf_sim_refuses_a_policy_it_does_not_simulate(capsys):
     with pytest.raises(SystemExit):
-        main(["--out", "/tmp/unused", "--policies", "llumnix"])
-    assert "llumnix" in capsys.readouterr().err
+        main(["--out", "/tmp/unused", "--policies", "vllm,nope"])
+    assert "nope" in capsys.readouterr().err
