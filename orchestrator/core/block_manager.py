@@ -79,6 +79,8 @@ class BlockManager:
         """Make room for ``num_new_tokens`` more tokens of ``req``; False if any pool is short
         (unreferenced cached blocks are evicted first, least recently used first)."""
         per_layer = self._new_pages_per_layer(req, num_new_tokens)
+        if not per_layer and req.block_table:  # most decode steps: the last page has room
+            return True
         need = [per_layer * len(p.layers) for p in self.specs]
         if any(n > self._free(i) for i, n in enumerate(need)):
             return False
@@ -193,7 +195,7 @@ class BlockManager:
         ps = self.page_size
         for i in range(first, end):
             parent = req.prefix_blocks[-1].hash if req.prefix_blocks else ROOT_HASH
-            pages = tuple(req.block_table[layer][i] for layer in range(self.num_layers))
+            pages = tuple(layer_pages[i] for layer_pages in req.block_table[:self.num_layers])
             block = self.cache.insert(parent, tuple(req.token_ids(i * ps, (i + 1) * ps)), pages)
             if block is None:
                 req.prefix_closed = True

@@ -206,7 +206,7 @@ def simulate_policies(name: str, policies: list[str], make_ctx, stream, slo: SLO
     """``stream``: (request id, arrival s, prompt ids, max tokens); returns summary.md."""
     out.mkdir(parents=True, exist_ok=True)
     input_lens = {rid: len(ids) for rid, _, ids, _ in stream}
-    summaries, records, samples, events, reshapes = {}, [], [], [], []
+    summaries, records, samples, events, reshapes, timings = {}, [], [], [], [], []
     meta = {**meta, "runs": {}}
     for policy in policies:
         ctx = make_ctx(policy)
@@ -219,6 +219,7 @@ def simulate_policies(name: str, policies: list[str], make_ctx, stream, slo: SLO
         samples += result.samples
         events += result.cluster_events
         reshapes += [dict(policy=policy, **r.to_json()) for r in [*result.reshapes, *result.migrations]]
+        timings += reshape_timings(policy, ctx, result)
         summaries[policy] = summarize(recs, result.makespan_s, slo, policy)
         meta["runs"][policy] = run_meta(ctx, result, wall)
         print(f"[{policy}] simulated {result.makespan_s:.1f} s of serving in {wall:.2f} s of wall time "
@@ -227,6 +228,8 @@ def simulate_policies(name: str, policies: list[str], make_ctx, stream, slo: SLO
               flush=True)
     ratios = compare(summaries, base="kunserve" if "kunserve" in summaries else policies[0])
     text = f"# Simulated: {name}\n\n{markdown_table(summaries, ratios)}"
+    if timings:
+        text += "\n" + timings_table(timings)
     if real:
         text += "\n" + compare_real(real, summaries)
     (out / "summary.md").write_text(text)
@@ -242,6 +245,44 @@ def simulate_policies(name: str, policies: list[str], make_ctx, stream, slo: SLO
     write_events_csv(out / "events.csv", events)
     plot_all(out, records, samples, events)
     return text
+
+
+def reshape_timings(policy: str, ctx: SimContext, result: SimResult) -> list[dict]:
+    """Each drop's, restore's and migration's seconds and bytes, with the links it crossed."""
+    out = []
+    for r in result.reshapes:
+        out.append({"policy": policy, "kind": r.kind, "links": ctx.fabric.link_kind(r.ranks), "ranks": len(r.ranks),
+                    "to_serve_s": (r.serving_s or r.started_s) - r.started_s,
+                    "moves_s": (r.done_s or r.started_s) - (r.serving_s or r.started_s) if r.kind == "drop" else
+                    (r.done_s or r.started_s) - r.started_s,
+                    "kv_bytes": r.kv_bytes, "weight_bytes": r.weight_bytes})
+    for m in result.migrations:
+        if m.ok:
+            out.append({"policy": policy, "kind": "migration", "links": ctx.fabric.link_kind((m.src, m.dst)),
+                        "ranks": 2, "to_serve_s": m.stop_s, "moves_s": (m.done_s or m.started_s) - m.started_s,
+                        "kv_bytes": m.kv_bytes, "weight_bytes": 0})
+    return out
+
+
+def timings_table(timings: list[dict]) -> str:
+    """Medians per (policy, kind, links, group size): a drop's time from its decision until
+    the group serves and the exchange after it; a restore's until its parts serve; a
+    migration's stop and its whole copy."""
+    groups: dict[tuple, list[dict]] = {}
+    for t in timings:
+        groups.setdefault((t["policy"], t["kind"], t["links"], t["ranks"]), []).append(t)
+    lines = ["## Reshapes and migrations (medians)", "",
+             "A drop: decision to the group serving (drain and remap), then the KV exchange while it serves. "
+             "A restore: decision to every part serving (drain, KV move, weight pull). A migration: the "
+             "request's final stop, and the whole copy.", "",
+             "| policy | kind | links | ranks | count | to serve / stop (ms) | exchange / copy (ms) | "
+             "KV moved (MiB) | weights (MiB) |", "|:---|:---|:---|---:|---:|---:|---:|---:|---:|"]
+    med = statistics.median
+    for (policy, kind, links, ranks), ts in sorted(groups.items()):
+        lines.append(f"| {policy} | {kind} | {links} | {ranks} | {len(ts)} | {med(t['to_serve_s'] for t in ts) * 1e3:.1f} "
+                     f"| {med(t['moves_s'] for t in ts) * 1e3:.1f} | {med(t['kv_bytes'] for t in ts) / 2**20:,.0f} "
+                     f"| {med(t['weight_bytes'] for t in ts) / 2**20:,.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_meta(ctx: SimContext, result: SimResult, wall: float) -> dict:

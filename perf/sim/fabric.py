@@ -36,6 +36,10 @@ class Fabric(ABC):
     def remap_seconds(self, nbytes: int) -> float:
         """Seconds a rank takes to turn ``nbytes`` of freed weights into KV pages."""
 
+    def link_kind(self, ranks: tuple[int, ...]) -> str:
+        """What joins these ranks: the links a reshape of them moves its bytes over."""
+        return "host memory"
+
 
 @dataclass(frozen=True)
 class CpuHostSpec:
@@ -135,6 +139,9 @@ class GpuCluster(Fabric):
 
     def node(self, rank: int) -> int:
         return rank // self.per_node
+
+    def link_kind(self, ranks: tuple[int, ...]) -> str:
+        return "NVLink" if len({self.node(r) for r in ranks}) == 1 else "InfiniBand"
 
     def compute(self, rank: int) -> list[Link]:
         return [self._gpu[rank]]
