@@ -55,6 +55,7 @@ from perf.sim.host_cost import BatchStepModel, load_host_profile
 from perf.sim.instance import SimContext, SimRequest, StepCost
 from perf.sim.links import Network
 from perf.sim.memory import MemoryLayout
+from perf.sim.stream import synthetic_stream
 
 ALIASES = {"sim-cpu": "cpu"}
 """Simulator presets that are a bench preset's cluster and stream."""
@@ -88,7 +89,7 @@ def cpu_context(p: BenchPreset, policy: str, cost: StepCost, host_cores: float |
 def to_records(policy: str, sims: list[SimRequest], input_lens: dict[str, int]) -> list[RequestRecord]:
     return [RequestRecord(policy, s.request_id, s.arrival_s, s.arrival_s, s.token_times_s[0] if s.token_times_s else None,
                           list(s.token_times_s), s.finish_s, input_lens[s.request_id], len(s.token_times_s),
-                          s.max_tokens, s.preemptions, 0, s.error) for s in sims]
+                          s.max_tokens, s.preemptions, s.migrations, s.error) for s in sims]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,20 +186,6 @@ def run_gpu(g: GpuSimPreset, policies: list[str], out: Path) -> str:
             "gpu_source": g.profile.source, "stream": g.stream.to_json()}
     return simulate_policies(g.name, policies, g.context, stream, SLO(g.stream.slo_ttft_s, g.stream.slo_tpot_s),
                              out, meta)
-
-
-def synthetic_stream(trace) -> list[tuple[str, float, list[int], int]]:
-    """A trace's requests as token ids: each prompt unique, so nothing is shared by chance; a
-    Mooncake request's blocks (``hash_ids``) become equal tokens for equal ids."""
-    out = []
-    for i, r in enumerate(trace.requests):
-        if r.block_hashes:
-            per = -(-r.input_len // len(r.block_hashes))
-            ids = [(h * 1_000_003 + j) % 120_000 for h in r.block_hashes for j in range(per)][:r.input_len]
-        else:
-            ids = [(i * 7_919 + j) % 120_000 for j in range(r.input_len)]
-        out.append((f"r{i:07d}", r.arrival_s, ids, max(1, r.output_len)))
-    return out
 
 
 def simulate_policies(name: str, policies: list[str], make_ctx, stream, slo: SLO, out: Path, meta: dict,

@@ -68,9 +68,12 @@ H200_SXM = GpuProfile(
 GPUS = {"h100": H100_SXM, "h200": H200_SXM}
 
 COMPUTE_EFF = 0.50
-"""Share of peak FLOP/s the GEMMs and attention reach (fitted: ``python -m perf.sim.calibrate``)."""
-MEMORY_EFF = 0.70
-"""Share of HBM bandwidth the weight and KV reads reach (fitted: ``python -m perf.sim.calibrate``)."""
+"""Share of peak FLOP/s the GEMMs and attention reach. Fitted with MEMORY_EFF by ``python -m
+perf.sim.calibrate`` to ``CALIBRATION`` (2026-12-04, grids 0.4-0.6 x 0.7-0.9 and 0.45-0.5 x
+0.9-0.95): 29.8k output tok/s at 128/128 (+8.0%), 14.0k at 1000/1000 (-8.4%); no pair does
+better on both (docs/simulator.md)."""
+MEMORY_EFF = 0.90
+"""Share of HBM bandwidth the weight and KV reads reach (fitted with COMPUTE_EFF, above)."""
 STEP_OVERHEAD_S = 300e-6
 """Seconds every step pays beyond its kernels (launch, scheduling, sampling): an assumption,
 of the order of TensorRT-LLM's in-flight batching iteration overhead with CUDA graphs."""

@@ -17,7 +17,7 @@ A rank runs one stage job at a time, in arrival order; its jobs cross its comput
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -51,11 +51,13 @@ class SimRequest:
 
     request_id: str
     arrival_s: float
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]
+    """A list, or a ``perf.sim.stream.SyntheticPrompt`` that gives its tokens on demand."""
     max_tokens: int
     token_times_s: list[float] = field(default_factory=list)
     finish_s: float | None = None
     preemptions: int = 0
+    migrations: int = 0
     error: str | None = None
 
 
@@ -213,8 +215,8 @@ class SimInstance:
 
     # Requests in and out ---------------------------------------------------------------
     def add(self, sim: SimRequest) -> None:
-        req = Request(sim.request_id, sim.prompt_token_ids, SamplingParams(max_tokens=sim.max_tokens, ignore_eos=True),
-                      self.ctx.max_model_len)
+        req = Request(sim.request_id, list(sim.prompt_token_ids),  # built here, let go when it ends
+                      SamplingParams(max_tokens=sim.max_tokens, ignore_eos=True), self.ctx.max_model_len)
         try:
             self.scheduler.add(req)
         except Exception as exc:  # the request cannot fit this instance at all: it fails, as in serve

@@ -143,6 +143,7 @@ class SimMigration:
         if not self.dst.adopt(moved, or_recompute=False):
             raise RuntimeError(f"migration {self.mid}: the reserved pages no longer hold {self.req.request_id}")
         self.req.num_migrations += 1
+        moved.sim.migrations += 1
         self.record.stop_s = self.ctx.clock.now - self._stopped_at
         self.phase = MigrationPhase.DONE
         self._end(True, "")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from perf.bench import select_trace
-from perf.sim.__main__ import synthetic_stream
+from perf.sim.stream import synthetic_stream
 from perf.sim.cluster import SIMULATED_POLICIES, SimCluster
 from perf.sim.gpu_presets import CONV, GpuSimPreset, _stream
 from perf.sim.instance import SimRequest

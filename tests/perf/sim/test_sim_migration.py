@@ -41,6 +41,7 @@ def test_llumnix_moves_running_requests_with_their_kv_from_the_loaded_replica(mo
     moved_ids = {m.request_id for m in done}
     for sim in result.requests:
         assert len(sim.token_times_s) == sim.max_tokens and sim.error is None
+        assert sim.migrations == (sim.request_id in moved_ids)
         if sim.request_id in moved_ids:
             assert sim.preemptions == 0  # its KV went with it: nothing recomputed
     assert ctx.rank(1).jobs > 0  # replica 1 served the migrated requests' steps
