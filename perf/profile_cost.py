@@ -1,7 +1,7 @@
 """Profile the engine's step time on this host and fit the lookahead planner's cost model.
 
     python -m perf.profile_cost --engine-dir stores/smollm2 --out cost_model.json [--threads 1]
-                                [--layers N] [--quick]
+                                [--layers N] [--quick] [--contention 1,2,4]
 
 Builds a stage runner over the store's pp1 weights (or their first ``--layers`` layers,
 which is faster; the model scales costs by layer count) and a KV pool, then times a grid

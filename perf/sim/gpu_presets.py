@@ -97,11 +97,11 @@ GPU_PRESETS: dict[str, GpuSimPreset] = {p.name: p for p in (
         _stream("sim-8xh100-70b", CONV, 300.0, 1.0, 5.0, 0.2, output_scale=3.0)),
     GpuSimPreset(
         "sim-8xh100-8b", "8 x H100 SXM (one node), Llama-3-8B bf16 as eight replicas (weights a fifth of "
-        "memory: dropping half of them adds a tenth to the KV); the busiest 2 minutes of the Azure "
-        "conversation trace at 40x its rate, outputs 3x as recorded, enough to saturate the GPUs' compute "
-        "before their KV: where KunServe has little to give",
+        "memory: dropping half of them adds a tenth to the KV); the busiest 5 minutes of the Azure "
+        "conversation trace at 8x its rate, outputs 3x as recorded: where KunServe has little to give "
+        "(the KV never fills)",
         "h100", 8, "llama-3-8b", 1,
-        _stream("sim-8xh100-8b", CONV, 120.0, 40.0, 5.0, 0.2, output_scale=3.0)),
+        _stream("sim-8xh100-8b", CONV, 300.0, 8.0, 5.0, 0.2, output_scale=3.0)),
     GpuSimPreset(
         "sim-64xh200-70b", "64 x H200 SXM (8 nodes), Llama-3-70B bf16 as 32 TP2 replicas; one hour of the Azure "
         "conversation trace at 8x its rate",
