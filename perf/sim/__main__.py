@@ -102,15 +102,16 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated; simulated: {', '.join(SIMULATED_POLICIES)}")
     ap.add_argument("--cost-model", type=Path, default=None,
                     help="CPU presets: a perf.profile_cost file (default: STORE/cost_model.json)")
-    ap.add_argument("--host-cores", type=float, default=float(os.cpu_count() or 1),
-                    help="CPU presets: cores the ranks share (default: this host's, %(default)g); 0: a core per rank")
-    ap.add_argument("--step-model", choices=("batch", "linear"), default="batch",
+    ap.add_argument("--host-cores", type=float, default=None,
+                    help=f"CPU presets: cores the ranks share (default: this host's, {os.cpu_count() or 1}); "
+                         "0: a core per rank")
+    ap.add_argument("--step-model", choices=("batch", "linear"), default=None,
                     help="CPU presets: batch, the step-time curve fitted to the profile's timed steps "
-                         "(perf.sim.host_cost); linear, the lookahead planner's CostModel (default: %(default)s)")
-    ap.add_argument("--contention", choices=("measured", "none"), default="measured",
+                         "(perf.sim.host_cost); linear, the lookahead planner's CostModel (default: batch)")
+    ap.add_argument("--contention", choices=("measured", "none"), default=None,
                     help="CPU presets: measured, busy ranks slow each other as the profile's --contention "
                          "measured (beyond sharing --host-cores); none, they only share the cores "
-                         "(default: %(default)s)")
+                         "(default: measured)")
     ap.add_argument("--trace", default=None, help="GPU presets: another trace file (Azure, BurstGPT or Mooncake)")
     ap.add_argument("--window", type=float, default=None, help="GPU presets: seconds of the trace (its busiest)")
     ap.add_argument("--upscale", type=float, default=None, help="GPU presets: times the trace's rate")
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [x for x in policies if x not in SIMULATED_POLICIES]:
         ap.error(f"--policies: {', '.join(bad)} not simulated yet (only {', '.join(SIMULATED_POLICIES)})")
     if args.preset in GPU_PRESETS:
+        cpu_only = [f"--{k.replace('_', '-')}" for k in ("cost_model", "host_cores", "step_model", "contention")
+                    if getattr(args, k) is not None]
+        if cpu_only:
+            ap.error(f"{', '.join(cpu_only)}: for CPU presets only; {args.preset} uses the roofline of perf.sim.gpu")
         g = GPU_PRESETS[args.preset]
         changes = {k: v for k, v in (("trace", args.trace), ("window_s", args.window), ("upscale", args.upscale))
                    if v is not None}
@@ -128,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
             g = dataclasses.replace(g, stream=dataclasses.replace(g.stream, **changes))
         print(run_gpu(g, policies, args.out))
         return 0
+    if trace_opts := [f"--{k}" for k in ("trace", "window", "upscale") if getattr(args, k) is not None]:
+        ap.error(f"{', '.join(trace_opts)}: for GPU presets only (a CPU preset's stream is its bench preset's)")
+    args.host_cores = float(os.cpu_count() or 1) if args.host_cores is None else args.host_cores
+    args.step_model = args.step_model or "batch"
+    args.contention = args.contention or "measured"
     p = PRESETS[ALIASES.get(args.preset, args.preset)]
     cost_path = args.cost_model or p.store_path() / "cost_model.json"
     if not cost_path.is_file():

@@ -30,3 +30,12 @@ def test_perf_sim_refuses_a_policy_it_does_not_simulate(capsys):
     with pytest.raises(SystemExit):
         main(["--out", "/tmp/unused", "--policies", "vllm,nope"])
     assert "nope" in capsys.readouterr().err
+
+
+def test_options_of_the_other_kind_of_preset_are_refused_not_ignored(capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", "/tmp/unused", "--preset", "sim-8xh100-70b", "--step-model", "linear"])
+    assert "--step-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", "/tmp/unused", "--preset", "sim-cpu", "--upscale", "2"])
+    assert "--upscale" in capsys.readouterr().err
