@@ -198,8 +198,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--contention", default=None, metavar="K,...",
                    help="also time a mix of steps with K processes at once, for each K "
                         f"(default: {','.join(map(str, DEFAULT_CONTENTION))}; none with --quick; 0: none)")
-    p.add_argument("--contention-seconds", type=float, default=4.0,
-                   help="seconds each process repeats the mix, all at once (default: %(default)s)")
+    p.add_argument("--contention-seconds", type=float, default=None,
+                   help="seconds each process repeats the mix, all at once (default: 4)")
     args = p.parse_args(argv)
     try:
         spec = args.contention if args.contention is not None else (
@@ -211,7 +211,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         counts = ()
     if any(k < 1 for k in counts) or (counts and counts[0] != 1):
         p.error(f"--contention: counts must be >= 1 and start with 1 (the baseline), got {args.contention!r}")
+    if args.contention_seconds is not None and not counts:
+        p.error("--contention-seconds: no contention measurement to time (--contention is 0, or --quick without it)")
+    if args.contention_seconds is not None and not args.contention_seconds > 0:
+        p.error(f"--contention-seconds must be > 0, got {args.contention_seconds}")
     args.contention = counts
+    args.contention_seconds = args.contention_seconds or 4.0
     return args
 
 

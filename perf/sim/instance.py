@@ -229,15 +229,7 @@ class SimInstance:
     def export(self) -> list[Moved]:
         """Give up every request (nothing may be in flight); its pages here are freed."""
         assert not self.inflight, "export with micro-batches in flight"
-        homes = self.layer_rank()
-        out = []
-        for req, sim in self.requests.values():
-            self.scheduler.release(req)  # a swapped request's KV stays behind: it is recomputed
-            computed = req.num_computed_tokens
-            self.scheduler.blocks.free(req)
-            out.append(Moved(req, sim, computed, homes))
-        self.requests.clear()
-        return out
+        return [self.export_one(req) for req, _ in list(self.requests.values())]
 
     def adopt(self, m: Moved, held: bool = False, or_recompute: bool = True) -> bool:
         """Take ``m`` over with pages for its computed tokens (held until its KV lands when
@@ -260,7 +252,7 @@ class SimInstance:
 
     def export_one(self, req: Request) -> Moved:
         """Give up one request that no micro-batch in flight holds (a migration's commit);
-        its pages here are freed."""
+        its pages here are freed (a swapped request's KV stays behind: it is recomputed)."""
         assert not self.busy[req.seq_id], "export of a request in flight"
         _, sim = self.requests.pop(req.seq_id)
         self.held.discard(req.seq_id)

@@ -31,3 +31,11 @@ def test_the_stream_shares_only_what_the_trace_shares():
     assert a == "r0000000" and na == 5 and nb == 1  # at least one token
     assert isinstance(pa, SyntheticPrompt) and list(pa)[:8] != list(pb)[:8]
     assert pc[:3] == pd[:3] and pc[3:] != pd[3:]
+
+
+def test_gaps_are_binned_by_the_requests_decoding_at_the_time():
+    from perf.sim.gaps import binned_gaps
+    alone = [[0.0, 1.0, 2.0]]  # one request: its gaps fall in bin 0
+    assert binned_gaps(alone) == {0: [1.0, 1.0]}
+    crowd = [[10.0 + i * 0.01, 11.0, 12.0] for i in range(5)]  # five decoding at once: bin 1 (4-7)
+    assert set(binned_gaps(crowd)) == {1}
