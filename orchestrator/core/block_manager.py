@@ -78,9 +78,10 @@ class BlockManager:
     def allocate(self, req: Request, num_new_tokens: int) -> bool:
         """Make room for ``num_new_tokens`` more tokens of ``req``; False if any pool is short
         (unreferenced cached blocks are evicted first, least recently used first)."""
+        table = req.block_table
+        if table and -(-(req.num_computed_tokens + num_new_tokens) // self.page_size) <= len(table[0]):
+            return True  # most decode steps: the last page has room (checked inline, it is every step)
         per_layer = self._new_pages_per_layer(req, num_new_tokens)
-        if not per_layer and req.block_table:  # most decode steps: the last page has room
-            return True
         need = [per_layer * len(p.layers) for p in self.specs]
         if any(n > self._free(i) for i, n in enumerate(need)):
             return False
@@ -193,9 +194,10 @@ class BlockManager:
         if first >= end:  # most steps: no block filled up (decode fills one every page_size steps)
             return
         ps = self.page_size
+        rows = req.block_table[:self.num_layers]
         for i in range(first, end):
             parent = req.prefix_blocks[-1].hash if req.prefix_blocks else ROOT_HASH
-            pages = tuple(layer_pages[i] for layer_pages in req.block_table[:self.num_layers])
+            pages = tuple([row[i] for row in rows])
             block = self.cache.insert(parent, tuple(req.token_ids(i * ps, (i + 1) * ps)), pages)
             if block is None:
                 req.prefix_closed = True

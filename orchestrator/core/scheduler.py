@@ -157,10 +157,11 @@ class Scheduler:
         out = SchedulerOutput()
         budget = token_budget or self.config.max_num_batched_tokens
         limit = max_seqs or self.config.max_num_seqs
+        running = RequestStatus.RUNNING
         for req in list(self.running):
             if budget == 0 or len(out.chunks) >= limit:
                 break
-            if req.status != RequestStatus.RUNNING or req.seq_id in busy:
+            if req.status is not running or req.seq_id in busy:
                 continue  # preempted earlier in this loop, or in flight
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n > 0 and self._make_room(req, n, out, busy):
@@ -245,19 +246,21 @@ class Scheduler:
         """Apply a step's result; return the requests that finished."""
         sampled = dict(zip(result.sampled_seq_ids, result.tokens))
         logprobs = dict(zip(result.sampled_seq_ids, result.logprobs))
+        scored_by_seq = result.prompt_logprobs
+        cache_computed, running = self.blocks.cache_computed, RequestStatus.RUNNING
         finished = []
         for chunk in sched.chunks:
             req = chunk.request
-            if req.status != RequestStatus.RUNNING:
+            if req.status is not running:
                 continue
             req.num_computed_tokens += chunk.num_tokens
-            self.blocks.cache_computed(req)
-            scored = result.prompt_logprobs.get(req.seq_id)
+            cache_computed(req)
+            scored = scored_by_seq.get(req.seq_id) if scored_by_seq else None
             if scored:
                 req.logprobs.prompt.extend(scored)
                 req.logprobs.next_prompt_position += len(scored)
             if req.seq_id in sampled:
-                if logprobs.get(req.seq_id) is not None:
+                if logprobs and logprobs.get(req.seq_id) is not None:
                     req.logprobs.output.append(logprobs[req.seq_id])
                 req.output_token_ids.append(sampled[req.seq_id])
                 status = self._stop_status(req)
