@@ -127,14 +127,10 @@ class RooflineCost:
         object.__setattr__(self, "_attn_flops", 4 * shard.num_attention_heads * m.head_size)
         object.__setattr__(self, "_head_params", m.vocab_size * m.hidden_size)
         object.__setattr__(self, "_head_bytes", m.vocab_size * m.hidden_size * w)
-
-    @property
-    def _flops(self) -> float:
-        return self.gpu.peak_flops(self.weight_dtype) * self.compute_eff
-
-    @property
-    def _bw(self) -> float:
-        return self.gpu.hbm_bandwidth * self.memory_eff
+        # Every step reads these: computed once (the profile and the factors are fixed).
+        object.__setattr__(self, "_flops_s", self.gpu.peak_flops(self.weight_dtype) * self.compute_eff)
+        object.__setattr__(self, "_bw_s", self.gpu.hbm_bandwidth * self.memory_eff)
+        object.__setattr__(self, "_attn_flops_s", self.gpu.bf16_flops * self.compute_eff)
 
     def allreduce_seconds(self, tokens: int) -> float:
         if self.tp == 1:
@@ -147,11 +143,11 @@ class RooflineCost:
             return 0.0
         k = self.model.num_hidden_layers if layers is None else layers
         tokens = sum(n for n, _ in chunks)
-        flops, bw = self._flops, self._bw
+        flops, bw = self._flops_s, self._bw_s
         gemm = max(2 * self._layer_params * tokens / flops, self._layer_weight_bytes / bw)
         attn_flops = self._attn_flops * sum(attention_work(n, s) for n, s in chunks)
         kv_read = self._kv_token_bytes * sum(n + s for n, s in chunks)
-        attn = max(attn_flops / (self.gpu.bf16_flops * self.compute_eff), kv_read / bw)
+        attn = max(attn_flops / self._attn_flops_s, kv_read / bw)
         per_layer = gemm + attn + 2 * self.allreduce_seconds(tokens)
         sampled = len(chunks)  # at most one logits row per chunk
         head = max(2 * self._head_params * sampled / flops, self._head_bytes / bw)

@@ -40,12 +40,17 @@ class Link:
     sharing a CPU host's cores and memory bus (``perf.sim.host_cost``)."""
 
     def __post_init__(self) -> None:
+        # Links key the network's tables on every transfer: hash the fields once, not per lookup.
+        object.__setattr__(self, "_hash", hash((self.name, self.bandwidth, self.latency, self.efficiency)))
         if not self.bandwidth > 0:
             raise ValueError(f"link {self.name}: bandwidth must be > 0, got {self.bandwidth}")
         if self.latency < 0:
             raise ValueError(f"link {self.name}: latency must be >= 0, got {self.latency}")
         if any(not 0 < e <= 1 for e in self.efficiency):
             raise ValueError(f"link {self.name}: efficiencies must be in (0, 1], got {self.efficiency}")
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def share(self, crowd: int) -> float:
         """Bytes per second each of ``crowd`` transfers on this link gets."""
@@ -111,13 +116,13 @@ class Network:
         return len({id(t) for ts in self._on.values() for t in ts})
 
     def _neighbours(self, t: Transfer) -> list[Transfer]:
-        seen, out = set(), []
+        if len(t.path) == 1:  # most transfers: a rank's compute, one link
+            return list(self._on.get(t.path[0], ()))
+        seen: dict[Transfer, None] = {}  # transfers hash by identity; insertion order kept
         for link in t.path:
             for u in self._on.get(link, ()):
-                if id(u) not in seen:
-                    seen.add(id(u))
-                    out.append(u)
-        return out
+                seen[u] = None
+        return list(seen)
 
     def _advance(self, transfers: list[Transfer]) -> None:
         """Bring these transfers' remaining bytes up to now at their current rates."""
@@ -138,8 +143,11 @@ class Network:
         self._reschedule(self._neighbours(t))
 
     def _reschedule(self, transfers: list[Transfer]) -> None:
+        on = self._on
         for t in transfers:
-            t.rate = min(link.share(len(self._on[link])) for link in t.path)
+            path = t.path
+            t.rate = (path[0].share(len(on[path[0]])) if len(path) == 1
+                      else min(link.share(len(on[link])) for link in path))
             if t._event is not None:
                 t._event.cancel()
             delay = max(0.0, t.remaining) / t.rate

@@ -33,13 +33,14 @@ class SyntheticPrompt(Sequence[int]):
 
     def __getitem__(self, key):
         if isinstance(key, slice):
-            return [self._token(j) for j in range(*key.indices(self.length))]
+            base = self.index * 7_919  # _token inlined: a prompt is built token by token on arrival
+            return [(base + j) % VOCAB for j in range(*key.indices(self.length))]
         if not -self.length <= key < self.length:
             raise IndexError(key)
         return self._token(key % self.length)
 
     def __iter__(self) -> Iterator[int]:
-        return (self._token(j) for j in range(self.length))
+        return iter(self[:])
 
 
 def synthetic_stream(trace) -> list[tuple[str, float, Sequence[int], int]]:
