@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     if crowd:
         report_contention(crowd)
     steps = [{"chunks": [list(c) for c in step], "seconds": t} for step, t in samples]
-    model.save(args.out, extra={"profile": {"steps": steps, "loop": loop, "contention": crowd}})
+    model.save(args.out, extra={"profile": {"steps": steps, "loop": loop, "contention": crowd,
+                                            "page_size": args.page_size}})
     print(f"\nwrote {args.out}")
     return 0
 

@@ -6,15 +6,22 @@ cost must add over chunks). A CPU rank's step is not: on this host one decode ro
 GEMMs of a few rows read every weight whatever the batch, and larger batches run other
 kernels. The simulator needs the real curve, so ``BatchStepModel`` fits a step's time as
 
-    g(T) + a * attention work + r * KV tokens read + c * sequences
+    g(T) + a * attention work + r * KV slots gathered + c * sequences
 
-where ``T`` is the step's new tokens, ``g`` is piecewise linear between knots at the token
-counts the profile timed (powers of two, extended linearly past the last), the attention
-work is ``CostModel``'s (query, key) pairs and the KV tokens read are each chunk's ``n + s``
-(a decode row gathers its whole context from the paged cache: 32 rows at 1,023 cached tokens
-cost 624 ms here against 216 ms at 127, far more than their pairs explain). ``a``, ``r``,
-``c`` and every knot's value are fitted >= 0 by the same least squares as ``CostModel``
-(relative error) over the profile's own timed steps (``profile.steps``).
+where ``T`` is the step's new tokens and ``g`` is piecewise linear between knots at the token
+counts the profile timed (powers of two, extended linearly past the last). The attention work
+and the KV slots follow the reference engine's kernels (``engines.step_meta``,
+``engines.runner``), not the chunks' own sizes:
+
+- the one-token chunks (decodes) run as one padded batch: each gathers, and attends over,
+  the batch's widest context rounded up to a page. So a step of 32 decodes costs what 32
+  decodes at its longest context cost, the figure the profile's equal-context batches time
+  (32 rows at 1,023 cached tokens cost 624 ms here against 216 ms at 127);
+- a chunk of more tokens after cached context gathers its ``n + s`` slots and attends its
+  ``CostModel`` pairs; a fresh prompt (nothing cached) gathers nothing.
+
+``a``, ``r``, ``c`` and every knot's value are fitted >= 0 by the same least squares as
+``CostModel`` (relative error) over the profile's own timed steps (``profile.steps``).
 
 Each step also pays what the project's engine loop adds to the runner's execute (schedule,
 step message, sample, update): ``loop_fixed_s + loop_per_seq_s * sequences``, fitted to the
@@ -37,13 +44,32 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.core.config import EngineConfig
 from orchestrator.kunserve.cost_model import CostModel, CostModelError, nonnegative_lstsq, attention_work
+
+
+def attention_features(chunks: list[tuple[int, int]], page_size: int) -> tuple[int, int]:
+    """``(attention pairs, KV slots gathered)`` of a step as the reference engine runs it: its
+    decodes as one batch padded to the widest context (rounded up to a page), its other
+    chunks each on their own, a fresh prompt reading nothing back."""
+    pairs = slots = decodes = width = 0
+    for n, s in chunks:
+        if n == 1:
+            decodes += 1
+            width = max(width, s + 1)
+        else:
+            pairs += attention_work(n, s)
+            if s:
+                slots += n + s
+    width = -(-width // page_size) * page_size
+    return pairs + decodes * width, slots + decodes * width
 
 
 @dataclass(frozen=True)
 class BatchStepModel:
     """Seconds of one stage's step from its chunks ``(n, s)``: ``g(tokens)`` piecewise linear
-    between ``knots``, plus attention work, KV read and sequences (all for ``layers`` layers)."""
+    between ``knots``, plus attention work, KV slots gathered and sequences (all for
+    ``layers`` layers; ``attention_features`` at ``page_size``)."""
 
     knots: tuple[int, ...]
     values: tuple[float, ...]
@@ -58,6 +84,8 @@ class BatchStepModel:
     """Seconds the engine loop adds to every step (``loop_overhead``)."""
     loop_per_seq_s: float = 0.0
     """Seconds it adds per sequence in the step."""
+    page_size: int = EngineConfig.page_size
+    """The profiled engine's KV page (a padded decode batch is a whole number of pages wide)."""
 
     def token_weights(self, tokens: float) -> list[float]:
         """The hat basis at ``tokens``: weights on each knot's value (linear past the ends)."""
@@ -78,8 +106,7 @@ class BatchStepModel:
         if not chunks:
             return 0.0
         tokens = sum(n for n, _ in chunks)
-        work = sum(attention_work(n, s) for n, s in chunks)
-        read = sum(n + s for n, s in chunks)
+        work, read = attention_features(chunks, self.page_size)
         total = (self.tokens_cost(tokens) + self.per_attention_s * work + self.per_kv_token_s * read
                  + self.per_seq_s * len(chunks))
         loop = self.loop_fixed_s + self.loop_per_seq_s * len(chunks)
@@ -90,7 +117,8 @@ class BatchStepModel:
                 "per_attention_s": self.per_attention_s, "per_kv_token_s": self.per_kv_token_s,
                 "per_seq_s": self.per_seq_s,
                 "layers": self.layers, "r2": self.r2, "samples": self.samples,
-                "loop_fixed_s": self.loop_fixed_s, "loop_per_seq_s": self.loop_per_seq_s}
+                "loop_fixed_s": self.loop_fixed_s, "loop_per_seq_s": self.loop_per_seq_s,
+                "page_size": self.page_size}
 
 
 def _knots(counts: set[int]) -> tuple[int, ...]:
@@ -105,7 +133,8 @@ def _knots(counts: set[int]) -> tuple[int, ...]:
     return tuple(p for j, p in enumerate(powers) if near(j))
 
 
-def fit_batch(samples: list[tuple[list[tuple[int, int]], float]], layers: int) -> BatchStepModel:
+def fit_batch(samples: list[tuple[list[tuple[int, int]], float]], layers: int,
+              page_size: int = EngineConfig.page_size) -> BatchStepModel:
     """Fit ``BatchStepModel`` to timed steps; knots at the powers of two the steps' token
     counts span (a knot with no step near it would be fitted to nothing, so knots are kept
     only where some step's count falls in the segments on either side)."""
@@ -116,8 +145,7 @@ def fit_batch(samples: list[tuple[list[tuple[int, int]], float]], layers: int) -
 
     def row(chunks: list[tuple[int, int]]) -> list[float]:
         return [*probe.token_weights(sum(n for n, _ in chunks)),
-                float(sum(attention_work(n, s) for n, s in chunks)), float(sum(n + s for n, s in chunks)),
-                float(len(chunks))]
+                *map(float, attention_features(chunks, page_size)), float(len(chunks))]
 
     x = np.array([row(chunks) for chunks, _ in samples], dtype=np.float64)
     y = np.array([t for _, t in samples], dtype=np.float64)
@@ -131,7 +159,7 @@ def fit_batch(samples: list[tuple[list[tuple[int, int]], float]], layers: int) -
     r2 = 1.0 - float(np.sum((y - pred) ** 2)) / ss_tot if ss_tot > 0 else 1.0
     n = len(knots)
     return BatchStepModel(knots, tuple(float(v) for v in coef[:n]), float(coef[n]), float(coef[n + 1]),
-                          float(coef[n + 2]), layers, r2, len(samples))
+                          float(coef[n + 2]), layers, r2, len(samples), page_size=page_size)
 
 
 def loop_overhead(data: dict[str, Any] | None) -> tuple[float, float]:
@@ -180,7 +208,8 @@ def load_host_profile(path: str | Path) -> HostProfile:
     linear = CostModel.load(path)
     data = json.loads(Path(path).read_text()).get("profile") or {}
     steps = [([tuple(c) for c in s["chunks"]], float(s["seconds"])) for s in data.get("steps") or ()]
-    batch = fit_batch(steps, linear.layers) if steps else None
+    page_size = int(data.get("page_size", EngineConfig.page_size))  # files before it was kept: the default
+    batch = fit_batch(steps, linear.layers, page_size) if steps else None
     if batch is not None:
         fixed, per_seq = loop_overhead(data.get("loop"))
         batch = replace(batch, loop_fixed_s=fixed, loop_per_seq_s=per_seq)

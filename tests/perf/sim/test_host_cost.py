@@ -108,3 +108,28 @@ def test_a_profile_file_gives_both_models_and_an_old_one_only_the_linear(tmp_pat
     with pytest.raises(ValueError):
         linear.save(path, extra={"layers": 3})
     assert json.loads(path.read_text())["layers"] == 30
+
+
+def test_a_decode_batch_costs_what_the_engine_pads_it_to():
+    """The reference engine attends a step's decodes as one batch padded to the widest
+    context, rounded up to a page (``engines.step_meta``); a fresh prompt reads nothing
+    back and a chunk after cached context reads its whole context."""
+    import torch
+
+    from engines.step import SeqChunk
+    from engines.step_meta import build_step_meta
+    from perf.sim.host_cost import attention_features
+
+    page = 16
+    chunks = [(1, 40), (1, 200), (1, 7), (30, 0), (20, 100)]
+    seq = [SeqChunk(i, s, n, [list(range(-(-(s + n) // page)))]) for i, (n, s) in enumerate(chunks)]
+    meta = build_step_meta(seq, 1, page, torch.device("cpu"))
+    width = meta.decode_mask.shape[-1]
+    assert width == 208  # 201 tokens of context, in whole pages
+    pairs, slots = attention_features(chunks, page)
+    assert slots == 3 * width + (20 + 100)  # the fresh prompt gathers nothing
+    assert pairs == 3 * width + 30 * 31 // 2 + 20 * 100 + 20 * 21 // 2
+    # So one long context makes every row of its batch cost as much, as it does on the engine.
+    model = TRUE
+    assert model.step_cost([(1, 127)] * 31 + [(1, 1023)]) == pytest.approx(model.step_cost([(1, 1023)] * 32))
+    assert model.step_cost([(1, 127)] * 32) < model.step_cost([(1, 127)] * 31 + [(1, 1023)])
