@@ -27,6 +27,7 @@ from orchestrator.policy.migration import MIGRATION, MigrationPolicy
 from orchestrator.policy.reshape import ReshapePolicy, make_reshape_policy
 from perf.bench_records import ClusterEvent, SecondSample
 from perf.sim.instance import SimContext, SimInstance, SimRequest
+from perf.sim.loop_turns import to_controller
 from perf.sim.migration import MigrationRecord, SimMigration
 from perf.sim.reshape import ReshapeRecord, SimDrop, SimRestore
 
@@ -90,6 +91,8 @@ class SimCluster:
         """A group's ranks -> the rank tuples of the instances it was fused from."""
         self.stats: dict[int, object] = {}
         """Each leader's load at the last tick (the reports the controller dispatches on)."""
+        self._loads: dict[int, InstanceLoad] = {}
+        """``_load``'s, since the last tick or topology change."""
         ctx.on_finish = self.on_finish
         self.reshaping: set[int] = set()
         """Leaders of the instances a drop or a restore has taken."""
@@ -118,7 +121,7 @@ class SimCluster:
         self.total = len(requests)
         self.result.requests = requests
         for sim in requests:
-            clock.at(sim.arrival_s, lambda sim=sim: self._arrive(sim))
+            clock.at(sim.arrival_s, lambda sim=sim: to_controller(self.ctx, lambda: self._arrive(sim)))
         clock.at(0.0, self._tick)
         if self.sample:
             clock.at(0.0, self._sample)
@@ -136,6 +139,16 @@ class SimCluster:
         self.finished += 1
 
     def _load(self, inst: SimInstance) -> InstanceLoad:
+        """The instance's load as the controller sees it: its leader's last report and the
+        requests sent there. Kept until either changes (a tick, a topology change, or its
+        outstanding count), so that an arrival at 512 instances does not rebuild 512 of them."""
+        load = self._loads.get(inst.leader)
+        if load is not None and load.outstanding == inst.outstanding and load.num_ranks == len(inst.ranks):
+            return load
+        load = self._loads[inst.leader] = self._fresh_load(inst)
+        return load
+
+    def _fresh_load(self, inst: SimInstance) -> InstanceLoad:
         s = self.stats.get(inst.leader)
         if s is None:  # not reported yet, as the controller sees a new instance
             return InstanceLoad(inst.leader, len(inst.ranks), 1.0, 0, 0, inst.outstanding, 0)
@@ -156,11 +169,16 @@ class SimCluster:
 
     # The controller's tick -----------------------------------------------------------
     def _tick(self) -> None:
+        """Due: it runs at the controller's next loop turn, and the next is due an interval later."""
+        to_controller(self.ctx, self._tick_now)
+
+    def _tick_now(self) -> None:
         if self._done:
             return
         now = self.ctx.clock.now
         t0 = time.perf_counter()
         self.stats = stats = {leader: inst.stats() for leader, inst in self.instances.items()}
+        self._loads.clear()
         self.reshape.observe(stats, now)
         actions = [] if self.active else self.reshape.decide(self.topology, now)
         moves = self._decide_migrations(stats, now)
@@ -214,6 +232,7 @@ class SimCluster:
             self.reshaping.discard(m.leader)
             self.reshape.forget(m.leader)
         self.instances[group.leader] = group
+        self._loads.clear()
         self.origin[group.ranks] = [m.ranks for m in drop.parts]
         self._event("drop", group.ranks, requests=drop.record.requests)
         self._flush_deferred()
@@ -230,6 +249,7 @@ class SimCluster:
         del self.instances[group.leader]
         self.reshaping.discard(group.leader)
         self.reshape.forget(group.leader)
+        self._loads.clear()
         for p in parts:
             self.instances[p.leader] = p
             self.reshaping.add(p.leader)  # until its weights are back

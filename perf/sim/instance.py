@@ -16,7 +16,7 @@ A rank runs one stage job at a time, in arrival order; its jobs cross its comput
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -32,6 +32,7 @@ from orchestrator.core.request import Request
 from orchestrator.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from orchestrator.policy.migration import MigrationConfig
 from perf.sim.clock import EventLoop
+from perf.sim.loop_turns import Controller, to_controller
 from perf.sim.fabric import Fabric
 from perf.sim.links import Network
 from perf.sim.memory import MemoryLayout
@@ -82,6 +83,8 @@ class SimContext:
     """The llumnix policy's thresholds (``serve``'s; None: its defaults)."""
     execs: dict[int, "RankExec"] = field(default_factory=dict)
     microbatches: int = 0
+    controller: Controller = field(default_factory=Controller)
+    """Dispatch, tokens to the ingress and the control tick run at its rank's loop turns."""
 
     def rank(self, r: int) -> "RankExec":
         if r not in self.execs:
@@ -99,6 +102,18 @@ class RankExec:
         self._running = False
         self.busy_s = 0.0
         self.jobs = 0
+        self.computing = False
+        """A stage job runs: the rank's loop does not turn until it ends (``perf.sim.loop_turns``)."""
+        self._turn: deque[Callable[[], None]] = deque()
+
+    def at_turn(self, action: Callable[[], None]) -> bool:
+        """Run ``action`` at this rank's next loop turn: now if it is not computing (False),
+        else when its job ends (True)."""
+        if not self.computing:
+            action()
+            return False
+        self._turn.append(action)
+        return True
 
     def run(self, seconds: float, then: Callable[[], None]) -> None:
         self._queue.append((seconds, then))
@@ -113,8 +128,12 @@ class RankExec:
         seconds, then = self._queue.popleft()
         self.busy_s += seconds
         self.jobs += 1
+        self.computing = True
 
         def done(_t) -> None:
+            self.computing = False
+            while self._turn:  # the loop turns: it receives, polls and moves KV, then goes on
+                self._turn.popleft()()
             then()
             self._next()
         self.ctx.net.transfer(self.ctx.fabric.compute(self.rank), seconds, done)
@@ -188,7 +207,8 @@ class SimInstance:
         self.scheduler = Scheduler(cfg, BlockManager(ctx.layout.page_size, pools, cfg.enable_prefix_caching),
                                    swapper=self.swap)
         self.requests: dict[int, tuple[Request, SimRequest]] = {}
-        self.busy: Counter[int] = Counter()
+        self.busy: dict[int, int] = {}
+        """Seq id -> micro-batches in flight that hold it (none: not listed)."""
         self.held: set[int] = set()
         self.inflight = 0
         self.paused = False
@@ -253,7 +273,7 @@ class SimInstance:
     def export_one(self, req: Request) -> Moved:
         """Give up one request that no micro-batch in flight holds (a migration's commit);
         its pages here are freed (a swapped request's KV stays behind: it is recomputed)."""
-        assert not self.busy[req.seq_id], "export of a request in flight"
+        assert req.seq_id not in self.busy, "export of a request in flight"
         _, sim = self.requests.pop(req.seq_id)
         self.held.discard(req.seq_id)
         self.scheduler.release(req)
@@ -263,7 +283,7 @@ class SimInstance:
 
     def when_free(self, req: Request, then: Callable[[], None]) -> None:
         """Run ``then`` once no micro-batch in flight holds ``req`` (now, if none does)."""
-        if not self.busy[req.seq_id]:
+        if req.seq_id not in self.busy:
             self.ctx.clock.after(0.0, then)
         else:
             self._when_free.setdefault(req.seq_id, []).append(then)
@@ -286,8 +306,8 @@ class SimInstance:
             sched = schedule_microbatch(self.scheduler, set(self.busy), self.held, len(self.ranks))
             if sched.preempted:
                 self._sync_preemptions(sched)
+                self._reap([r for r in sched.preempted if r.status.finished])  # refused as too large
             if not sched.chunks:
-                self._reap()
                 return
             self._launch(sched)
 
@@ -302,7 +322,10 @@ class SimInstance:
         self.inflight += 1
         self.steps += 1
         self.ctx.microbatches += 1
-        self.busy.update(c.request.seq_id for c in sched.chunks)
+        busy = self.busy
+        for c in sched.chunks:
+            seq = c.request.seq_id
+            busy[seq] = busy.get(seq, 0) + 1
         tokens = sum(n for n, _ in chunks)
         ctx, fabric = self.ctx, self.ctx.fabric
 
@@ -335,15 +358,19 @@ class SimInstance:
 
     def _done(self, sched: SchedulerOutput, sampled: list[int]) -> None:
         self.inflight -= 1
-        self.busy.subtract(c.request.seq_id for c in sched.chunks)
-        self.busy = +self.busy
-        now = self.ctx.clock.now
-        self.scheduler.update(sched, StepOutput(sampled_seq_ids=sampled, tokens=[TOKEN] * len(sampled)))
-        for seq in sampled:
-            if seq in self.requests:
-                self.requests[seq][1].token_times_s.append(now)
-        self._reap()
-        for seq in [q for q in self._when_free if not self.busy[q]]:
+        busy = self.busy
+        for c in sched.chunks:
+            seq = c.request.seq_id
+            if busy[seq] == 1:
+                del busy[seq]
+            else:
+                busy[seq] -= 1
+        finished = self.scheduler.update(sched, StepOutput(sampled_seq_ids=sampled, tokens=[TOKEN] * len(sampled)))
+        sims = [self.requests[seq][1] for seq in sampled if seq in self.requests]
+        if sims:
+            to_controller(self.ctx, lambda: self._delivered(sims))
+        self._reap(finished)
+        for seq in [q for q in self._when_free if q not in self.busy]:
             for then in self._when_free.pop(seq):
                 self.ctx.clock.after(0.0, then)  # after this step's bookkeeping, not inside it
         if self.paused:
@@ -353,13 +380,22 @@ class SimInstance:
             return
         self.kick()
 
-    def _reap(self) -> None:
+    def _delivered(self, sims: list[SimRequest]) -> None:
+        """The controller hands a step's tokens to the ingress: the clients see them now."""
+        now = self.ctx.clock.now
+        for sim in sims:
+            sim.token_times_s.append(now)
+
+    def _ended(self, sim: SimRequest) -> None:
+        sim.finish_s = self.ctx.clock.now  # after its last token, through the same turn
+        self.ctx.on_finish(sim)
+
+    def _reap(self, finished: list[Request]) -> None:
         """Requests the scheduler finished (done, or refused as too large) leave."""
-        for seq, (req, sim) in list(self.requests.items()):
-            if req.status.finished:
-                del self.requests[seq]
-                sim.finish_s = self.ctx.clock.now
+        for req in finished:
+            if req.seq_id in self.requests:
+                _, sim = self.requests.pop(req.seq_id)
                 sim.preemptions = req.num_preemptions
                 if req.error:
                     sim.error = req.error
-                self.ctx.on_finish(sim)
+                to_controller(self.ctx, lambda sim=sim: self._ended(sim))

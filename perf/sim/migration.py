@@ -28,6 +28,7 @@ from engines.paging import pages_for_tokens
 from orchestrator.cluster.migration import HEADROOM_TOKENS, MAX_STAGES
 from orchestrator.core.request import Request, RequestStatus
 from perf.sim.instance import SimContext, SimInstance
+from perf.sim.loop_turns import turn_bound_copy
 
 
 class MigrationPhase(enum.IntEnum):
@@ -110,9 +111,10 @@ class SimMigration:
         self.sent_tokens = req.num_computed_tokens
         self.record.stages += 1
         self.record.kv_bytes += nbytes
-        self.ctx.net.transfer(self.ctx.fabric.path(self.src.leader, self.dst.leader), nbytes, self._landed)
+        src = self.src.leader  # the source's loop runs the migration: it hears of the landing at its turn
+        turn_bound_copy(self.ctx, src, self.dst.leader, nbytes, lambda: self.ctx.rank(src).at_turn(self._landed))
 
-    def _landed(self, _t) -> None:
+    def _landed(self) -> None:
         req, ps = self.req, self.ctx.layout.page_size
         if self.phase == MigrationPhase.FINAL:
             self._commit()

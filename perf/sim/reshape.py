@@ -38,6 +38,7 @@ from engines.paging import pages_for_tokens
 from orchestrator.cluster.formation import BATCHES_IN_FLIGHT, EXCHANGE_BATCH_REQUESTS
 from orchestrator.core.block_manager import PoolSpec
 from perf.sim.instance import Moved, SimContext, SimInstance
+from perf.sim.loop_turns import turn_bound_copy
 from perf.sim.memory import MemoryLayout
 
 
@@ -94,21 +95,26 @@ def _kv_moves(m: Moved, owner: tuple[int, ...], layout: MemoryLayout) -> dict[tu
 
 
 class _Batch:
-    """Transfers that land together; ``then`` runs when the last one has."""
+    """Transfers that land together, each bound to its ranks' loop turns
+    (``perf.sim.loop_turns.turn_bound_copy``); ``then`` runs at ``leader``'s next turn after
+    the last has landed (the members' done messages reach it there)."""
 
-    def __init__(self, ctx: SimContext, moves: dict[tuple[int, int], int], then: Callable[[], None]) -> None:
+    def __init__(self, ctx: SimContext, moves: dict[tuple[int, int], int], then: Callable[[], None],
+                 leader: int) -> None:
+        self.ctx = ctx
         self.left = sum(1 for n in moves.values() if n)
         self.then = then
+        self.leader = leader
         if not self.left:
             ctx.clock.after(0.0, then)
         for (src, dst), n in moves.items():
             if n:
-                ctx.net.transfer(ctx.fabric.path(src, dst), n, self._landed)
+                turn_bound_copy(ctx, src, dst, n, self._landed)
 
-    def _landed(self, _t) -> None:
+    def _landed(self) -> None:
         self.left -= 1
         if not self.left:
-            self.then()
+            self.ctx.rank(self.leader).at_turn(self.then)
 
 
 class SimDrop:
@@ -173,7 +179,7 @@ class SimDrop:
                     moves[key] = moves.get(key, 0) + n
             self.record.kv_bytes += sum(moves.values())
             self._in_flight += 1
-            _Batch(self.ctx, moves, lambda batch=batch: self._landed(batch))
+            _Batch(self.ctx, moves, lambda batch=batch: self._landed(batch), self.ranks[0])
         if not self._stale and not self._in_flight and self.phase == Phase.EXCHANGING:
             self.phase = Phase.DONE
             self.record.done_s = self.ctx.clock.now
@@ -221,7 +227,7 @@ class SimRestore:
         self.record.requests = len(moved)
         self.record.kv_bytes = sum(moves.values())
         self.parts = parts
-        _Batch(self.ctx, moves, self._pull)
+        _Batch(self.ctx, moves, self._pull, self.group.leader)
 
     def _place(self, m: Moved, parts: list[SimInstance], load: list[int], moves: dict) -> int:
         """The part with the most free pages that can hold ``m``'s KV (``Split._place``);
@@ -256,7 +262,7 @@ class SimRestore:
         self.on_parts(self.group, self.parts)
         self._left = len(pulls)
         for part, moves in pulls:
-            _Batch(self.ctx, moves, lambda part=part: self._served(part))
+            _Batch(self.ctx, moves, lambda part=part: self._served(part), part.leader)
 
     def _served(self, part: SimInstance) -> None:
         part.paused = False

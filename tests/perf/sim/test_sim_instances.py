@@ -10,6 +10,7 @@ import pytest
 
 from engines.mapping import LayerRange
 from orchestrator.core.block_manager import PoolSpec
+from perf.sim.loop_turns import Controller
 from perf.sim.instance import SimInstance, SimRequest
 from tests.perf.sim.sim_helpers import COST, LAYERS, burst, context, simulate
 
@@ -84,7 +85,9 @@ def test_the_same_stream_gives_the_same_times():
 def test_ranks_that_outnumber_the_cores_share_them():
     def lone_steps(cores):
         reqs = [SimRequest(f"r{i}", 0.0, [7] * 10, 1) for i in range(2)]  # one prefill step each, at once
-        simulate(reqs, 2, context(pages=400, cores=cores))
+        ctx = context(pages=400, cores=cores)
+        ctx.controller = Controller(rank=-1)  # on no serving rank: both dispatched at once
+        simulate(reqs, 2, ctx)
         return [s.finish_s for s in reqs]
     step = COST.step_cost([(10, 0)], LAYERS)
     assert lone_steps(None) == pytest.approx([step, step])
