@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace", default=None, help="GPU presets: another trace file (Azure, BurstGPT or Mooncake)")
     ap.add_argument("--window", type=float, default=None, help="GPU presets: seconds of the trace (its busiest)")
     ap.add_argument("--upscale", type=float, default=None, help="GPU presets: times the trace's rate")
+    ap.add_argument("--gpus-per-node", type=int, default=None,
+                    help="GPU presets: GPUs per node instead of the GPU's 8 (a what-if of placement: with "
+                         "one replica per node every group's exchange and restore cross InfiniBand)")
     ap.add_argument("--compare-real", type=Path, nargs="+", default=None, metavar="DIR",
                     help="perf.bench runs of the same preset: their median and range beside the simulated figures")
     args = ap.parse_args(argv)
@@ -131,9 +134,14 @@ def main(argv: list[str] | None = None) -> int:
                    if v is not None}
         if changes:
             g = dataclasses.replace(g, stream=dataclasses.replace(g.stream, **changes))
+        if args.gpus_per_node is not None:
+            if args.gpus_per_node < g.tp or args.gpus_per_node % g.tp:
+                ap.error(f"--gpus-per-node {args.gpus_per_node}: must be a multiple of {g.name}'s tp {g.tp}")
+            g = dataclasses.replace(g, gpus_per_node=args.gpus_per_node)
         print(run_gpu(g, policies, args.out))
         return 0
-    if trace_opts := [f"--{k}" for k in ("trace", "window", "upscale") if getattr(args, k) is not None]:
+    if trace_opts := [f"--{k.replace('_', '-')}" for k in ("trace", "window", "upscale", "gpus_per_node")
+                      if getattr(args, k) is not None]:
         ap.error(f"{', '.join(trace_opts)}: for GPU presets only (a CPU preset's stream is its bench preset's)")
     args.host_cores = float(os.cpu_count() or 1) if args.host_cores is None else args.host_cores
     args.step_model = args.step_model or "batch"
@@ -193,6 +201,7 @@ def run_gpu(g: GpuSimPreset, policies: list[str], out: Path) -> str:
           f"{g.profile.name}, {g.model} as {g.ranks} tp{g.tp} replicas (stream built in "
           f"{time.perf_counter() - t0:.1f} s)", flush=True)
     meta = {"preset": g.name, "gpu": g.profile.name, "gpus": g.gpus, "model": g.model, "tp": g.tp,
+            "gpus_per_node": g.gpus_per_node or g.profile.node.gpus_per_node,
             "gpu_source": g.profile.source, "stream": g.stream.to_json()}
     return simulate_policies(g.name, policies, g.context, stream, SLO(g.stream.slo_ttft_s, g.stream.slo_tpot_s),
                              out, meta)
@@ -221,8 +230,8 @@ def simulate_policies(name: str, policies: list[str], make_ctx, stream, slo: SLO
         meta["runs"][policy] = run_meta(ctx, result, wall)
         print(f"[{policy}] simulated {result.makespan_s:.1f} s of serving in {wall:.2f} s of wall time "
               f"({result.events} events, {result.steps} micro-batches, {ctx.layout.replica_pages()} KV pages "
-              f"per replica, {len(result.reshapes)} reshapes, {sum(m.ok for m in result.migrations)} migrations)",
-              flush=True)
+              f"per replica, {len(result.reshapes)} reshapes, {sum(m.ok for m in result.migrations)} migrations, "
+              f"{ctx.controller.deferred} controller actions waited for rank 0's step)", flush=True)
     ratios = compare(summaries, base="kunserve" if "kunserve" in summaries else policies[0])
     text = f"# Simulated: {name}\n\n{markdown_table(summaries, ratios)}"
     if timings:
@@ -286,7 +295,7 @@ def run_meta(ctx: SimContext, result: SimResult, wall: float) -> dict:
     d = result.decision_s
     return {"kv_pages": ctx.layout.replica_pages(), "events": result.events, "steps": result.steps,
             "simulated_s": result.makespan_s, "wall_s": wall, "reshapes": len(result.reshapes),
-            "migrations": sum(m.ok for m in result.migrations),
+            "migrations": sum(m.ok for m in result.migrations), "controller_deferred": ctx.controller.deferred,
             "decision_ms_median": 1e3 * statistics.median(d) if d else None,
             "decision_ms_max": 1e3 * max(d) if d else None, "ticks": len(d)}
 

@@ -50,6 +50,8 @@ class GpuSimPreset:
     """None: the model's context."""
     swap_space_bytes: int = 64 << 30
     """Host memory for swapped KV per replica (the swap policy)."""
+    gpus_per_node: int | None = None
+    """None: the GPU's node (8 for H100 and H200 SXM)."""
 
     @property
     def profile(self) -> GpuProfile:
@@ -74,7 +76,8 @@ class GpuSimPreset:
                                 swap_space_bytes=self.swap_space_bytes)
         cost = cost or RooflineCost(prof, m, self.tp, self.weight_dtype, 1 if self.kv_dtype == "fp8" else 2)
         clock = EventLoop()
-        return SimContext(clock, Network(clock), GpuCluster(prof.node, self.ranks, self.tp), cost, layout, sched,
+        node = prof.node if self.gpus_per_node is None else dataclasses.replace(prof.node, gpus_per_node=self.gpus_per_node)
+        return SimContext(clock, Network(clock), GpuCluster(node, self.ranks, self.tp), cost, layout, sched,
                           self.max_model_len or m.max_position_embeddings, m.hidden_size * 2 * self.tp,
                           swap_space_bytes=self.swap_space_bytes if bundle.preemption == "swap" else None)
 
@@ -102,6 +105,12 @@ GPU_PRESETS: dict[str, GpuSimPreset] = {p.name: p for p in (
         "(the KV never fills)",
         "h100", 8, "llama-3-8b", 1,
         _stream("sim-8xh100-8b", CONV, 300.0, 8.0, 5.0, 0.2, output_scale=3.0)),
+    GpuSimPreset(
+        "sim-64xh100-70b", "64 x H100 SXM (8 nodes), Llama-3-70B bf16 as 32 TP2 replicas; the busiest 5 "
+        "minutes of the Azure conversation trace at 8x its rate, outputs 3x: sim-8xh100-70b's load per "
+        "replica on 8 times the cluster (the KV overloads)",
+        "h100", 64, "llama-3-70b", 2,
+        _stream("sim-64xh100-70b", CONV, 300.0, 8.0, 5.0, 0.2, output_scale=3.0)),
     GpuSimPreset(
         "sim-64xh200-70b", "64 x H200 SXM (8 nodes), Llama-3-70B bf16 as 32 TP2 replicas; one hour of the Azure "
         "conversation trace at 8x its rate",

@@ -39,3 +39,22 @@ def test_options_of_the_other_kind_of_preset_are_refused_not_ignored(capsys):
     with pytest.raises(SystemExit):
         main(["--out", "/tmp/unused", "--preset", "sim-cpu", "--upscale", "2"])
     assert "--upscale" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", "/tmp/unused", "--preset", "sim-cpu", "--gpus-per-node", "2"])
+    assert "--gpus-per-node" in capsys.readouterr().err
+
+
+def test_gpus_per_node_must_hold_whole_replicas(capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", "/tmp/unused", "--preset", "sim-8xh100-70b", "--gpus-per-node", "3"])
+    assert "multiple of" in capsys.readouterr().err
+
+
+def test_fewer_gpus_per_node_put_a_group_s_members_on_two_nodes():
+    from perf.sim.gpu_presets import GPU_PRESETS
+    import dataclasses
+
+    g = GPU_PRESETS["sim-8xh100-70b"]
+    assert g.context("kunserve").fabric.link_kind((0, 1)) == "NVLink"
+    split = dataclasses.replace(g, gpus_per_node=2).context("kunserve").fabric
+    assert split.link_kind((0, 1)) == "InfiniBand" and split.path(0, 1)[0].name == "rank 0 ib out"
